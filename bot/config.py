@@ -1,0 +1,273 @@
+"""``config.toml`` to typed objects, with every mistake caught at start.
+
+A config file is read once. Unknown sections or keys, wrong types and
+impossible values raise ``ConfigError`` with one line naming the key
+(``model.temperature: must be >= 0, got -1``). Relative paths resolve against
+the folder of the file that holds them. Secrets never live in the file: a key
+ending in ``_env`` names the environment variable that holds the secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.errors import ConfigError
+
+ENV_VAR = "TUNELOOP_CONFIG"
+DEFAULT_NAME = "config.toml"
+
+
+def _meta(doc: str, *, choices: tuple = (), min: float | None = None, max: float | None = None,
+          path: bool = False) -> dict:
+    return {"doc": doc, "choices": choices, "min": min, "max": max, "path": path}
+
+
+@dataclass
+class ModelConfig:
+    base: str = field(default="starter", metadata=_meta(
+        '"starter" (built offline on first use), a Hugging Face model id, or a local folder'))
+    backend: str = field(default="local", metadata=_meta(
+        "local: transformers in this process; openai: a remote OpenAI-compatible server",
+        choices=("local", "openai")))
+    device: str = field(default="auto", metadata=_meta(
+        "auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps"))
+    dtype: str = field(default="auto", metadata=_meta(
+        "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+        choices=("auto", "float32", "bfloat16", "float16")))
+    max_new_tokens: int = field(default=128, metadata=_meta("reply length limit in tokens", min=1, max=32768))
+    temperature: float = field(default=0.0, metadata=_meta("0 means greedy", min=0.0, max=5.0))
+    top_p: float = field(default=1.0, metadata=_meta("nucleus sampling mass", min=0.0, max=1.0))
+    system_prompt: str = field(default="", metadata=_meta("system message sent first; empty for none"))
+    max_input_chars: int = field(default=4000, metadata=_meta("longest user message accepted", min=1))
+    max_batch: int = field(default=32, metadata=_meta("concurrent sequences decoded together", min=1, max=4096))
+    max_queue: int = field(default=256, metadata=_meta("requests waiting beyond max_batch before 'busy'", min=0))
+    api_base: str = field(default="", metadata=_meta("openai backend: base URL, e.g. http://host:8000/v1"))
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata=_meta("openai backend: env var with the key"))
+    api_model: str = field(default="", metadata=_meta("openai backend: model name on the server"))
+    request_timeout: float = field(default=120.0, metadata=_meta("openai backend: seconds per request", min=0.1))
+
+    def __post_init__(self) -> None:
+        if self.backend == "openai" and not self.api_base:
+            raise ConfigError("model.api_base: required when model.backend = \"openai\"")
+        if self.device != "auto" and not (self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"model.device: must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass
+class StorageConfig:
+    path: Path = field(default=Path("data/tuneloop.db"), metadata=_meta("SQLite database file", path=True))
+
+
+@dataclass
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata=_meta("address the web server binds"))
+    port: int = field(default=8080, metadata=_meta("port of the web server; 0 picks a free one", min=0, max=65535))
+    max_body_bytes: int = field(default=1_000_000, metadata=_meta("largest request body accepted", min=1024))
+
+
+@dataclass
+class SlackConfig:
+    enabled: bool = field(default=False, metadata=_meta("run the Slack adapter"))
+    mode: str = field(default="socket", metadata=_meta("socket (no public URL) or http (Events API)",
+                                                       choices=("socket", "http")))
+    bot_token_env: str = field(default="SLACK_BOT_TOKEN", metadata=_meta("env var with the bot token (xoxb-)"))
+    app_token_env: str = field(default="SLACK_APP_TOKEN", metadata=_meta("env var with the app token (xapp-)"))
+    signing_secret_env: str = field(default="SLACK_SIGNING_SECRET", metadata=_meta("env var with the signing secret"))
+    api_base_url: str = field(default="https://slack.com/api/", metadata=_meta("Slack Web API base URL"))
+    up_reactions: list[str] = field(default_factory=lambda: ["+1", "thumbsup"], metadata=_meta(
+        "reaction names that rate a reply up"))
+    down_reactions: list[str] = field(default_factory=lambda: ["-1", "thumbsdown"], metadata=_meta(
+        "reaction names that rate a reply down"))
+    correction_prefix: str = field(default="!fix", metadata=_meta("thread reply prefix that corrects the bot"))
+    channels: list[str] = field(default_factory=list, metadata=_meta(
+        "channel ids answered without a mention"))
+    add_reactions: bool = field(default=True, metadata=_meta("add 👍/👎 to every reply as a hint"))
+
+
+@dataclass
+class DiscordConfig:
+    enabled: bool = field(default=False, metadata=_meta("run the Discord adapter"))
+    token_env: str = field(default="DISCORD_BOT_TOKEN", metadata=_meta("env var with the bot token"))
+    api_base_url: str = field(default="https://discord.com/api/v10", metadata=_meta("Discord REST base URL"))
+    gateway_url: str = field(default="", metadata=_meta("gateway URL; empty asks the REST API"))
+    channels: list[str] = field(default_factory=list, metadata=_meta("channel ids answered without a mention"))
+    up_emoji: list[str] = field(default_factory=lambda: ["👍"], metadata=_meta("emoji that rate a reply up"))
+    down_emoji: list[str] = field(default_factory=lambda: ["👎"], metadata=_meta("emoji that rate a reply down"))
+    correction_prefix: str = field(default="!fix", metadata=_meta("reply prefix that corrects the bot"))
+    add_reactions: bool = field(default=True, metadata=_meta("add 👍/👎 to every reply as a hint"))
+    guilds: list[str] = field(default_factory=list, metadata=_meta(
+        "guild ids to sync slash commands to; empty syncs globally"))
+
+
+@dataclass
+class AdminConfig:
+    slack_users: list[str] = field(default_factory=list, metadata=_meta("Slack user ids that are admins"))
+    discord_users: list[str] = field(default_factory=list, metadata=_meta("Discord user ids that are admins"))
+    discord_roles: list[str] = field(default_factory=list, metadata=_meta("Discord role ids that make admins"))
+    cli_is_admin: bool = field(default=True, metadata=_meta("whoever runs the CLI may run admin commands"))
+
+
+@dataclass
+class TrainerConfig:
+    enabled: bool = field(default=True, metadata=_meta("schedule training runs inside `tuneloop run`"))
+    schedule: str = field(default="interval:3600", metadata=_meta(
+        'when to consider a run: "interval:SECONDS" or a 5-field cron expression'))
+    min_feedback: int = field(default=20, metadata=_meta("new feedback items needed for a scheduled run", min=1))
+    registry: Path = field(default=Path("data/models"), metadata=_meta("folder of model versions", path=True))
+    method: str = field(default="sft", metadata=_meta("training objective", choices=("sft", "kto", "dpo")))
+    lora: bool = field(default=True, metadata=_meta("train a LoRA adapter (false: full fine-tuning)"))
+    lora_r: int = field(default=16, metadata=_meta("LoRA rank", min=1))
+    lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha", min=1))
+    learning_rate: float = field(default=2e-3, metadata=_meta("optimizer learning rate", min=0.0))
+    epochs: int = field(default=8, metadata=_meta("passes over the dataset", min=1))
+    batch_size: int = field(default=8, metadata=_meta("examples per step", min=1))
+    replay_ratio: float = field(default=1.0, metadata=_meta(
+        "replay examples per feedback example (0 turns replay off)", min=0.0))
+    seed: int = field(default=0, metadata=_meta("random seed of a run"))
+    max_ppl_increase: float = field(default=0.10, metadata=_meta(
+        "gate: allowed relative perplexity rise on the replay set", min=0.0))
+    min_control_same: float = field(default=0.8, metadata=_meta(
+        "gate: share of control prompts whose greedy reply must not change", min=0.0, max=1.0))
+    holdout_fraction: float = field(default=0.2, metadata=_meta(
+        "gate: share of feedback held out from training", min=0.0, max=0.9))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    slack: SlackConfig = field(default_factory=SlackConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    #: the file this config came from (None: built-in defaults)
+    source: Path | None = field(default=None, repr=False)
+
+    def secret(self, env_name: str) -> str | None:
+        """The value of the environment variable a ``*_env`` key names."""
+        return os.environ.get(env_name) or None
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            Path: "a path string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any, base_dir: Path) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v, base_dir) for i, v in enumerate(value)]
+    if isinstance(tp, types.UnionType):
+        raise AssertionError("unions are not used in config")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be a non-empty path string, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+    raise AssertionError(tp)
+
+
+def _build_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: must be a table ([{name}]), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{full}: unknown key (known keys in [{name}]: {known})")
+        meta = fields[key].metadata
+        value = _coerce(full, hints[key], value, base_dir)
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{full}: must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"{full}: must be >= {meta['min']}, got {value!r}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ConfigError(f"{full}: must be <= {meta['max']}, got {value!r}")
+        if key.endswith("_env") and value and not value.replace("_", "").isalnum():
+            raise ConfigError(f"{full}: must name an environment variable, got {value!r}")
+        kwargs[key] = value
+    # Defaults that are paths resolve against the config file's folder too.
+    for fname, f in fields.items():
+        if fname not in kwargs and hints[fname] is Path:
+            default = f.default
+            kwargs[fname] = default if default.is_absolute() else base_dir / default
+    return cls(**kwargs)
+
+
+def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
+    """Build a ``Config`` from a parsed TOML document."""
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
+        sections[name] = value
+    built = {}
+    for name, cls in _SECTIONS.items():
+        cls = typing.get_type_hints(Config)[name]
+        built[name] = _build_section(name, cls, sections.get(name, {}), base_dir)
+    return Config(**built, source=source)
+
+
+def default_path() -> Path:
+    """``$TUNELOOP_CONFIG``, else ``./config.toml`` if present."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return Path.cwd() / DEFAULT_NAME
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read a config file; ``None`` means ``$TUNELOOP_CONFIG`` or ``./config.toml``.
+
+    When no file is named and ``./config.toml`` does not exist, the built-in
+    defaults apply (relative paths against the current folder).
+    """
+    explicit = path is not None or bool(os.environ.get(ENV_VAR))
+    p = Path(path) if path is not None else default_path()
+    if not p.exists():
+        if explicit:
+            raise ConfigError(f"{p}: config file not found")
+        return parse({}, Path.cwd())
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    return parse(raw, p.resolve().parent, source=p.resolve())

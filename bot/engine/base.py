@@ -1,0 +1,114 @@
+"""The engine's interface: what every back end offers the rest of tuneloop.
+
+The engine knows nothing of Slack, Discord, the web or SQLite. It takes a
+conversation (a list of ``{"role", "content"}`` chat messages) and sampling
+parameters, and gives back an async stream of text deltas and a final
+``Completion``. One engine serves every adapter of a process.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    # Benchmarks decode a fixed number of tokens whatever the model says.
+    ignore_eos: bool = False
+
+
+@dataclass
+class Completion:
+    """The final result of one request."""
+
+    text: str
+    finish_reason: str  # "stop" (eos or stop string), "length", "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None  # seconds from submit to first delta
+    total_time: float  # seconds from submit to finish
+    model_version: str  # the version whose weights produced every token
+
+
+@dataclass
+class Generation:
+    """A submitted request: iterate it for text deltas, then read ``result``.
+
+    Back ends create it; ``deltas`` is the async iterator of text pieces and
+    ``result`` is set when the iterator is exhausted.
+    """
+
+    request_id: str
+    deltas: AsyncIterator[str]
+    result: Completion | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.deltas
+
+
+class Engine(abc.ABC):
+    """One inference engine per process, shared by every adapter."""
+
+    #: the version currently served (base model name, or a registry version id)
+    model_version: str
+    #: tokens the model can attend to (prompt + reply)
+    context_window: int
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model and start serving."""
+
+    @abc.abstractmethod
+    async def stop(self, grace: float = 5.0) -> None:
+        """Refuse new requests, finish or cancel in-flight ones within ``grace`` s."""
+
+    @abc.abstractmethod
+    def submit(self, messages: list[Message], params: SamplingParams,
+               request_id: str | None = None) -> Generation:
+        """Queue a conversation; raise ``BusyError`` when the queue is full."""
+
+    async def complete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        """Submit and wait for the whole reply."""
+        gen = self.submit(messages, params)
+        async for _ in gen:
+            pass
+        assert gen.result is not None
+        return gen.result
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Cancel a queued or running request; its stream ends with 'cancelled'."""
+
+    @abc.abstractmethod
+    def fit_context(self, messages: list[Message], max_new_tokens: int) -> list[Message]:
+        """Drop the oldest non-system turns until prompt + reply fit the window.
+
+        The last message is always kept (truncated from its start if it alone
+        is too long).
+        """
+
+    @abc.abstractmethod
+    async def swap_adapter(self, adapter_path: str | None, version: str) -> None:
+        """Serve ``version``: a LoRA adapter folder, or the base model (None).
+
+        Takes effect between decoding steps; in-flight requests finish on the
+        weights they started with or are reported with the version that
+        produced them.
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Load figures: queued, active, tokens/s, totals."""
