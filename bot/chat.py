@@ -1,0 +1,117 @@
+"""What happens to a message, for every platform alike.
+
+An adapter turns a platform event into a ``Turn``; ``Chat.respond`` checks
+it, builds the model's context (system prompt, earlier turns of the
+conversation, the new message), streams the reply from the engine and logs
+the exchange. Adapters decide nothing; this module knows no platform.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from bot.config import Config
+from bot.engine import Engine, Message, SamplingParams
+from bot.errors import InputError, NotFoundError
+from bot.store import Exchange, Store
+
+log = logging.getLogger(__name__)
+
+DeltaCallback = Callable[[str], Awaitable[None] | None]
+
+
+@dataclass
+class Turn:
+    """One user message, as any adapter sees it."""
+
+    text: str
+    user: str
+    platform: str
+    channel: str = ""
+    thread: str = ""
+    #: continue this conversation; None starts a new one
+    conversation_id: str | None = None
+    #: the conversation so far when the platform knows it better than the store
+    #: (a Slack thread, a Discord reply chain); None reads it from the store
+    history: list[Message] | None = None
+    #: per-channel persona; None uses ``[model] system_prompt``
+    system_prompt: str | None = None
+    params: dict = field(default_factory=dict)
+
+
+def new_conversation_id(platform: str) -> str:
+    return f"{platform}-{uuid.uuid4().hex[:12]}"
+
+
+def check_text(text: str, limit: int, what: str = "message") -> str:
+    """The text itself, or an ``InputError`` naming what is wrong with it."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{what} is empty")
+    if len(text) > limit:
+        raise InputError(f"{what} is {len(text)} characters; the limit is {limit} "
+                         f"(model.max_input_chars)")
+    return text
+
+
+class Chat:
+    """The conversation core: one per process, shared by every adapter."""
+
+    def __init__(self, config: Config, store: Store, engine: Engine):
+        self.config = config
+        self.store = store
+        self.engine = engine
+
+    def sampling(self, **overrides) -> SamplingParams:
+        m = self.config.model
+        base = dict(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**base)
+
+    def context(self, turn: Turn) -> list[Message]:
+        """System prompt + earlier turns + the new message, oldest first."""
+        system = self.config.model.system_prompt if turn.system_prompt is None else turn.system_prompt
+        messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        if turn.history is not None:
+            messages += [m for m in turn.history if m.get("role") != "system"]
+        elif turn.conversation_id:
+            for ex in self.store.conversation(turn.conversation_id):
+                messages += [{"role": "user", "content": ex.prompt},
+                             {"role": "assistant", "content": ex.reply}]
+        messages.append({"role": "user", "content": turn.text})
+        return messages
+
+    async def respond(self, turn: Turn, on_delta: DeltaCallback | None = None) -> Exchange:
+        """Answer ``turn``, streaming deltas to ``on_delta``; the exchange is committed on return."""
+        check_text(turn.text, self.config.model.max_input_chars)
+        if turn.conversation_id is None:
+            turn.conversation_id = new_conversation_id(turn.platform)
+        params = self.sampling(**turn.params)
+        messages = self.engine.fit_context(self.context(turn), params.max_new_tokens)
+        gen = self.engine.submit(messages, params)
+        async for delta in gen:
+            if on_delta is not None:
+                res = on_delta(delta)
+                if inspect.isawaitable(res):
+                    await res
+        done = gen.result
+        assert done is not None
+        ex = self.store.add_exchange(
+            platform=turn.platform, channel=turn.channel, thread=turn.thread, user=turn.user,
+            conversation_id=turn.conversation_id, messages=messages, prompt=turn.text,
+            reply=done.text, model_version=done.model_version, prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            ttft_ms=None if done.time_to_first_token is None else done.time_to_first_token * 1000,
+            total_ms=done.total_time * 1000, finish_reason=done.finish_reason)
+        log.info("exchange logged: id=%d platform=%s channel=%s user=%s conversation=%s "
+                 "version=%s tokens=%d+%d ms=%.0f", ex.id, ex.platform, ex.channel, ex.user,
+                 ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,
+                 done.total_time * 1000)
+        return ex
+
+    def require_conversation(self, conversation_id: str) -> None:
+        if not self.store.conversation_exists(conversation_id):
+            raise NotFoundError(f"conversation {conversation_id} not found")

@@ -1,0 +1,43 @@
+"""Opening the parts a command needs: config, store, engine, core services."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from bot.chat import Chat
+from bot.config import Config
+from bot.engine import Engine, create_engine
+from bot.feedback import Feedback
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def open_store(config: Config) -> Store:
+    return Store(config.storage.path)
+
+
+@dataclass
+class Services:
+    config: Config
+    store: Store
+    engine: Engine
+    chat: Chat
+    feedback: Feedback
+
+
+@asynccontextmanager
+async def services(config: Config, *, engine: Engine | None = None) -> AsyncIterator[Services]:
+    """Store + started engine + core services; everything closed on exit."""
+    store = open_store(config)
+    engine = engine or create_engine(config)
+    try:
+        await engine.start()
+        yield Services(config, store, engine, Chat(config, store, engine),
+                       Feedback(store, config.model.max_input_chars))
+    finally:
+        await engine.stop()
+        store.close()

@@ -1,0 +1,326 @@
+"""The SQLite store: the schema, its migrations, and every query tuneloop makes.
+
+One file (``[storage] path``), WAL mode so readers (the dashboard, the CLI,
+the trainer) never block the writer. The schema is versioned in
+``tuneloop_schema``; migrations run at open, each in its own transaction.
+Every write a user's action causes is committed before the call returns, so
+"stored" means stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from bot.errors import InputError, NotFoundError, StoreError
+
+log = logging.getLogger(__name__)
+
+RATING_VALUES = {"up": 1, "down": -1}
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db.execute("""
+        CREATE TABLE exchanges (
+            id INTEGER PRIMARY KEY,
+            created_at REAL NOT NULL,
+            platform TEXT NOT NULL,
+            channel TEXT NOT NULL DEFAULT '',
+            thread TEXT NOT NULL DEFAULT '',
+            user TEXT NOT NULL,
+            conversation_id TEXT NOT NULL,
+            messages TEXT NOT NULL,          -- JSON: the whole context sent to the model
+            prompt TEXT NOT NULL,            -- the user's message this exchange answers
+            reply TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            ttft_ms REAL,
+            total_ms REAL,
+            finish_reason TEXT
+        )""")
+    db.execute("CREATE INDEX exchanges_conversation ON exchanges(conversation_id, id)")
+    db.execute("CREATE INDEX exchanges_user ON exchanges(user)")
+    db.execute("CREATE INDEX exchanges_version ON exchanges(model_version)")
+    db.execute("""
+        CREATE TABLE ratings (
+            exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+            user TEXT NOT NULL,
+            rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+            created_at REAL NOT NULL,
+            PRIMARY KEY (exchange_id, user)
+        )""")
+    db.execute("""
+        CREATE TABLE corrections (
+            id INTEGER PRIMARY KEY,
+            exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+            user TEXT NOT NULL,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""")
+    db.execute("CREATE INDEX corrections_exchange ON corrections(exchange_id)")
+
+
+def _m2_platform_refs(db: sqlite_utils.Database) -> None:
+    # Platforms rate and correct a reply by *their* message id (a Slack ts,
+    # a Discord snowflake); opted-out users and already-handled event ids
+    # must survive a restart.
+    db.execute("ALTER TABLE exchanges ADD COLUMN reply_ref TEXT")
+    db.execute("CREATE INDEX exchanges_reply_ref ON exchanges(platform, reply_ref)")
+    db.execute("CREATE TABLE opt_outs (user TEXT PRIMARY KEY, created_at REAL NOT NULL)")
+    db.execute("CREATE TABLE seen_events (event_id TEXT PRIMARY KEY, created_at REAL NOT NULL)")
+
+
+#: migration N brings the schema from version N-1 to N. Append, never edit.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_platform_refs]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class Exchange:
+    id: int
+    created_at: float
+    platform: str
+    channel: str
+    thread: str
+    user: str
+    conversation_id: str
+    messages: list[dict[str, str]]
+    prompt: str
+    reply: str
+    model_version: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    total_ms: float | None = None
+    finish_reason: str | None = None
+    reply_ref: str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Exchange:
+        row = dict(row)
+        row["messages"] = json.loads(row["messages"])
+        return cls(**row)
+
+
+class Store:
+    """The tuneloop database. Thread-safe: one connection, one lock."""
+
+    def __init__(self, path: str | Path, *, migrate: bool = True,
+                 migrations: list[Callable[[sqlite_utils.Database], None]] | None = None):
+        self.path = Path(path)
+        self._migrations = MIGRATIONS if migrations is None else migrations
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
+                                   isolation_level=None)  # we open transactions ourselves
+            conn.execute("PRAGMA foreign_keys = ON")
+            self.db = sqlite_utils.Database(conn)
+            self._check_is_ours()
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a tuneloop database ({e})") from None
+        if migrate:
+            self.migrate()
+
+    # -- schema -------------------------------------------------------------
+
+    def _check_is_ours(self) -> None:
+        tables = set(self.db.table_names())
+        if tables and "tuneloop_schema" not in tables:
+            raise StoreError(f"{self.path}: not a tuneloop database (it has tables "
+                             f"{', '.join(sorted(tables)[:5])} but no tuneloop_schema)")
+
+    @property
+    def schema_version(self) -> int:
+        if "tuneloop_schema" not in self.db.table_names():
+            return 0
+        row = self.db.execute("SELECT version FROM tuneloop_schema").fetchone()
+        return row[0] if row else 0
+
+    def migrate(self) -> None:
+        with self._lock:
+            if "tuneloop_schema" not in self.db.table_names():
+                self.db.execute("CREATE TABLE tuneloop_schema (version INTEGER NOT NULL)")
+                self.db.execute("INSERT INTO tuneloop_schema VALUES (0)")
+            current = self.schema_version
+            if current > len(self._migrations):
+                raise StoreError(f"{self.path}: schema version {current} is newer than this "
+                                 f"tuneloop knows ({len(self._migrations)}); upgrade tuneloop")
+            for n in range(current, len(self._migrations)):
+                with self.transaction():
+                    self._migrations[n](self.db)
+                    self.db.execute("UPDATE tuneloop_schema SET version = ?", [n + 1])
+                log.info("store migrated: path=%s schema=%d", self.path, n + 1)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic, committed write. Nested use joins the outer transaction."""
+        with self._lock:
+            conn = self.db.conn
+            if conn.in_transaction:
+                yield
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self.db.execute(sql, params)
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    # -- exchanges ------------------------------------------------------------
+
+    def add_exchange(self, *, platform: str, user: str, conversation_id: str,
+                     messages: list[dict[str, str]], prompt: str, reply: str, model_version: str,
+                     channel: str = "", thread: str = "", prompt_tokens: int | None = None,
+                     completion_tokens: int | None = None, ttft_ms: float | None = None,
+                     total_ms: float | None = None, finish_reason: str | None = None,
+                     reply_ref: str | None = None) -> Exchange:
+        row = dict(created_at=time.time(), platform=platform, channel=channel, thread=thread,
+                   user=user, conversation_id=conversation_id,
+                   messages=json.dumps(messages, ensure_ascii=False), prompt=prompt, reply=reply,
+                   model_version=model_version, prompt_tokens=prompt_tokens,
+                   completion_tokens=completion_tokens, ttft_ms=ttft_ms, total_ms=total_ms,
+                   finish_reason=finish_reason)
+        if reply_ref is not None:
+            row["reply_ref"] = reply_ref
+        with self.transaction():
+            cur = self.db.execute(
+                f"INSERT INTO exchanges ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()))
+            exchange_id = cur.lastrowid
+        return self.exchange(exchange_id)
+
+    def exchange(self, exchange_id: int) -> Exchange:
+        rows = self.query("SELECT * FROM exchanges WHERE id = ?", [exchange_id])
+        if not rows:
+            raise NotFoundError(f"exchange {exchange_id} not found")
+        return Exchange.from_row(rows[0])
+
+    def exchange_by_ref(self, platform: str, reply_ref: str) -> Exchange | None:
+        rows = self.query("SELECT * FROM exchanges WHERE platform = ? AND reply_ref = ? "
+                          "ORDER BY id DESC LIMIT 1", [platform, reply_ref])
+        return Exchange.from_row(rows[0]) if rows else None
+
+    def set_reply_ref(self, exchange_id: int, reply_ref: str) -> None:
+        with self.transaction():
+            cur = self.db.execute("UPDATE exchanges SET reply_ref = ? WHERE id = ?",
+                                  [reply_ref, exchange_id])
+            if cur.rowcount == 0:
+                raise NotFoundError(f"exchange {exchange_id} not found")
+
+    def conversation(self, conversation_id: str, limit: int = 50) -> list[Exchange]:
+        """The latest ``limit`` exchanges of a conversation, oldest first."""
+        rows = self.query("SELECT * FROM exchanges WHERE conversation_id = ? "
+                          "ORDER BY id DESC LIMIT ?", [conversation_id, limit])
+        return [Exchange.from_row(r) for r in reversed(rows)]
+
+    def conversation_exists(self, conversation_id: str) -> bool:
+        return bool(self.query("SELECT 1 FROM exchanges WHERE conversation_id = ? LIMIT 1",
+                               [conversation_id]))
+
+    # -- ratings and corrections ------------------------------------------------
+
+    def rate(self, exchange_id: int, user: str, rating: str | None) -> None:
+        """One rating per user per exchange: up/down replace, None removes."""
+        if rating is not None and rating not in RATING_VALUES:
+            raise InputError(f"rating must be up, down or none, got {rating!r}")
+        with self.transaction():
+            self.exchange(exchange_id)
+            if rating is None:
+                self.db.execute("DELETE FROM ratings WHERE exchange_id = ? AND user = ?",
+                                [exchange_id, user])
+            else:
+                self.db.execute(
+                    "INSERT INTO ratings (exchange_id, user, rating, created_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (exchange_id, user) DO UPDATE SET rating = excluded.rating, "
+                    "created_at = excluded.created_at",
+                    [exchange_id, user, RATING_VALUES[rating], time.time()])
+
+    def ratings(self, exchange_id: int) -> dict[str, str]:
+        rows = self.query("SELECT user, rating FROM ratings WHERE exchange_id = ?", [exchange_id])
+        return {r["user"]: "up" if r["rating"] > 0 else "down" for r in rows}
+
+    def add_correction(self, exchange_id: int, user: str, text: str) -> int:
+        with self.transaction():
+            self.exchange(exchange_id)
+            cur = self.db.execute(
+                "INSERT INTO corrections (exchange_id, user, text, created_at) VALUES (?, ?, ?, ?)",
+                [exchange_id, user, text, time.time()])
+            return cur.lastrowid
+
+    def corrections(self, exchange_id: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        if exchange_id is None:
+            return self.query("SELECT * FROM corrections ORDER BY id DESC LIMIT ?", [limit])
+        return self.query("SELECT * FROM corrections WHERE exchange_id = ? ORDER BY id", [exchange_id])
+
+    # -- users --------------------------------------------------------------------
+
+    def forget_user(self, user: str) -> dict[str, int]:
+        """Delete a user's exchanges, ratings and corrections; opt them out of training."""
+        with self.transaction():
+            counts = {
+                "ratings": self.db.execute("DELETE FROM ratings WHERE user = ?", [user]).rowcount,
+                "corrections": self.db.execute("DELETE FROM corrections WHERE user = ?", [user]).rowcount,
+            }
+            # Cascades remove other people's ratings of this user's exchanges too:
+            # the exchange text is this user's, so nothing of it may stay.
+            counts["exchanges"] = self.db.execute("DELETE FROM exchanges WHERE user = ?", [user]).rowcount
+            self.db.execute("INSERT OR REPLACE INTO opt_outs (user, created_at) VALUES (?, ?)",
+                            [user, time.time()])
+        return counts
+
+    def opted_out(self) -> set[str]:
+        return {r["user"] for r in self.query("SELECT user FROM opt_outs")}
+
+    # -- platform events ------------------------------------------------------------
+
+    def first_sight(self, event_id: str) -> bool:
+        """True the first time an event id is seen, False on every retry after."""
+        with self.transaction():
+            cur = self.db.execute("INSERT OR IGNORE INTO seen_events (event_id, created_at) VALUES (?, ?)",
+                                  [event_id, time.time()])
+            return cur.rowcount == 1
+
+    # -- figures ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        def block(where: str = "", params: tuple = ()) -> dict[str, Any]:
+            ex = self.query(f"SELECT COUNT(*) AS n FROM exchanges e {where}", params)[0]["n"]
+            r = self.query("SELECT SUM(r.rating > 0) AS up, SUM(r.rating < 0) AS down "
+                           f"FROM ratings r JOIN exchanges e ON e.id = r.exchange_id {where}", params)[0]
+            c = self.query("SELECT COUNT(*) AS n FROM corrections c "
+                           f"JOIN exchanges e ON e.id = c.exchange_id {where}", params)[0]["n"]
+            up, down = r["up"] or 0, r["down"] or 0
+            return {"exchanges": ex, "ratings": {"up": up, "down": down}, "corrections": c,
+                    "approval_rate": round(up / (up + down), 4) if up + down else None}
+
+        out = block()
+        out["by_platform"] = {p["platform"]: block("WHERE e.platform = ?", (p["platform"],))
+                              for p in self.query("SELECT DISTINCT platform FROM exchanges ORDER BY 1")}
+        out["by_version"] = {v["model_version"]: block("WHERE e.model_version = ?", (v["model_version"],))
+                             for v in self.query("SELECT DISTINCT model_version FROM exchanges ORDER BY 1")}
+        return out

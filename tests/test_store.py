@@ -1,0 +1,175 @@
+"""The SQLite store: one rating per user per exchange, corrections, migrations, foreign files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from bot.errors import InputError, NotFoundError, StoreError
+from bot.store import MIGRATIONS, SCHEMA_VERSION, Store
+
+
+def add(store: Store, user="alice", prompt="hi", reply="hello", conversation="c1", **kw):
+    return store.add_exchange(platform=kw.pop("platform", "cli"), user=user, conversation_id=conversation,
+                              messages=[{"role": "user", "content": prompt}], prompt=prompt,
+                              reply=reply, model_version=kw.pop("model_version", "starter"), **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "t.db")
+    yield s
+    s.close()
+
+
+def test_wal_mode_and_schema_version(store):
+    assert store.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
+    assert store.schema_version == SCHEMA_VERSION
+
+
+def test_exchange_round_trip_keeps_context_and_timings(store):
+    ex = add(store, prompt="你好", reply="嗨", prompt_tokens=5, completion_tokens=2, total_ms=12.5,
+             channel="C1", thread="T1")
+    got = store.exchange(ex.id)
+    assert got.messages == [{"role": "user", "content": "你好"}]
+    assert (got.prompt, got.reply, got.channel, got.thread) == ("你好", "嗨", "C1", "T1")
+    assert (got.prompt_tokens, got.completion_tokens, got.total_ms) == (5, 2, 12.5)
+
+
+def test_one_rating_per_user_per_exchange(store):
+    ex = add(store)
+    store.rate(ex.id, "bob", "up")
+    store.rate(ex.id, "bob", "down")  # replaces
+    store.rate(ex.id, "carol", "up")
+    assert store.ratings(ex.id) == {"bob": "down", "carol": "up"}
+    assert store.query("SELECT COUNT(*) AS n FROM ratings")[0]["n"] == 2
+    store.rate(ex.id, "bob", None)  # removes
+    assert store.ratings(ex.id) == {"carol": "up"}
+    store.rate(ex.id, "bob", None)  # removing twice is harmless
+    assert store.ratings(ex.id) == {"carol": "up"}
+
+
+def test_bad_rating_and_unknown_exchange_store_nothing(store):
+    ex = add(store)
+    with pytest.raises(InputError, match="up, down or none"):
+        store.rate(ex.id, "bob", "meh")
+    with pytest.raises(NotFoundError, match="exchange 999 not found"):
+        store.rate(999, "bob", "up")
+    with pytest.raises(NotFoundError):
+        store.add_correction(999, "bob", "better")
+    assert store.query("SELECT COUNT(*) AS n FROM ratings")[0]["n"] == 0
+    assert store.query("SELECT COUNT(*) AS n FROM corrections")[0]["n"] == 0
+
+
+def test_corrections_are_kept_with_who_and_when(store):
+    ex = add(store)
+    store.add_correction(ex.id, "bob", "Hello there!")
+    [c] = store.corrections(ex.id)
+    assert (c["user"], c["text"]) == ("bob", "Hello there!")
+    assert c["created_at"] > 0
+
+
+def test_stats_per_platform_and_version(store):
+    a = add(store, platform="cli", model_version="starter")
+    b = add(store, platform="slack", model_version="v1")
+    store.rate(a.id, "u1", "up")
+    store.rate(a.id, "u2", "up")
+    store.rate(b.id, "u1", "down")
+    store.add_correction(b.id, "u1", "x")
+    s = store.stats()
+    assert s["exchanges"] == 2 and s["ratings"] == {"up": 2, "down": 1} and s["corrections"] == 1
+    assert s["approval_rate"] == pytest.approx(2 / 3, abs=1e-3)
+    assert s["by_platform"]["slack"]["ratings"] == {"up": 0, "down": 1}
+    assert s["by_version"]["starter"]["approval_rate"] == 1.0
+
+
+def test_forget_user_deletes_everything_of_theirs_and_opts_out(store):
+    mine = add(store, user="dave")
+    other = add(store, user="erin")
+    store.rate(other.id, "dave", "up")
+    store.add_correction(other.id, "dave", "x")
+    store.rate(mine.id, "erin", "down")
+    counts = store.forget_user("dave")
+    assert counts == {"ratings": 1, "corrections": 1, "exchanges": 1}
+    assert store.query("SELECT COUNT(*) AS n FROM exchanges WHERE user = 'dave'")[0]["n"] == 0
+    assert store.ratings(other.id) == {}
+    assert "dave" in store.opted_out()
+    assert store.exchange(other.id).user == "erin"
+
+
+def test_first_sight_survives_reopening(tmp_path):
+    s = Store(tmp_path / "t.db")
+    assert s.first_sight("Ev1") is True
+    assert s.first_sight("Ev1") is False
+    s.close()
+    s = Store(tmp_path / "t.db")
+    assert s.first_sight("Ev1") is False
+    s.close()
+
+
+def test_migrates_an_older_schema_without_losing_rows(tmp_path):
+    path = tmp_path / "old.db"
+    old = Store(path, migrations=MIGRATIONS[:1])  # a database made by schema version 1
+    assert old.schema_version == 1
+    ex = add(old, prompt="old prompt")
+    old.rate(ex.id, "bob", "up")
+    old.close()
+    new = Store(path)
+    assert new.schema_version == SCHEMA_VERSION
+    assert new.exchange(ex.id).prompt == "old prompt"
+    assert new.exchange(ex.id).reply_ref is None
+    assert new.ratings(ex.id) == {"bob": "up"}
+    new.set_reply_ref(ex.id, "1700000000.000100")
+    assert new.exchange_by_ref("cli", "1700000000.000100").id == ex.id
+    new.close()
+
+
+def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path):
+    path = tmp_path / "t.db"
+    Store(path, migrations=MIGRATIONS[:1]).close()
+
+    def broken(db):
+        db.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        Store(path, migrations=[MIGRATIONS[0], broken])
+    s = Store(path, migrations=MIGRATIONS[:1], migrate=False)
+    assert s.schema_version == 1
+    assert "half_done" not in s.db.table_names()
+    s.close()
+
+
+def test_refuses_a_database_that_is_not_tuneloops(tmp_path):
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE invoices (id INTEGER)")
+    conn.execute("INSERT INTO invoices VALUES (1)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not a tuneloop database"):
+        Store(other)
+    conn = sqlite3.connect(other)  # and it is untouched
+    assert conn.execute("SELECT COUNT(*) FROM invoices").fetchone()[0] == 1
+    assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["invoices"]
+    conn.close()
+
+
+def test_refuses_a_file_that_is_not_sqlite(tmp_path):
+    junk = tmp_path / "notes.db"
+    junk.write_text("just some notes, not a database\n" * 100)
+    with pytest.raises(StoreError, match="not a tuneloop database"):
+        Store(junk)
+    assert junk.read_text().startswith("just some notes")
+
+
+def test_refuses_a_newer_schema(tmp_path):
+    path = tmp_path / "t.db"
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE tuneloop_schema SET version = 999")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this tuneloop"):
+        Store(path)
