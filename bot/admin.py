@@ -1,0 +1,147 @@
+"""Admin commands: one service that the CLI, Slack and Discord all call.
+
+``Admin.run(caller, "rollback v3")`` parses the command, checks that the
+caller may run it, does it, and returns the text to show (adapters send it
+back ephemerally). Who is an admin comes from ``[admin]``: per platform user
+ids, and Discord role ids. A refusal is logged with the caller's id.
+
+The learning actions (retrain, models, promote, rollback, status of runs)
+go to a ``LearningControl`` — ``trainer.control.Control`` in the serving
+process. Without one, they answer that training is not available.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bot.config import Config
+from bot.errors import InputError, PermissionDenied
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class LearningControl(Protocol):
+    """What the learning loop offers admins (implemented in ``trainer/``)."""
+
+    def start_run(self, reason: str) -> dict[str, Any]: ...  # {"run_id": ..., ...}; raises TrainingError
+    def status(self) -> dict[str, Any]: ...  # live version, last run, feedback since, next run
+    def models(self) -> list[dict[str, Any]]: ...  # each version, metrics, verdict, "live": bool
+    def promote(self, version: str) -> dict[str, Any]: ...
+    def rollback(self, version: str | None = None) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Caller:
+    platform: str  # "cli", "slack", "discord", "web"
+    user: str
+    roles: tuple[str, ...] = field(default_factory=tuple)  # Discord role ids
+
+
+#: command -> (needs admin, usage, help)
+COMMANDS: dict[str, tuple[bool, str, str]] = {
+    "help": (False, "help", "this list"),
+    "status": (False, "status", "live version, last run, feedback since, next scheduled run"),
+    "models": (False, "models", "every version with its metrics and verdict"),
+    "forget-me": (False, "forget-me", "delete everything you said and rated; never train on you again"),
+    "retrain": (True, "retrain", "start a training run now"),
+    "promote": (True, "promote VERSION", "make VERSION live"),
+    "rollback": (True, "rollback [VERSION]", "go back to VERSION (default: the live one's parent)"),
+}
+
+
+class Admin:
+    def __init__(self, config: Config, store: Store, control: LearningControl | None = None):
+        self.config = config
+        self.store = store
+        self.control = control
+
+    def is_admin(self, caller: Caller) -> bool:
+        a = self.config.admin
+        if caller.platform == "cli":
+            return a.cli_is_admin
+        if caller.platform == "slack":
+            return caller.user in a.slack_users
+        if caller.platform == "discord":
+            return caller.user in a.discord_users or any(r in a.discord_roles for r in caller.roles)
+        return False
+
+    def help_text(self) -> str:
+        return "\n".join(f"`{usage}` — {text}" + (" (admins)" if admin else "")
+                         for admin, usage, text in COMMANDS.values())
+
+    def run(self, caller: Caller, text: str) -> str:
+        """Run one admin command line; return the reply text. Errors are ``TuneloopError``s."""
+        try:
+            words = shlex.split(text or "")
+        except ValueError:
+            words = (text or "").split()
+        if not words:
+            return self.help_text()
+        name, args = words[0].lower(), words[1:]
+        if name not in COMMANDS:
+            raise InputError(f"unknown command {name!r}; try: {', '.join(COMMANDS)}")
+        needs_admin, usage, _ = COMMANDS[name]
+        if needs_admin and not self.is_admin(caller):
+            log.warning("admin command refused: command=%s platform=%s user=%s", name, caller.platform,
+                        caller.user)
+            raise PermissionDenied(f"`{name}` is for admins only; ask one of your admins")
+        log.info("admin command: command=%s platform=%s user=%s args=%s", name, caller.platform,
+                 caller.user, args)
+        if name == "help":
+            return self.help_text()
+        if name == "forget-me":
+            counts = self.store.forget_user(caller.user)
+            return (f"Forgotten: {counts['exchanges']} exchanges, {counts['ratings']} ratings and "
+                    f"{counts['corrections']} corrections deleted; nothing of yours will be trained on.")
+        if self.control is None:
+            return "Training is not available in this process (the learning loop is not running)."
+        if name == "status":
+            return format_status(self.control.status())
+        if name == "models":
+            return format_models(self.control.models())
+        if name == "retrain":
+            run = self.control.start_run(f"{caller.platform}:{caller.user}")
+            return f"Training run {run['run_id']} started."
+        if name == "promote":
+            if len(args) != 1:
+                raise InputError(f"usage: {usage}")
+            out = self.control.promote(args[0])
+            return f"{out['version']} is live."
+        if name == "rollback":
+            if len(args) > 1:
+                raise InputError(f"usage: {usage}")
+            out = self.control.rollback(args[0] if args else None)
+            return f"Rolled back: {out['version']} is live."
+        raise AssertionError(name)
+
+
+def format_status(s: dict[str, Any]) -> str:
+    lines = [f"live version: {s.get('live_version')}"]
+    last = s.get("last_run")
+    if last:
+        lines.append(f"last run: {last.get('run_id')} {last.get('status')}"
+                     + (f" → {last.get('version')} ({'promoted' if last.get('promoted') else 'rejected'})"
+                        if last.get("version") else ""))
+    else:
+        lines.append("last run: none yet")
+    lines.append(f"feedback since then: {s.get('new_feedback', 0)}")
+    if s.get("running"):
+        lines.append(f"running now: {s['running']}")
+    lines.append(f"next scheduled run: {s.get('next_run') or 'not scheduled'}")
+    return "\n".join(lines)
+
+
+def format_models(models: list[dict[str, Any]]) -> str:
+    if not models:
+        return "no versions yet"
+    out = []
+    for m in models:
+        metrics = m.get("metrics") or {}
+        figs = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in list(metrics.items())[:4])
+        out.append(f"{'* ' if m.get('live') else '  '}{m['version']} [{m.get('verdict', '')}] {figs}")
+    return "\n".join(out)
