@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from bot.admin import Admin
 from bot.chat import Chat
 from bot.config import Config
 from bot.engine import Engine, create_engine
@@ -27,6 +28,7 @@ class Services:
     engine: Engine
     chat: Chat
     feedback: Feedback
+    admin: Admin
 
 
 @asynccontextmanager
@@ -37,7 +39,7 @@ async def services(config: Config, *, engine: Engine | None = None) -> AsyncIter
     try:
         await engine.start()
         yield Services(config, store, engine, Chat(config, store, engine),
-                       Feedback(store, config.model.max_input_chars))
+                       Feedback(store, config.model.max_input_chars), Admin(config, store))
     finally:
         await engine.stop()
         store.close()
