@@ -14,9 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny GPT built by the starter recipe with tiny sizes (seconds on CPU)."""
-    from trainer.starter import TINY, build_model
+def tiny_model() -> Path:
+    """A tiny GPT built by the starter recipe with tiny sizes.
 
-    out = tmp_path_factory.mktemp("tiny-model")
-    return build_model(out / "model", TINY, progress=False)
+    Built once per machine into the tuneloop cache, keyed by its recipe like
+    the starter itself, so test runs (and parallel runs) share one build.
+    Read-only: a test that changes weights copies the folder first.
+    """
+    from trainer.starter import TINY, ensure_starter
+
+    return ensure_starter(recipe=TINY, progress=False)
