@@ -1,0 +1,560 @@
+"""The Discord adapter: discord.py events to core calls, and the answers back.
+
+Boundary: this module translates. A message becomes a ``Turn`` for
+``Chat.respond``; a 👍/👎 reaction becomes ``Feedback.rate``; a reply that
+starts with the correction prefix, or the "Suggest a better reply" modal,
+becomes ``Feedback.correct``; ``/tuneloop ...`` becomes ``Admin.run``. What
+to answer, who is an admin and what is stored is decided by the core.
+
+Who gets an answer: a DM, a message that mentions the bot, any message in a
+channel of ``[discord] channels`` (or a thread under one), and a reply to one
+of the bot's messages. Never the bot itself, other bots or webhooks.
+
+Context: inside a thread, the thread is the conversation (from the store,
+else read back from Discord); elsewhere a reply chain is (walked from the
+store where the bot's replies are known, fetched from Discord where not).
+A message that is neither starts a new conversation.
+
+The reply streams: the first text is posted at once, then the message is
+edited at most once a second; text past 2,000 characters continues in a new
+message. The exchange's ``reply_ref`` is the id of the last message of the
+reply, where 👍 and 👎 are added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import shlex
+import time
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+
+from bot.admin import Caller
+from bot.chat import Turn
+from bot.engine import Message
+from bot.errors import ConfigError, NotFoundError, PermissionDenied, TuneloopError
+from bot.runtime import Services
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+#: Discord's limit on the content of one message.
+MAX_CHARS = 2000
+#: seconds between two edits of a streaming reply
+EDIT_INTERVAL = 1.0
+#: how far back a reply chain or a thread is read from Discord
+MAX_CONTEXT_MESSAGES = 20
+CONTEXT_MENU_NAME = "Suggest a better reply"
+_SKIN_TONES = re.compile("[\U0001f3fb-\U0001f3ff]")
+
+
+def intents() -> discord.Intents:
+    """The gateway intents the adapter needs; ``message_content`` is privileged."""
+    i = discord.Intents.none()
+    i.guilds = True  # channels, threads and roles (role-based admins)
+    i.guild_messages = True
+    i.dm_messages = True
+    i.guild_reactions = True
+    i.dm_reactions = True
+    i.message_content = True  # text of messages that do not mention the bot
+    return i
+
+
+def split_text(text: str, limit: int = MAX_CHARS) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at a line or word end when one is near.
+
+    A piece depends only on the text before its end, so a growing text never
+    changes the pieces already cut: a streaming reply can seal them.
+    """
+    parts = []
+    while len(text) > limit:
+        window = text[:limit]
+        cut = max(window.rfind("\n"), window.rfind(" "))
+        if cut < limit // 2:
+            cut = limit
+        parts.append(text[:cut])
+        text = text[cut:].lstrip("\n ") if cut < limit else text[cut:]
+    if text:
+        parts.append(text)
+    return parts
+
+
+def _emoji_key(emoji: Any) -> set[str]:
+    """Names a configured emoji may match: the character without skin tone, or a custom emoji's name/id."""
+    keys = {_SKIN_TONES.sub("", str(emoji))}
+    name = getattr(emoji, "name", None)
+    if name:
+        keys.add(_SKIN_TONES.sub("", name))
+    if getattr(emoji, "id", None):
+        keys.add(str(emoji.id))
+    return keys
+
+
+class _ReplyStream:
+    """One streaming reply: posted, edited at most every ``EDIT_INTERVAL`` s, split at 2,000 characters."""
+
+    def __init__(self, source: discord.Message, interval: float = EDIT_INTERVAL):
+        self.source = source
+        self.interval = interval
+        self.text = ""
+        self.sent: list[discord.Message] = []
+        self.shown: list[str] = []
+        self._last = 0.0
+
+    async def push(self, delta: str) -> None:
+        self.text += delta
+        if self.text.strip() and time.monotonic() - self._last >= self.interval:
+            await self.flush()
+
+    async def flush(self, final: bool = False) -> None:
+        parts = split_text(self.text) if self.text.strip() else []
+        if not parts:
+            if not final:
+                return
+            parts = ["…"]  # the model said nothing; Discord refuses empty messages
+        for i, part in enumerate(parts):
+            if i < len(self.shown):
+                if self.shown[i] != part:
+                    await self.sent[i].edit(content=part)
+                    self.shown[i] = part
+                continue
+            if i == 0:
+                msg = await self.source.reply(part, mention_author=False)
+            else:
+                msg = await self.source.channel.send(part)
+            self.sent.append(msg)
+            self.shown.append(part)
+        self._last = time.monotonic()
+
+
+class _CorrectionModal(discord.ui.Modal, title=CONTEXT_MENU_NAME):
+    text: discord.ui.TextInput = discord.ui.TextInput(
+        label="A better reply", style=discord.TextStyle.paragraph, max_length=4000)
+
+    def __init__(self, adapter: DiscordAdapter, exchange_id: int):
+        super().__init__(timeout=900)
+        self.adapter = adapter
+        self.exchange_id = exchange_id
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        user = str(interaction.user.id)
+        try:
+            cid = self.adapter.services.feedback.correct(self.exchange_id, user, self.text.value or "")
+        except TuneloopError as e:
+            await interaction.response.send_message(f"⚠️ {e}", ephemeral=True)
+            return
+        log.info("discord correction (modal): guild=%s channel=%s user=%s exchange=%d correction=%d",
+                 interaction.guild_id, interaction.channel_id, user, self.exchange_id, cid)
+        await interaction.response.send_message("Thanks — your reply is stored as a correction.",
+                                                ephemeral=True)
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:
+        log.error("discord modal failed: interaction=%s exchange=%d", interaction.id, self.exchange_id,
+                  exc_info=error)
+        await _answer_error(interaction, "Something went wrong storing that; the error is in the bot's log.")
+
+
+async def _answer_error(interaction: discord.Interaction, text: str) -> None:
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as e:  # the interaction expired; nothing left to tell the user
+        log.warning("discord interaction answer failed: interaction=%s error=%s", interaction.id, e)
+
+
+class _Tree(app_commands.CommandTree):
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError, /) -> None:
+        if isinstance(error, app_commands.CommandNotFound):
+            log.warning("discord unknown command: guild=%s channel=%s user=%s interaction=%s name=%s",
+                        interaction.guild_id, interaction.channel_id, interaction.user.id, interaction.id,
+                        error.name)
+            await _answer_error(interaction, "I don't know that command (my commands may have changed; "
+                                             "try `/tuneloop`).")
+            return
+        log.error("discord command failed: guild=%s channel=%s user=%s interaction=%s",
+                  interaction.guild_id, interaction.channel_id, interaction.user.id, interaction.id,
+                  exc_info=error)
+        await _answer_error(interaction, "Something went wrong; the error is in the bot's log.")
+
+
+class _Client(discord.Client):
+    def __init__(self, adapter: DiscordAdapter):
+        super().__init__(intents=intents(), allowed_mentions=discord.AllowedMentions.none())
+        self.adapter = adapter
+        self.tree = _Tree(self)
+
+    async def setup_hook(self) -> None:
+        await self.adapter._setup()
+
+    async def on_ready(self) -> None:
+        log.info("discord connected: user=%s guilds=%d", self.user.id if self.user else None, len(self.guilds))
+
+    async def on_resumed(self) -> None:
+        log.info("discord session resumed")
+
+    async def on_disconnect(self) -> None:
+        log.info("discord gateway disconnected; discord.py reconnects")
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter.on_message(message)
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.adapter.on_reaction(payload, added=True)
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.adapter.on_reaction(payload, added=False)
+
+
+class DiscordAdapter:
+    """Runs a discord.py client over the shared services; ``start`` returns at once."""
+
+    def __init__(self, services: Services, *, sampling: dict[str, Any] | None = None):
+        self.services = services
+        self.config = services.config.discord
+        #: sampling overrides for every reply (``Turn.params``); benchmarks and tests use it
+        self.sampling = dict(sampling or {})
+        self.client = _Client(self)
+        self._task: asyncio.Task | None = None
+        # Parts of a split reply other than the last map to its exchange for this process's life.
+        self._parts: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._build_commands()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def attach(self, app: Any) -> None:
+        """Nothing to mount: Discord comes to us over the gateway, not HTTP."""
+
+    async def start(self) -> None:
+        token = self.services.config.secret(self.config.token_env)
+        if not token:
+            raise ConfigError(f"discord.token_env: environment variable {self.config.token_env} is not set")
+        # discord.py reads both from class attributes; one Discord client per process.
+        discord.http.Route.BASE = self.config.api_base_url.rstrip("/")
+        if self.config.gateway_url:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.config.gateway_url)
+        self._task = asyncio.create_task(self.client.start(token), name="tuneloop-discord")
+        self._task.add_done_callback(self._client_ended)
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the client is connected and has its guilds; raises if it stopped or timed out."""
+        deadline = time.monotonic() + timeout
+        while not self.client.is_ready():
+            if self._task is None:
+                raise RuntimeError("the Discord adapter is not started")
+            if self._task.done():
+                self._task.result()  # raises the client's error
+                raise RuntimeError("the Discord client stopped")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Discord not ready after {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        await self.client.close()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001 — logged by _client_ended
+                pass
+
+    def _client_ended(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("discord client stopped: %s", exc, exc_info=exc)
+
+    async def _setup(self) -> None:
+        """After login, before the gateway: find the gateway, sync the commands."""
+        client = self.client
+        if not self.config.gateway_url:
+            _, url, _ = await client.http.get_bot_gateway()
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
+        try:
+            if self.config.guilds:
+                for gid in self.config.guilds:
+                    guild = discord.Object(int(gid))
+                    client.tree.copy_global_to(guild=guild)
+                    synced = await client.tree.sync(guild=guild)
+                    log.info("discord commands synced: guild=%s commands=%d", gid, len(synced))
+            else:
+                synced = await client.tree.sync()
+                log.info("discord commands synced: global commands=%d", len(synced))
+        except discord.HTTPException as e:
+            # The bot still chats; only the slash commands are missing.
+            log.error("discord command sync failed (invite the bot with the applications.commands "
+                      "scope): %s", e)
+
+    # ------------------------------------------------------------------ messages
+
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.client.user
+        if me is None or message.author.bot or message.author.id == me.id or message.webhook_id:
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        parent = await self._referenced(message)
+        to_bot = parent is not None and (parent.author.id == me.id or self._exchange_id(parent.id) is not None)
+        prefix = self.config.correction_prefix
+        if to_bot and prefix and message.content.lstrip().startswith(prefix):
+            await self._correct(message, parent)
+            return
+        if not (to_bot or self._addressed(message)):
+            return
+        ids = _ids(message)
+        text = self._clean(message.content)
+        if not text:
+            if message.attachments:
+                log.info("discord message ignored (attachments only): %s", ids)
+                await message.reply("I can only read text; please write your message out.",
+                                    mention_author=False)
+            return
+        turn = await self._turn(message, text, parent)
+        stream = _ReplyStream(message)
+        try:
+            ex = await self.services.chat.respond(turn, on_delta=stream.push)
+        except TuneloopError as e:
+            log.warning("discord reply refused: %s error=%s", ids, e)
+            await message.reply(f"⚠️ {e}", mention_author=False)
+            return
+        await stream.flush(final=True)
+        last = stream.sent[-1]
+        self.services.store.set_reply_ref(ex.id, str(last.id))
+        for part in stream.sent[:-1]:
+            self._remember_part(part.id, ex.id)
+        log.info("discord reply: %s reply=%s parts=%d exchange=%d conversation=%s", ids, last.id,
+                 len(stream.sent), ex.id, ex.conversation_id)
+        if self.config.add_reactions:
+            for emoji in (self.config.up_emoji[:1] + self.config.down_emoji[:1]):
+                try:
+                    await last.add_reaction(emoji)
+                except discord.HTTPException as e:
+                    log.warning("discord add reaction failed: message=%s emoji=%s error=%s", last.id, emoji, e)
+
+    def _addressed(self, message: discord.Message) -> bool:
+        if message.guild is None:
+            return True
+        if self.client.user in message.mentions:
+            return True
+        channels = set(self.config.channels)
+        channel = message.channel
+        if str(channel.id) in channels:
+            return True
+        return isinstance(channel, discord.Thread) and str(channel.parent_id) in channels
+
+    def _clean(self, content: str) -> str:
+        me = self.client.user
+        if me is not None:
+            content = content.replace(f"<@{me.id}>", "").replace(f"<@!{me.id}>", "")
+        return content.strip()
+
+    async def _referenced(self, message: discord.Message) -> discord.Message | None:
+        """The message ``message`` replies to: from the event, the cache, or fetched."""
+        ref = message.reference
+        if ref is None or ref.message_id is None or ref.type is discord.MessageReferenceType.forward:
+            return None
+        if isinstance(ref.resolved, discord.Message):
+            return ref.resolved
+        if isinstance(ref.resolved, discord.DeletedReferencedMessage):
+            return None
+        if ref.cached_message is not None:
+            return ref.cached_message
+        channel = message.channel
+        if ref.channel_id != channel.id:
+            channel = self.client.get_channel(ref.channel_id) or channel
+        try:
+            return await channel.fetch_message(ref.message_id)  # type: ignore[union-attr]
+        except discord.HTTPException as e:
+            log.info("discord referenced message unavailable: channel=%s message=%s error=%s",
+                     ref.channel_id, ref.message_id, e)
+            return None
+
+    async def _turn(self, message: discord.Message, text: str, parent: discord.Message | None) -> Turn:
+        channel = message.channel
+        thread = isinstance(channel, discord.Thread)
+        turn = Turn(text=text, user=str(message.author.id), platform=PLATFORM,
+                    channel=str(channel.parent_id if thread else channel.id),
+                    thread=str(channel.id) if thread else "", params=dict(self.sampling))
+        if thread:
+            turn.conversation_id = f"discord-thread-{channel.id}"
+            if not self.services.store.conversation_exists(turn.conversation_id):
+                turn.history = await self._thread_history(message)
+        elif parent is not None:
+            turn.conversation_id, turn.history = await self._chain(parent)
+        return turn
+
+    def _role(self, message: discord.Message) -> str:
+        return "assistant" if self.client.user and message.author.id == self.client.user.id else "user"
+
+    async def _chain(self, parent: discord.Message) -> tuple[str | None, list[Message]]:
+        """The reply chain ending at ``parent``, oldest first, and its conversation if the store knows it."""
+        later: list[Message] = []
+        current: discord.Message | None = parent
+        for _ in range(MAX_CONTEXT_MESSAGES):
+            if current is None:
+                break
+            ex_id = self._exchange_id(current.id)
+            if ex_id is not None:
+                try:
+                    ex = self.services.store.exchange(ex_id)
+                except NotFoundError:  # forgotten (forget-me) since: the chain starts here
+                    break
+                known = [m for m in ex.messages if m.get("role") != "system"]
+                known.append({"role": "assistant", "content": ex.reply})
+                return ex.conversation_id, known + later[::-1]
+            content = self._clean(current.content)
+            if content:
+                later.append({"role": self._role(current), "content": content})
+            current = await self._referenced(current)
+        return None, later[::-1]
+
+    async def _thread_history(self, message: discord.Message) -> list[Message]:
+        history: list[Message] = []
+        try:
+            async for m in message.channel.history(limit=MAX_CONTEXT_MESSAGES, before=message):
+                if m.author.bot and self._role(m) != "assistant":
+                    continue
+                content = self._clean(m.content)
+                if content:
+                    history.append({"role": self._role(m), "content": content})
+        except discord.HTTPException as e:
+            log.info("discord thread history unavailable: thread=%s error=%s", message.channel.id, e)
+        return history[::-1]
+
+    def _exchange_id(self, message_id: int) -> int | None:
+        if message_id in self._parts:
+            return self._parts[message_id]
+        ex = self.services.store.exchange_by_ref(PLATFORM, str(message_id))
+        return ex.id if ex is not None else None
+
+    def _remember_part(self, message_id: int, exchange_id: int) -> None:
+        self._parts[message_id] = exchange_id
+        while len(self._parts) > 10_000:
+            self._parts.popitem(last=False)
+
+    # ------------------------------------------------------------------ feedback
+
+    async def _correct(self, message: discord.Message, parent: discord.Message) -> None:
+        ids = _ids(message)
+        ex_id = self._exchange_id(parent.id)
+        if ex_id is None:
+            log.info("discord correction of an unknown reply: %s reply=%s", ids, parent.id)
+            await message.reply("I have no record of that reply, so I can't store a correction for it.",
+                                mention_author=False)
+            return
+        text = message.content.lstrip()[len(self.config.correction_prefix):].strip()
+        try:
+            cid = self.services.feedback.correct(ex_id, str(message.author.id), text)
+        except TuneloopError as e:
+            await message.reply(f"⚠️ {e}", mention_author=False)
+            return
+        log.info("discord correction: %s exchange=%d correction=%d", ids, ex_id, cid)
+        try:
+            await message.add_reaction("✅")
+        except discord.HTTPException:
+            pass
+
+    def _rating(self, emoji: Any) -> str | None:
+        keys = _emoji_key(emoji)
+        if keys & {_SKIN_TONES.sub("", e) for e in self.config.up_emoji}:
+            return "up"
+        if keys & {_SKIN_TONES.sub("", e) for e in self.config.down_emoji}:
+            return "down"
+        return None
+
+    async def on_reaction(self, payload: discord.RawReactionActionEvent, *, added: bool) -> None:
+        me = self.client.user
+        if me is None or payload.user_id == me.id or (payload.member is not None and payload.member.bot):
+            return
+        rating = self._rating(payload.emoji)
+        if rating is None:
+            return
+        ex_id = self._exchange_id(payload.message_id)
+        if ex_id is None:
+            return  # not one of the bot's replies
+        user = str(payload.user_id)
+        if not added:
+            # Removing 👍 after switching to 👎 must not drop the 👎.
+            if self.services.store.ratings(ex_id).get(user) != rating:
+                return
+            rating = "none"
+        try:
+            self.services.feedback.rate(ex_id, user, rating)
+        except TuneloopError as e:  # the exchange was forgotten meanwhile
+            log.info("discord rating not stored: message=%s user=%s error=%s", payload.message_id, user, e)
+            return
+        log.info("discord rating: guild=%s channel=%s message=%s user=%s exchange=%d rating=%s",
+                 payload.guild_id, payload.channel_id, payload.message_id, user, ex_id, rating)
+
+    # ------------------------------------------------------------------ commands
+
+    def _build_commands(self) -> None:
+        group = app_commands.Group(name="tuneloop", description="The learning loop of this bot")
+        admin = self._admin_command
+
+        @group.command(name="status", description="Live version, last run, feedback since, next run")
+        async def status(interaction: discord.Interaction) -> None:
+            await admin(interaction, ["status"])
+
+        @group.command(name="models", description="Every model version with its metrics and verdict")
+        async def models(interaction: discord.Interaction) -> None:
+            await admin(interaction, ["models"])
+
+        @group.command(name="retrain", description="Start a training run now (admins)")
+        async def retrain(interaction: discord.Interaction) -> None:
+            await admin(interaction, ["retrain"])
+
+        @group.command(name="promote", description="Make a model version live (admins)")
+        @app_commands.describe(version="the version to make live")
+        async def promote(interaction: discord.Interaction, version: str) -> None:
+            await admin(interaction, ["promote", version])
+
+        @group.command(name="rollback", description="Go back to a version; default: the live one's parent (admins)")
+        @app_commands.describe(version="the version to go back to")
+        async def rollback(interaction: discord.Interaction, version: str | None = None) -> None:
+            await admin(interaction, ["rollback", version] if version else ["rollback"])
+
+        @group.command(name="forget-me", description="Delete everything you said and rated here; never train on you")
+        async def forget_me(interaction: discord.Interaction) -> None:
+            await admin(interaction, ["forget-me"])
+
+        async def suggest(interaction: discord.Interaction, message: discord.Message) -> None:
+            ex_id = self._exchange_id(message.id)
+            if ex_id is None:
+                await interaction.response.send_message("That is not one of my replies, so there is "
+                                                        "nothing to correct.", ephemeral=True)
+                return
+            await interaction.response.send_modal(_CorrectionModal(self, ex_id))
+
+        self.client.tree.add_command(group)
+        self.client.tree.add_command(app_commands.ContextMenu(name=CONTEXT_MENU_NAME, callback=suggest))
+
+    async def _admin_command(self, interaction: discord.Interaction, words: list[str]) -> None:
+        # Training control may take longer than Discord's 3 s: defer, then follow up.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        user = interaction.user
+        caller = Caller(PLATFORM, str(user.id), tuple(str(r.id) for r in getattr(user, "roles", ())))
+        line = shlex.join(words)
+        try:
+            text = await asyncio.to_thread(self.services.admin.run, caller, line)
+            outcome = "ok"
+        except PermissionDenied as e:
+            text, outcome = f"🚫 {e}", "refused"
+        except TuneloopError as e:
+            text, outcome = f"⚠️ {e}", "error"
+        log.info("discord command: guild=%s channel=%s user=%s interaction=%s command=%r outcome=%s",
+                 interaction.guild_id, interaction.channel_id, user.id, interaction.id, line, outcome)
+        for part in split_text(text):
+            await interaction.followup.send(part, ephemeral=True)
+
+
+def _ids(message: discord.Message) -> str:
+    return (f"guild={message.guild.id if message.guild else None} channel={message.channel.id} "
+            f"message={message.id} user={message.author.id}")

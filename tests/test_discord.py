@@ -1,0 +1,399 @@
+"""The Discord adapter: the real discord.py client against a fake Discord on 127.0.0.1.
+
+One fake Discord, one client and one real engine (the tiny model) serve the
+whole module, in order: the client's first READY waits ~2 s for guilds, and
+the model loads once. Only Discord's network edge is fake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from bot.adapters.discord import CONTEXT_MENU_NAME, DiscordAdapter, split_text
+from bot.admin import Admin
+from bot.chat import Chat
+from bot.config import parse
+from bot.engine.base import SamplingParams
+from bot.feedback import Feedback
+from bot.runtime import Services
+from bot.store import Store
+from tests.fake_discord import FakeDiscord, FakeUser, wait_until
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ALICE = FakeUser("100000000000000001", "alice")
+BOB = FakeUser("100000000000000002", "bob")
+ADMIN = FakeUser("100000000000000003", "ada")  # admin by user id
+OTHER_BOT = FakeUser("100000000000000005", "otherbot", bot=True)
+
+
+class FakeControl:
+    """Stands in for the trainer's LearningControl (trainer/control.py)."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+        self.live = "base"
+
+    def start_run(self, reason: str) -> dict[str, Any]:
+        self.runs.append(reason)
+        return {"run_id": f"run-{len(self.runs)}"}
+
+    def status(self) -> dict[str, Any]:
+        return {"live_version": self.live, "last_run": None, "new_feedback": 3, "next_run": None}
+
+    def models(self) -> list[dict[str, Any]]:
+        return [{"version": "base", "live": self.live == "base", "verdict": "base", "metrics": {}},
+                {"version": "v1", "live": self.live == "v1", "verdict": "promoted", "metrics": {"ppl": 9.5}}]
+
+    def promote(self, version: str) -> dict[str, Any]:
+        self.live = version
+        return {"version": version}
+
+    def rollback(self, version: str | None = None) -> dict[str, Any]:
+        self.live = version or "base"
+        return {"version": self.live}
+
+
+@pytest.fixture(scope="module")
+def long_model(tiny_model: Path, tmp_path_factory) -> Path:
+    """The tiny model with a 4,096-token window (RoPE): room for a 5,000-character reply."""
+    out = tmp_path_factory.mktemp("discord-model") / "model"
+    shutil.copytree(tiny_model, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(long_model: Path, tmp_path_factory):
+    from bot.engine.local import LocalEngine
+
+    fake = FakeDiscord()
+    await fake.start()
+    tmp = tmp_path_factory.mktemp("discord")
+    config = parse({
+        "storage": {"path": str(tmp / "tuneloop.db")},
+        "model": {"max_new_tokens": 16},
+        "discord": {"enabled": True, "api_base_url": fake.api_base_url, "channels": [fake.chat],
+                    "guilds": [fake.guild_id]},
+        "admin": {"discord_users": [ADMIN.id], "discord_roles": [fake.admin_role]},
+    }, tmp)
+    store = Store(config.storage.path)
+    engine = LocalEngine(str(long_model), version="tiny", device="cpu", dtype="float32", max_batch=4, threads=1)
+    await engine.start()
+    control = FakeControl()
+    services = Services(config, store, engine, Chat(config, store, engine),
+                        Feedback(store, config.model.max_input_chars), Admin(config, store, control))
+    mp = pytest.MonkeyPatch()
+    mp.setenv(config.discord.token_env, fake.token)
+    adapter = DiscordAdapter(services)
+    await adapter.start()  # returns at once; the client connects in a task
+    await adapter.wait_ready()
+    w = type("World", (), {})()
+    w.fake, w.store, w.adapter, w.control, w.engine = fake, store, adapter, control, engine
+    yield w
+    await adapter.stop()
+    await engine.stop()
+    await fake.close()
+    store.close()
+    mp.undo()
+    assert fake.unknown_routes == []
+
+
+async def answer(w, msg: dict[str, Any], timeout: float = 30.0):
+    """The exchange answering ``msg`` once its reply is final, with the bot's messages of it."""
+    fake = w.fake
+    first = await wait_until(lambda: next((m for m in fake.bot_messages()
+                                           if (m.get("message_reference") or {}).get("message_id") == msg["id"]),
+                                          None), timeout)
+
+    def done():
+        rows = w.store.query("SELECT id, reply_ref FROM exchanges WHERE reply_ref IS NOT NULL AND user = ? "
+                             "ORDER BY id", [msg["author"]["id"]])
+        return next((w.store.exchange(r["id"]) for r in rows if int(r["reply_ref"]) >= int(first["id"])), None)
+
+    ex = await wait_until(done, timeout)
+    ids = sorted(int(m["id"]) for m in fake.bot_messages(first["channel_id"])
+                 if int(first["id"]) <= int(m["id"]) <= int(ex.reply_ref))
+    return ex, [fake.messages[str(i)] for i in ids]
+
+
+async def no_answer(w, msg: dict[str, Any], wait: float = 1.0) -> None:
+    import asyncio
+
+    await asyncio.sleep(wait)
+    assert not [m for m in w.fake.bot_messages()
+                if (m.get("message_reference") or {}).get("message_id") == msg["id"]]
+
+
+async def test_commands_synced_to_the_guild(world):
+    names = {(c["name"], c["type"]) for c in world.fake.commands[world.fake.guild_id]}
+    assert names == {("tuneloop", 1), (CONTEXT_MENU_NAME, 3)}
+    group = next(c for c in world.fake.commands[world.fake.guild_id] if c["name"] == "tuneloop")
+    assert {o["name"] for o in group["options"]} == {"retrain", "status", "models", "rollback", "promote",
+                                                      "forget-me"}
+    assert ("GET", "/gateway/bot") in world.fake.requests
+
+
+async def test_mention_gets_a_streamed_reply_logged_as_an_exchange(world, caplog):
+    caplog.set_level(logging.INFO, logger="bot.adapters.discord")
+    msg = await world.fake.say(ALICE, "hello there", mention_bot=True)
+    ex, parts = await answer(world, msg)
+    assert len(parts) == 1
+    reply = parts[0]
+    assert reply["type"] == 19 and reply["message_reference"]["message_id"] == msg["id"]
+    assert ex.platform == "discord" and ex.user == ALICE.id and ex.channel == world.fake.general
+    assert ex.prompt == "hello there" and ex.reply_ref == reply["id"]
+    assert reply["content"] == (ex.reply.strip() and ex.reply or "…")
+    await wait_until(lambda: {(e, u) for (m, e, u) in world.fake.reactions if m == reply["id"]}
+                     == {("👍", world.fake.bot.id), ("👎", world.fake.bot.id)})
+    assert world.store.ratings(ex.id) == {}  # the bot's own reactions are not ratings
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("discord reply:"))
+    assert f"message={msg['id']}" in line and f"exchange={ex.id}" in line and world.fake.guild_id in line
+
+
+async def test_reply_chain_is_the_context(world):
+    first = await world.fake.say(ALICE, "what is your name", mention_bot=True)
+    ex1, (r1,) = await answer(world, first)
+    # A reply to the bot needs no mention.
+    second = await world.fake.say(ALICE, "and how old are you", reply_to=r1["id"])
+    ex2, (r2,) = await answer(world, second)
+    assert ex2.conversation_id == ex1.conversation_id
+    assert ex2.messages[-3:] == [{"role": "user", "content": "what is your name"},
+                                 {"role": "assistant", "content": ex1.reply},
+                                 {"role": "user", "content": "and how old are you"}]
+    third = await world.fake.say(BOB, "tell me more", reply_to=r2["id"])
+    ex3, _ = await answer(world, third)
+    assert [m["content"] for m in ex3.messages if m["role"] == "user"] == [
+        "what is your name", "and how old are you", "tell me more"]
+
+
+async def test_reply_chain_unknown_to_the_store_is_fetched_from_discord(world):
+    fake = world.fake
+    # Said before the bot was around: in no cache of the client, so it must be fetched.
+    plain = fake._message(fake.general, BOB, "the sky is green today")
+    doubt = await fake.say(BOB, "really green", reply_to=plain["id"])
+    asking = await fake.say(ALICE, "is that true", reply_to=doubt["id"], mention_bot=True)
+    ex, _ = await answer(world, asking)
+    assert ex.messages[-3:] == [{"role": "user", "content": "the sky is green today"},
+                                {"role": "user", "content": "really green"},
+                                {"role": "user", "content": "is that true"}]
+    # Discord nests referenced_message one level deep: the first link was fetched over REST.
+    assert ("GET", f"/channels/{fake.general}/messages/{plain['id']}") in fake.requests
+    assert not [m for m in fake.bot_messages()
+                if (m.get("message_reference") or {}).get("message_id") in (plain["id"], doubt["id"])]
+
+
+async def test_thread_keeps_its_own_context(world):
+    fake = world.fake
+    thread = await fake.create_thread(fake.general, "help", ALICE)
+    await fake.say(BOB, "we are talking about tea", channel=thread)  # read back from Discord
+    m1 = await fake.say(ALICE, "do you like it", channel=thread, mention_bot=True)
+    ex1, (r1,) = await answer(world, m1)
+    assert r1["channel_id"] == thread
+    assert ex1.thread == thread and ex1.channel == fake.general
+    assert ex1.conversation_id == f"discord-thread-{thread}"
+    assert ex1.messages[-2:] == [{"role": "user", "content": "we are talking about tea"},
+                                 {"role": "user", "content": "do you like it"}]
+    m2 = await fake.say(BOB, "why", channel=thread, mention_bot=True)
+    ex2, _ = await answer(world, m2)
+    assert ex2.conversation_id == ex1.conversation_id
+    assert ex2.messages[-3:] == [{"role": "user", "content": "do you like it"},
+                                 {"role": "assistant", "content": ex1.reply},
+                                 {"role": "user", "content": "why"}]
+    other = await fake.create_thread(fake.general, "other", BOB)
+    m3 = await fake.say(BOB, "why", channel=other, mention_bot=True)
+    ex3, _ = await answer(world, m3)
+    assert ex3.conversation_id != ex1.conversation_id
+    assert [m["content"] for m in ex3.messages] == ["why"]
+
+
+async def test_who_gets_an_answer(world):
+    fake = world.fake
+    in_channel = await fake.say(ALICE, "anyone here", channel=fake.chat)  # a [discord] channels entry
+    await answer(world, in_channel)
+    dm = fake.open_dm(ALICE)
+    in_dm = await fake.say(ALICE, "a private question", channel=dm)
+    ex, (r,) = await answer(world, in_dm)
+    assert r["channel_id"] == dm and ex.channel == dm
+    await no_answer(world, await fake.say(ALICE, "just chatting"), wait=0.2)
+    await no_answer(world, await fake.say(OTHER_BOT, "bots talk", mention_bot=True), wait=0.2)
+    # Its own message, echoed back by the gateway as Discord does, is never answered.
+    own = fake._message(fake.chat, fake.bot, "my own words")
+    await fake.dispatch("MESSAGE_CREATE", {**own, "member": fake.bot.member(with_user=False)})
+    await no_answer(world, own, wait=0.5)
+
+
+async def test_reactions_rate_replace_and_remove(world):
+    fake = world.fake
+    msg = await fake.say(BOB, "rate me", mention_bot=True)
+    ex, (reply,) = await answer(world, msg)
+    await fake.react(BOB, reply["id"], "👍")
+    await wait_until(lambda: world.store.ratings(ex.id) == {BOB.id: "up"})
+    await fake.react(BOB, reply["id"], "👎🏽")  # a skin tone is the same emoji
+    await wait_until(lambda: world.store.ratings(ex.id) == {BOB.id: "down"})
+    await fake.unreact(BOB, reply["id"], "👍")  # the older reaction: the rating stays
+    await fake.react(ALICE, reply["id"], "👍")
+    await wait_until(lambda: world.store.ratings(ex.id) == {BOB.id: "down", ALICE.id: "up"})
+    await fake.unreact(BOB, reply["id"], "👎🏽")
+    await wait_until(lambda: world.store.ratings(ex.id) == {ALICE.id: "up"})
+    # A reaction on a message that is not the bot's, and an emoji that is not a rating: ignored.
+    await fake.react(BOB, msg["id"], "👍")
+    await fake.react(BOB, reply["id"], "🎉")
+    marker = await fake.say(BOB, "still alive", mention_bot=True)
+    await answer(world, marker)
+    assert world.store.ratings(ex.id) == {ALICE.id: "up"}
+    assert world.store.query("SELECT COUNT(*) AS n FROM ratings WHERE user = ?", [BOB.id])[0]["n"] == 0
+
+
+async def test_corrections_by_prefix_and_by_modal(world):
+    fake = world.fake
+    msg = await fake.say(ALICE, "capital of france", mention_bot=True)
+    ex, (reply,) = await answer(world, msg)
+    fix = await fake.say(ALICE, "!fix Paris is the capital of France.", reply_to=reply["id"])
+    await wait_until(lambda: world.store.corrections(ex.id))
+    assert [c["text"] for c in world.store.corrections(ex.id)] == ["Paris is the capital of France."]
+    assert [c["user"] for c in world.store.corrections(ex.id)] == [ALICE.id]
+    await wait_until(lambda: (fix["id"], "✅", fake.bot.id) in fake.reactions)
+    await no_answer(world, fix, wait=0.2)  # a correction is not a question
+
+    menu = await fake.context_menu(BOB, CONTEXT_MENU_NAME, reply["id"])
+    cb = await wait_until(lambda: fake.callback_for(menu))
+    assert cb["type"] == 9  # MODAL
+    submit = await fake.submit_modal(BOB, cb["data"], "It is Paris.")
+    done = await wait_until(lambda: fake.callback_for(submit))
+    assert done["type"] == 4 and done["data"]["flags"] & 64  # ephemeral
+    assert [(c["user"], c["text"]) for c in world.store.corrections(ex.id)][-1] == (BOB.id, "It is Paris.")
+
+    # On a message that is not the bot's reply: a polite ephemeral no.
+    not_ours = await fake.context_menu(BOB, CONTEXT_MENU_NAME, msg["id"])
+    cb = await wait_until(lambda: fake.callback_for(not_ours))
+    assert cb["type"] == 4 and cb["data"]["flags"] & 64 and "not one of my replies" in cb["data"]["content"]
+
+
+async def command(w, user: FakeUser, sub: str, **options: str) -> str:
+    interaction = await w.fake.slash(user, sub, options)
+    cb = await wait_until(lambda: w.fake.callback_for(interaction))
+    assert cb["type"] == 5 and cb["data"]["flags"] & 64  # deferred, ephemeral
+    ups = await wait_until(lambda: w.fake.followups_for(interaction))
+    assert all(f["flags"] & 64 for f in ups)
+    return "\n".join(f["content"] for f in ups)
+
+
+async def test_slash_commands_and_admin_checks(world):
+    control = world.control
+    text = await command(world, BOB, "retrain")
+    assert "admins only" in text and control.runs == []
+    text = await command(world, ADMIN, "retrain")
+    assert "run-1 started" in text and control.runs == [f"discord:{ADMIN.id}"]
+    role_admin = FakeUser("100000000000000004", "rita", roles=[world.fake.admin_role])
+    text = await command(world, role_admin, "retrain")
+    assert "run-2 started" in text and len(control.runs) == 2
+    assert "live version: base" in await command(world, BOB, "status")
+    assert "v1" in await command(world, BOB, "models")
+    assert "admins only" in await command(world, BOB, "promote", version="v1")
+    assert "v1 is live" in await command(world, role_admin, "promote", version="v1")
+    assert "base is live" in await command(world, ADMIN, "rollback", version="base")
+    assert "Rolled back" in await command(world, ADMIN, "rollback")
+
+
+async def test_forget_me(world):
+    fake = world.fake
+    carol = FakeUser("100000000000000006", "carol")
+    msg = await fake.say(carol, "remember this", mention_bot=True)
+    _, (reply,) = await answer(world, msg)
+    assert "Forgotten: 1 exchanges" in await command(world, carol, "forget-me")
+    assert not world.store.query("SELECT id FROM exchanges WHERE user = ?", [carol.id])
+    # A reply to the forgotten exchange's message still works: the chain is read back from Discord.
+    again = await fake.say(BOB, "what did she say", reply_to=reply["id"])
+    ex, _ = await answer(world, again)
+    assert [m["content"] for m in ex.messages if m["role"] == "user"] == ["remember this", "what did she say"]
+
+
+async def test_unknown_command_is_answered_politely(world):
+    interaction = await world.fake.slash(BOB, "launch-rockets", group="nonsense")
+    cb = await wait_until(lambda: world.fake.callback_for(interaction))
+    assert cb["type"] == 4 and cb["data"]["flags"] & 64 and "don't know that command" in cb["data"]["content"]
+
+
+async def test_bad_input_is_ignored_or_answered_politely(world):
+    fake = world.fake
+    await no_answer(world, await fake.say(ALICE, "", mention_bot=True), wait=0.3)
+    await no_answer(world, await fake.say(ALICE, "   ", channel=fake.chat), wait=0.3)
+    photo = {"id": fake.snowflake(), "filename": "cat.png", "size": 1234, "url": "https://cdn.invalid/cat.png",
+             "proxy_url": "https://cdn.invalid/cat.png", "content_type": "image/png", "width": 10, "height": 10}
+    only_attachment = await fake.say(ALICE, "", mention_bot=True, attachments=[photo])
+    polite = await wait_until(lambda: [m for m in fake.bot_messages()
+                                       if (m.get("message_reference") or {}).get("message_id")
+                                       == only_attachment["id"]])
+    assert "only read text" in polite[0]["content"]
+    too_long = await fake.say(ALICE, "x" * 4500, channel=fake.chat)
+    refusal = await wait_until(lambda: [m for m in fake.bot_messages()
+                                        if (m.get("message_reference") or {}).get("message_id") == too_long["id"]])
+    assert "limit" in refusal[0]["content"]
+    # A reply to a message that no longer exists, and a correction of a non-bot message: no crash.
+    gone = await fake.say(BOB, "soon deleted")
+    orphan = await fake.say(ALICE, "about that", reply_to=gone["id"], mention_bot=True)
+    del fake.messages[gone["id"]]
+    await answer(world, orphan)
+
+
+async def test_a_5000_character_reply_arrives_as_three_messages(world):
+    fake, adapter, engine = world.fake, world.adapter, world.engine
+    prompt = "write a long story"
+    # The tiny model ends its turns early; sampled past its end-of-turn token it writes on.
+    # Measure its characters per token on this very prompt, then ask for ~5,000 characters.
+    sampling = {"ignore_eos": True, "temperature": 1.0, "seed": 1}
+    probe = await engine.complete([{"role": "user", "content": prompt}],
+                                  SamplingParams(max_new_tokens=400, **sampling))
+    tokens = min(4000, int(5000 * probe.completion_tokens / max(1, len(probe.text))) + 1)
+    adapter.sampling = {"max_new_tokens": tokens, **sampling}
+    try:
+        msg = await fake.say(ALICE, prompt, channel=fake.chat)
+        ex, parts = await answer(world, msg, timeout=120)
+    finally:
+        adapter.sampling = {}
+    assert 4000 < len(ex.reply) <= 6000, len(ex.reply)
+    assert len(parts) == 3
+    assert [p["content"] for p in parts] == split_text(ex.reply)
+    assert all(len(p["content"]) <= 2000 for p in parts)
+    assert ex.reply_ref == parts[-1]["id"]
+    # Streaming: edits of one message at least ~1 s apart (the last one is the final text).
+    for times in (fake.edits.get(p["id"], [])[:-1] for p in parts):
+        assert all(b - a >= 0.9 for a, b in zip(times[:-1], times[1:], strict=True))
+    assert sum(len(fake.edits.get(p["id"], [])) for p in parts) >= 1
+    # A rating on an earlier part rates the same exchange.
+    await fake.react(BOB, parts[0]["id"], "👍")
+    await wait_until(lambda: world.store.ratings(ex.id) == {BOB.id: "up"})
+
+
+async def test_keeps_answering_through_gateway_reconnects(world):
+    fake = world.fake
+    identifies = fake.identifies
+    await fake.drop()
+    # Said while the bot is away: replayed on RESUME.
+    missed = await fake.say(ALICE, "are you back", mention_bot=True)
+    await fake.wait_connected(timeout=30)
+    await answer(world, missed)
+    assert fake.resumes >= 1 and fake.identifies == identifies
+    after = await fake.say(BOB, "welcome back", mention_bot=True)
+    await answer(world, after)
+    assert fake.heartbeats >= 1
+
+
+async def test_split_text_keeps_pieces_stable():
+    text = ("word " * 1000).strip()
+    parts = split_text(text)
+    assert all(len(p) <= 2000 for p in parts) and " ".join(parts) == text
+    assert split_text(text[:4500])[:2] == parts[:2]
+    assert split_text("x" * 4001) == ["x" * 2000, "x" * 2000, "x"]
+    assert split_text("") == []
+
