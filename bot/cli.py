@@ -57,6 +57,19 @@ def _default_user(args) -> str:
 
 # -- chat / ask ----------------------------------------------------------------------
 
+def _check_conversation(config: Config, conversation: str | None) -> None:
+    """Fail on an unknown conversation id before the model loads."""
+    if conversation:
+        from bot.runtime import open_store
+
+        store = open_store(config)
+        try:
+            if not store.conversation_exists(conversation):
+                raise InputError(f"conversation {conversation} not found")
+        finally:
+            store.close()
+
+
 def _chat_args(p):
     p.add_argument("--user", help="who is talking (default: your login name)")
     p.add_argument("--conversation", help="continue this conversation id")
@@ -67,10 +80,10 @@ def cmd_chat(args, config: Config) -> int:
     from bot.adapters.console import run_console
     from bot.runtime import services
 
+    _check_conversation(config, args.conversation)
+
     async def go() -> int:
         async with services(config) as svc:
-            if args.conversation:
-                svc.chat.require_conversation(args.conversation)
             return await run_console(svc, _default_user(args), args.conversation)
 
     return asyncio.run(go())
@@ -88,11 +101,10 @@ def cmd_ask(args, config: Config) -> int:
     from bot.runtime import services
 
     check_text(args.text, config.model.max_input_chars)  # fail before loading a model
+    _check_conversation(config, args.conversation)
 
     async def go() -> int:
         async with services(config) as svc:
-            if args.conversation:
-                svc.chat.require_conversation(args.conversation)
             stream = None if args.json else (lambda d: (sys.stdout.write(d), sys.stdout.flush()))
             ex = await svc.chat.respond(
                 Turn(text=args.text, user=_default_user(args), platform="cli",
@@ -257,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose, logging.INFO if args.command in ("run",) else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose and args.command in ("ask", "chat"):
+        # Weight-loading bars are noise in a one-shot answer; downloads and
+        # the starter build keep their own progress.
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
         config = load(args.config)
         return COMMANDS[args.command][1](args, config) or 0
