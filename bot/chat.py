@@ -78,9 +78,13 @@ class Chat:
         if turn.history is not None:
             messages += [m for m in turn.history if m.get("role") != "system"]
         elif turn.conversation_id:
-            for ex in self.store.conversation(turn.conversation_id):
-                messages += [{"role": "user", "content": ex.prompt},
-                             {"role": "assistant", "content": ex.reply}]
+            # The latest exchange holds the whole context it was answered in
+            # (including turns a platform supplied, such as other people's
+            # messages in a Slack thread); continue from it.
+            last = self.store.conversation(turn.conversation_id, limit=1)
+            if last:
+                messages += [m for m in last[0].messages if m.get("role") != "system"]
+                messages.append({"role": "assistant", "content": last[0].reply})
         messages.append({"role": "user", "content": turn.text})
         return messages
 

@@ -81,8 +81,32 @@ def _m2_platform_refs(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE seen_events (event_id TEXT PRIMARY KEY, created_at REAL NOT NULL)")
 
 
+def _m3_training_runs(db: sqlite_utils.Database) -> None:
+    # One row per training run, written by the launcher (queued) and the run
+    # process (stages, outcome). ``data_cutoff`` is the time the run read the
+    # store: feedback stored after it is "new" for the next run.
+    db.execute("""
+        CREATE TABLE training_runs (
+            id INTEGER PRIMARY KEY,
+            reason TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL,            -- queued, running, done, failed
+            stage TEXT NOT NULL DEFAULT '',  -- dataset, train, gate, registry
+            pid INTEGER,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            data_cutoff REAL,
+            dataset_hash TEXT,
+            version TEXT,
+            promoted INTEGER,
+            metrics TEXT,                    -- JSON
+            error TEXT
+        )""")
+
+
 #: migration N brings the schema from version N-1 to N. Append, never edit.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_platform_refs]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_platform_refs,
+                                                             _m3_training_runs]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -134,6 +158,7 @@ class Store:
             raise StoreError(f"{self.path}: not a tuneloop database ({e})") from None
         if migrate:
             self.migrate()
+            self.prune_seen_events()
 
     # -- schema -------------------------------------------------------------
 
@@ -297,6 +322,13 @@ class Store:
         return {r["user"] for r in self.query("SELECT user FROM opt_outs")}
 
     # -- platform events ------------------------------------------------------------
+
+    def prune_seen_events(self, older_than_s: float = 7 * 86400) -> None:
+        """Forget handled event ids once no platform would retry them (Slack: minutes)."""
+        if "seen_events" not in self.db.table_names():
+            return
+        with self.transaction():
+            self.db.execute("DELETE FROM seen_events WHERE created_at < ?", [time.time() - older_than_s])
 
     def first_sight(self, event_id: str) -> bool:
         """True the first time an event id is seen, False on every retry after."""
