@@ -1,0 +1,506 @@
+"""The HTTP adapter: OpenAI-compatible API, feedback API, web chat, dashboard, metrics.
+
+Thin: it turns HTTP requests into ``Turn``s and feedback calls, and core
+results and errors into HTTP answers. It decides nothing.
+
+Routes
+    POST /v1/chat/completions           OpenAI chat completions, streaming (SSE) or not
+    GET  /v1/models                     the served model version
+    POST /api/exchanges/{id}/feedback   {"user", "rating": "up"|"down"|null} and/or {"correction"}
+    GET  /api/dashboard                 figures behind /dashboard (``?bucket=SECONDS``)
+    GET  /                              the web chat page
+    GET  /dashboard                     the dashboard page
+    GET  /static/{file}                 the pages' scripts and styles
+    GET  /metrics                       Prometheus text format
+    GET  /healthz                       {"status": "ok"}; 503 while shutting down
+
+Every completion is an exchange logged through ``Chat.respond``; the answer's
+``id`` is the exchange id. A streamed reply does not have its exchange id
+before it ends, so its chunks carry ``chatcmpl-<request>`` and the final
+chunk(s) (``finish_reason`` set, and the usage chunk) carry the exchange id,
+also as ``exchange_id``.
+
+Errors are JSON, ``{"error": {"message", "type"}}``: a ``TuneloopError`` maps
+to a 4xx/5xx by its class, aiohttp's own (413 body too large, 405, 404) keep
+their status, anything unexpected is logged with its traceback and answered
+500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bot import errors
+from bot.chat import Turn, check_text, new_conversation_id
+from bot.feedback import parse_rating
+from bot.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+#: (status, type) per error class; the most specific class wins.
+ERROR_STATUS: list[tuple[type[errors.TuneloopError], int, str]] = [
+    (errors.BusyError, 503, "engine_busy"),
+    (errors.CancelledError, 503, "cancelled"),
+    (errors.EngineError, 503, "engine_error"),
+    (errors.InputError, 400, "invalid_request_error"),
+    (errors.NotFoundError, 404, "not_found_error"),
+    (errors.PermissionDenied, 403, "permission_error"),
+    (errors.TrainingError, 409, "training_error"),
+    (errors.ModelError, 500, "model_error"),
+    (errors.StoreError, 500, "store_error"),
+    (errors.ConfigError, 500, "config_error"),
+    (errors.TuneloopError, 500, "server_error"),
+]
+
+SERVICES = web.AppKey("services", Any)
+METRICS = web.AppKey("metrics", Metrics)
+DRAINING = web.AppKey("draining", asyncio.Event)
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+_MAX_STOP = 4
+_MAX_ID_CHARS = 200
+
+
+def error_body(message: str, error_type: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": None}}
+
+
+def json_error(status: int, message: str, error_type: str, param: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(message, error_type, param), status=status, headers=headers)
+
+
+def _classify(e: errors.TuneloopError) -> tuple[int, str]:
+    for cls, status, kind in ERROR_STATUS:
+        if isinstance(e, cls):
+            return status, kind
+    raise AssertionError(e)
+
+
+_HTTP_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "method_not_allowed",
+               413: "request_too_large", 415: "invalid_request_error"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    metrics = request.app.get(METRICS)
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = _HTTP_TYPES.get(e.status, "http_error")
+        if e.status == 413:
+            limit = request.app[SERVICES].config.server.max_body_bytes
+            message = f"request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+        elif e.status == 404:
+            message = f"no route {request.method} {request.path}"
+        elif e.status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        else:
+            message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        if metrics:
+            metrics.http_error(e.status, kind)
+        headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+        return json_error(e.status, message, kind, headers=headers)
+    except errors.TuneloopError as e:
+        status, kind = _classify(e)
+        if status >= 500 and not isinstance(e, errors.EngineError):
+            log.exception("request failed: %s %s", request.method, request.path)
+        else:
+            log.info("request refused: %s %s -> %d %s", request.method, request.path, status, e)
+        if metrics:
+            metrics.http_error(status, kind)
+        headers = {"Retry-After": "1"} if isinstance(e, errors.BusyError) else None
+        return json_error(status, str(e), kind, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:  # noqa: BLE001 — the one place unexpected errors become a 500
+        log.exception("unexpected error: %s %s", request.method, request.path)
+        if metrics:
+            metrics.http_error(500, "server_error")
+        return json_error(500, f"internal error ({type(e).__name__}); see the server log", "server_error")
+
+
+# -- request parsing -------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or an ``InputError`` saying what is wrong with it."""
+    raw = await request.read()  # 413 beyond client_max_size
+    if not raw.strip():
+        raise errors.InputError("request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise errors.InputError("request body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise errors.InputError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise errors.InputError(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _type_name(value: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
+            list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _opt(body: dict, key: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    # bool is an int in Python; JSON true is never a number here.
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise errors.InputError(f"{key} must be {what}, got {_type_name(value)} {json.dumps(value)[:50]}")
+    return value
+
+
+def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False) -> Any:
+    value = _opt(body, key, (int,) if integer else (int, float), "an integer" if integer else "a number")
+    if value is not None and not lo <= value <= hi:
+        raise errors.InputError(f"{key} must be between {lo:g} and {hi:g}, got {value}")
+    return value
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None:
+        if message.get("role") == "assistant":
+            return ""
+        raise errors.InputError(f"messages[{i}].content is missing")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise errors.InputError(f"messages[{i}].content[{j}] must be a text part "
+                                        "{\"type\": \"text\", \"text\": ...}; only text is supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise errors.InputError(f"messages[{i}].content must be a string or a list of text parts, "
+                            f"got {_type_name(content)}")
+
+
+def parse_messages(body: dict) -> tuple[str | None, list[dict[str, str]], str]:
+    """(system prompt or None, earlier turns, the last user message) of a request."""
+    if "messages" not in body:
+        raise errors.InputError("messages is required: a list of {\"role\", \"content\"} objects")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise errors.InputError(f"messages must be a list, got {_type_name(messages)}")
+    if not messages:
+        raise errors.InputError("messages is empty; send at least one user message")
+    system: list[str] = []
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise errors.InputError(f"messages[{i}] must be an object, got {_type_name(m)}")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise errors.InputError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}")
+        text = _content(m, i)
+        if role in ("system", "developer"):
+            system.append(text)
+        else:
+            turns.append({"role": "user" if role == "user" else "assistant", "content": text})
+    if not turns or messages[-1].get("role") != "user":
+        raise errors.InputError("the last message must have role \"user\"")
+    last = turns.pop()
+    return ("\n\n".join(system) if system else None), turns, last["content"]
+
+
+def sampling_overrides(body: dict) -> dict[str, Any]:
+    """The request's sampling fields as ``Chat.sampling`` overrides, checked."""
+    if body.get("n") not in (None, 1):
+        raise errors.InputError(f"n must be 1 (one reply per request), got {body.get('n')!r}")
+    max_tokens = _number(body, "max_completion_tokens", 1, 32768, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, 32768, integer=True)
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if (not isinstance(stop, list) or len(stop) > _MAX_STOP
+                or not all(isinstance(s, str) and s for s in stop)):
+            raise errors.InputError(f"stop must be a string or a list of up to {_MAX_STOP} non-empty strings")
+    return {
+        "max_new_tokens": max_tokens,
+        "temperature": _number(body, "temperature", 0, 2),
+        "top_p": _number(body, "top_p", 0, 1),
+        "stop": tuple(stop) if stop else None,
+        "seed": _number(body, "seed", -(2**63), 2**63 - 1, integer=True),
+    }
+
+
+def _conversation_id(request: web.Request, body: dict, platform: str) -> str:
+    cid = request.headers.get("X-Conversation-Id") or _opt(body, "conversation_id", (str,), "a string")
+    if not cid:
+        return new_conversation_id(platform)
+    if len(cid) > _MAX_ID_CHARS:
+        raise errors.InputError(f"conversation id is longer than {_MAX_ID_CHARS} characters")
+    return cid
+
+
+def _user(body: dict, default: str) -> str:
+    user = _opt(body, "user", (str,), "a string")
+    if user is not None and len(user) > _MAX_ID_CHARS:
+        raise errors.InputError(f"user is longer than {_MAX_ID_CHARS} characters")
+    return user or default
+
+
+# -- handlers ----------------------------------------------------------------------------
+
+
+class WebAdapter:
+    """Adds the web routes to the process's one aiohttp application."""
+
+    name = "web"
+
+    def __init__(self, services, metrics: Metrics | None = None) -> None:
+        self.services = services
+        self.metrics = metrics or Metrics(services.engine.stats)
+        self.draining = asyncio.Event()
+        self.url: str | None = None
+
+    def describe(self) -> str:
+        return f"web chat: {self.url}" if self.url else "web chat: not listening"
+
+    def attach(self, app: web.Application) -> None:
+        app[SERVICES] = self.services
+        app[METRICS] = self.metrics
+        app[DRAINING] = self.draining
+        if error_middleware not in app.middlewares:
+            app.middlewares.append(error_middleware)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_post("/api/exchanges/{id}/feedback", self.feedback)
+        app.router.add_get("/api/dashboard", self.dashboard_data)
+        app.router.add_get("/", self.page("index.html"))
+        app.router.add_get("/dashboard", self.page("dashboard.html"))
+        app.router.add_static("/static/", STATIC, append_version=False)
+        app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_get("/healthz", self.healthz)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.draining.set()
+
+    # -- OpenAI API ----------------------------------------------------------
+
+    def _model_entry(self) -> dict[str, Any]:
+        return {"id": self.services.engine.model_version, "object": "model", "created": 0,
+                "owned_by": "tuneloop"}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_entry()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        entry = self._model_entry()
+        if request.match_info["model"] != entry["id"]:
+            raise errors.NotFoundError(f"model {request.match_info['model']!r} not found; "
+                                       f"this server serves {entry['id']!r}")
+        return web.json_response(entry)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        if self.draining.is_set():
+            raise errors.EngineError("server is shutting down; try again later")
+        body = await read_json(request)
+        platform = "web" if request.headers.get("X-Tuneloop-Client") == "web" else "api"
+        system, history, text = parse_messages(body)
+        overrides = sampling_overrides(body)
+        _opt(body, "model", (str,), "a string")
+        stream = _opt(body, "stream", (bool,), "true or false") or False
+        options = _opt(body, "stream_options", (dict,), "an object") or {}
+        include_usage = bool(options.get("include_usage"))
+        turn = Turn(text=text, user=_user(body, f"{platform}-anonymous"), platform=platform,
+                    conversation_id=_conversation_id(request, body, platform), history=history,
+                    system_prompt=system, params=overrides)
+        try:
+            if stream:
+                return await self._stream(request, turn, include_usage)
+            ex = await self.services.chat.respond(turn)
+        except errors.TuneloopError as e:
+            self.metrics.refused(platform, _classify(e)[1])
+            raise
+        self._observe(ex)
+        return web.json_response({
+            "id": str(ex.id),
+            "object": "chat.completion",
+            "created": int(ex.created_at),
+            "model": ex.model_version,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ex.reply},
+                         "finish_reason": _finish(ex.finish_reason), "logprobs": None}],
+            "usage": _usage(ex),
+            "conversation_id": ex.conversation_id,
+            "exchange_id": ex.id,
+        }, headers={"X-Conversation-Id": ex.conversation_id, "X-Exchange-Id": str(ex.id)})
+
+    async def _stream(self, request: web.Request, turn: Turn, include_usage: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Conversation-Id": turn.conversation_id or ""})
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        created = int(time.time())
+        model = self.services.engine.model_version
+
+        def chunk(delta: dict, finish: str | None = None, id_: str = chunk_id, **extra) -> bytes:
+            obj = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                   **extra}
+            return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+        async def begin() -> None:
+            # Headers go out with the first text: an error before it (busy, bad
+            # input) still gets its proper status.
+            if not resp.prepared:
+                await resp.prepare(request)
+                await resp.write(chunk({"role": "assistant", "content": ""}))
+
+        async def on_delta(delta: str) -> None:
+            await begin()
+            await resp.write(chunk({"content": delta}))
+
+        try:
+            ex = await self.services.chat.respond(turn, on_delta)
+        except ConnectionResetError:
+            # The client went away: its request is cancelled in the engine and,
+            # never seen, not logged as an exchange.
+            log.info("stream abandoned by the client: conversation=%s", turn.conversation_id)
+            self.metrics.refused(turn.platform, "abandoned")
+            return resp
+        except errors.TuneloopError as e:
+            if not resp.prepared:
+                raise
+            status, kind = _classify(e)
+            self.metrics.refused(turn.platform, kind)
+            log.info("stream ended by an error: conversation=%s: %s", turn.conversation_id, e)
+            try:
+                await resp.write(b"data: " + json.dumps(error_body(str(e), kind)).encode() + b"\n\n")
+                await resp.write_eof()
+            except ConnectionResetError:
+                pass
+            return resp
+        self._observe(ex)
+        model = ex.model_version  # the version that produced the reply, should a swap have happened
+        ids = {"id_": str(ex.id), "exchange_id": ex.id, "conversation_id": ex.conversation_id}
+        try:
+            await begin()
+            await resp.write(chunk({}, _finish(ex.finish_reason), **ids))
+            if include_usage:
+                obj = {"id": str(ex.id), "object": "chat.completion.chunk", "created": created,
+                       "model": model, "choices": [], "usage": _usage(ex), "exchange_id": ex.id}
+                await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:
+            log.info("client left before the end of exchange %d", ex.id)
+        return resp
+
+    def _observe(self, ex) -> None:
+        self.metrics.exchange(ex.platform, prompt_tokens=ex.prompt_tokens,
+                              completion_tokens=ex.completion_tokens, ttft_ms=ex.ttft_ms,
+                              total_ms=ex.total_ms, finish_reason=ex.finish_reason)
+
+    # -- feedback ------------------------------------------------------------------
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        raw_id = request.match_info["id"]
+        try:
+            exchange_id = int(raw_id)
+        except ValueError:
+            raise errors.InputError(f"exchange id must be a whole number, got {raw_id!r}") from None
+        body = await read_json(request)
+        user = _opt(body, "user", (str,), "a string")
+        if not user or not user.strip():
+            raise errors.InputError("user is required: who gives this feedback")
+        if len(user) > _MAX_ID_CHARS:
+            raise errors.InputError(f"user is longer than {_MAX_ID_CHARS} characters")
+        has_rating, has_correction = "rating" in body, "correction" in body
+        if not has_rating and not has_correction:
+            raise errors.InputError("send \"rating\" (up, down or null) and/or \"correction\" (a better reply)")
+        rating = parse_rating(body["rating"]) if has_rating else None
+        correction = body.get("correction") if has_correction else None
+        if has_correction and not isinstance(correction, str):
+            raise errors.InputError(f"correction must be a string, got {_type_name(correction)}")
+        svc = self.services
+        svc.store.exchange(exchange_id)  # 404 before storing anything
+        platform = "web" if request.headers.get("X-Tuneloop-Client") == "web" else "api"
+        out: dict[str, Any] = {"exchange_id": exchange_id, "user": user}
+        if has_correction:
+            # Checked first so that a bad correction stores nothing at all.
+            check_text(correction, svc.feedback.max_chars, what="correction")
+        if has_rating:
+            svc.feedback.rate(exchange_id, user, rating)
+            self.metrics.rating(platform, rating)
+            out["rating"] = rating
+        if has_correction:
+            cid = svc.feedback.correct(exchange_id, user, correction)
+            self.metrics.correction(platform)
+            out["correction"] = {"id": cid, "text": correction.strip()}
+        return web.json_response(out)
+
+    # -- pages, dashboard, metrics, health --------------------------------------------
+
+    @staticmethod
+    def page(name: str):
+        async def handler(request: web.Request) -> web.FileResponse:
+            return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+        return handler
+
+    async def dashboard_data(self, request: web.Request) -> web.Response:
+        from bot.dashboard import dashboard
+
+        bucket = request.query.get("bucket")
+        if bucket is not None:
+            try:
+                bucket = int(bucket)
+            except ValueError:
+                raise errors.InputError(f"bucket must be a whole number of seconds, got {bucket!r}") from None
+            if not 60 <= bucket <= 31 * 86400:
+                raise errors.InputError(f"bucket must be between 60 and {31 * 86400} seconds, got {bucket}")
+        data = await asyncio.get_running_loop().run_in_executor(
+            None, dashboard, self.services.store, bucket)
+        data["engine"] = self.services.engine.stats()
+        return web.json_response(data)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.draining.is_set():
+            return web.json_response({"status": "shutting down"}, status=503)
+        return web.json_response({"status": "ok", "model_version": self.services.engine.model_version})
+
+
+def _finish(reason: str | None) -> str:
+    # OpenAI knows stop and length; a cancelled reply ended early like a stop.
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _usage(ex) -> dict[str, int]:
+    p, c = ex.prompt_tokens or 0, ex.completion_tokens or 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def create_app(services, metrics: Metrics | None = None) -> tuple[web.Application, WebAdapter]:
+    """An aiohttp app with the web routes; ``tuneloop run`` adds the other adapters' routes."""
+    app = web.Application(client_max_size=services.config.server.max_body_bytes,
+                          middlewares=[error_middleware])
+    adapter = WebAdapter(services, metrics)
+    adapter.attach(app)
+    return app, adapter

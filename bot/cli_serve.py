@@ -1,0 +1,36 @@
+"""``tuneloop run`` and ``tuneloop bench``: the serving commands.
+
+Imported by ``bot.cli.build_parser`` to register them; the heavy modules
+(aiohttp app, engine, benchmark) load only when a command runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from bot.cli import command
+from bot.config import Config
+
+
+def _run_args(p) -> None:
+    p.add_argument("--grace", type=float, default=None,
+                   help="seconds in-flight replies get to finish on Ctrl-C/SIGTERM (default 5)")
+
+
+@command("run", "serve: the engine, the web chat and API on [server], and every enabled adapter")(_run_args)
+def cmd_run(args, config: Config) -> int:
+    from bot.serve import GRACE_S, serve
+
+    grace = GRACE_S if args.grace is None else max(0.0, args.grace)
+    return asyncio.run(serve(config, grace=grace))
+
+
+def _bench_args(p) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@command("bench", "measure the engine: throughput and latency under concurrent requests")(_bench_args)
+def cmd_bench(args, config: Config) -> int:
+    from bot.bench import bench_main
+
+    return bench_main(config, args.json)

@@ -1,0 +1,154 @@
+"""The web chat and dashboard in a real headless Chromium (Debian's, driven by Playwright)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from bot.adapters.web import create_app
+from bot.config import parse
+from bot.runtime import services
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                       reason=f"no Chromium at {CHROMIUM} (`make browser` or apt-get install chromium)"),
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("browser")
+    config = parse({"model": {"base": str(tiny_model), "device": "cpu", "max_new_tokens": 40},
+                    "storage": {"path": str(d / "tuneloop.db")}, "trainer": {"enabled": False}}, d)
+    async with services(config) as svc:
+        app, _ = create_app(svc)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", svc
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        await b.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def page(browser):
+    context = await browser.new_context()
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.errors = errors
+    yield page
+    await context.close()
+
+
+async def send(page, text: str):
+    """Type a message, press Enter, wait for the reply's feedback buttons; the reply bubble."""
+    before = await page.locator(".msg.bot[data-exchange-id]").count()
+    await page.fill("#input", text)
+    await page.press("#input", "Enter")
+    bubble = page.locator(".msg.bot[data-exchange-id]").nth(before)
+    await bubble.wait_for(timeout=30_000)
+    return bubble
+
+
+async def test_chat_stream_rate_correct(server, page):
+    base, svc = server
+    await page.goto(base + "/")
+    user = await page.input_value("#user")
+    assert user.startswith("guest-")
+    assert await page.evaluate("localStorage.getItem('tuneloop.user')") == user
+    # Count the reply's text updates: a streamed reply arrives in pieces.
+    await page.evaluate("""() => {
+        window.updates = 0;
+        new MutationObserver((records) => {
+            for (const r of records) if (r.target.closest && r.target.closest('.msg.bot')) window.updates++;
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    }""")
+    bubble = await send(page, "hello")
+    exchange_id = int(await bubble.get_attribute("data-exchange-id"))
+    ex = svc.store.exchange(exchange_id)
+    assert await bubble.locator(".text").inner_text() == ex.reply.strip() or ex.reply == ""
+    assert await page.evaluate("window.updates") >= 3
+    assert (ex.platform, ex.user, ex.prompt) == ("web", user, "hello")
+
+    # 👎 lands in the database as this user's rating.
+    await bubble.locator("button.rate-down").click()
+    await bubble.locator("button.rate-down.on").wait_for()
+    assert svc.store.ratings(exchange_id) == {user: "down"}
+    # A better reply.
+    await bubble.locator("button.fix-toggle").click()
+    await bubble.locator(".fix textarea").fill("Hello! How can I help?")
+    await bubble.locator("button.fix-send").click()
+    await bubble.locator(".status", has_text="correction saved").wait_for()
+    assert [c["text"] for c in svc.store.corrections(exchange_id)] == ["Hello! How can I help?"]
+
+    # The same conversation carries on; a new one starts clean.
+    second = await send(page, "how are you?")
+    ex2 = svc.store.exchange(int(await second.get_attribute("data-exchange-id")))
+    assert ex2.conversation_id == ex.conversation_id
+    assert ex2.messages[-3:-1] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ex.reply}]
+    await page.click("#new")
+    assert await page.locator(".msg").count() == 0
+    third = await send(page, "hello again")
+    ex3 = svc.store.exchange(int(await third.get_attribute("data-exchange-id")))
+    assert ex3.conversation_id != ex.conversation_id
+    # 👍 then 👍 again removes the rating.
+    await third.locator("button.rate-up").click()
+    await third.locator("button.rate-up.on").wait_for()
+    assert svc.store.ratings(ex3.id) == {user: "up"}
+    await third.locator("button.rate-up").click()
+    await third.locator(".status", has_text="rating removed").wait_for()
+    assert svc.store.ratings(ex3.id) == {}
+    assert page.errors == []
+
+
+async def test_user_name_is_kept(server, page):
+    base, svc = server
+    await page.goto(base + "/")
+    await page.fill("#user", "erin")
+    await page.press("#user", "Tab")
+    await page.reload()
+    assert await page.input_value("#user") == "erin"
+    bubble = await send(page, "hi")
+    assert svc.store.exchange(int(await bubble.get_attribute("data-exchange-id"))).user == "erin"
+
+
+async def test_error_is_shown(server, page):
+    base, svc = server
+    await page.goto(base + "/")
+    await page.fill("#input", "x" * (svc.config.model.max_input_chars + 1))
+    await page.press("#input", "Enter")
+    await page.locator(".msg.error", has_text="max_input_chars").wait_for(timeout=10_000)
+
+
+async def test_dashboard_draws(server, page):
+    base, svc = server
+    await page.goto(base + "/dashboard")
+    await page.locator("#totals .figure").first.wait_for()
+    total = svc.store.stats()["exchanges"]
+    assert total > 0
+    assert await page.locator("#totals .figure b").first.inner_text() == str(total)
+    assert await page.locator("#chart-exchanges rect").count() >= 1
+    assert await page.locator("#chart-versions rect").count() >= 1
+    await page.locator("#corrections tr td", has_text="Hello! How can I help?").wait_for()
+    # The live load chart fills in after a few polls.
+    await page.locator("#chart-load path").first.wait_for(timeout=10_000)
+    assert page.errors == []
