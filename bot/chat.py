@@ -43,6 +43,11 @@ class Turn:
     params: dict = field(default_factory=dict)
 
 
+async def _maybe_await(value) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
 def new_conversation_id(platform: str) -> str:
     return f"{platform}-{uuid.uuid4().hex[:12]}"
 
@@ -88,32 +93,45 @@ class Chat:
         messages.append({"role": "user", "content": turn.text})
         return messages
 
-    async def respond(self, turn: Turn, on_delta: DeltaCallback | None = None) -> Exchange:
-        """Answer ``turn``, streaming deltas to ``on_delta``; the exchange is committed on return."""
+    async def respond(self, turn: Turn, on_delta: DeltaCallback | None = None,
+                      on_start: Callable[[int], Awaitable[None] | None] | None = None) -> Exchange:
+        """Answer ``turn``, streaming deltas to ``on_delta``; the exchange is committed on return.
+
+        ``on_start(exchange_id)`` runs once the request is accepted, before the
+        first delta, for streams that show the exchange id from the start.
+        """
         check_text(turn.text, self.config.model.max_input_chars)
         if turn.conversation_id is None:
             turn.conversation_id = new_conversation_id(turn.platform)
         params = self.sampling(**turn.params)
         messages = self.engine.fit_context(self.context(turn), params.max_new_tokens)
-        gen = self.engine.submit(messages, params)
-        async for delta in gen:
-            if on_delta is not None:
-                res = on_delta(delta)
-                if inspect.isawaitable(res):
-                    await res
-        done = gen.result
-        assert done is not None
-        ex = self.store.add_exchange(
+        gen = self.engine.submit(messages, params)  # BusyError here logs nothing
+        exchange_id = self.store.begin_exchange(
             platform=turn.platform, channel=turn.channel, thread=turn.thread, user=turn.user,
             conversation_id=turn.conversation_id, messages=messages, prompt=turn.text,
-            reply=done.text, model_version=done.model_version, prompt_tokens=done.prompt_tokens,
+            model_version=self.engine.model_version)
+        try:
+            if on_start is not None:
+                await _maybe_await(on_start(exchange_id))
+            async for delta in gen:
+                if on_delta is not None:
+                    await _maybe_await(on_delta(delta))
+        except BaseException:
+            self.engine.cancel(gen.request_id)
+            self.store.discard_exchange(exchange_id)
+            raise
+        done = gen.result
+        assert done is not None
+        ex = self.store.finish_exchange(
+            exchange_id, reply=done.text, finish_reason=done.finish_reason,
+            model_version=done.model_version, prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
             ttft_ms=None if done.time_to_first_token is None else done.time_to_first_token * 1000,
-            total_ms=done.total_time * 1000, finish_reason=done.finish_reason)
+            total_ms=done.total_time * 1000)
         log.info("exchange logged: id=%d platform=%s channel=%s user=%s conversation=%s "
-                 "version=%s tokens=%d+%d ms=%.0f", ex.id, ex.platform, ex.channel, ex.user,
+                 "version=%s tokens=%d+%d ms=%.0f finish=%s", ex.id, ex.platform, ex.channel, ex.user,
                  ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,
-                 done.total_time * 1000)
+                 done.total_time * 1000, done.finish_reason)
         return ex
 
     def require_conversation(self, conversation_id: str) -> None:

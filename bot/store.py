@@ -239,6 +239,31 @@ class Store:
             exchange_id = cur.lastrowid
         return self.exchange(exchange_id)
 
+    def begin_exchange(self, **fields: Any) -> int:
+        """Log an exchange whose reply is still streaming; ``finish_exchange`` completes it.
+
+        Streaming clients get the exchange id with the first token. A row left
+        ``pending`` by a crash is never used as context or counted in stats.
+        """
+        fields = {**fields, "reply": "", "finish_reason": "pending"}
+        return self.add_exchange(**fields).id
+
+    def finish_exchange(self, exchange_id: int, *, reply: str, finish_reason: str, model_version: str,
+                        prompt_tokens: int | None, completion_tokens: int | None,
+                        ttft_ms: float | None, total_ms: float | None) -> Exchange:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE exchanges SET reply = ?, finish_reason = ?, model_version = ?, prompt_tokens = ?, "
+                "completion_tokens = ?, ttft_ms = ?, total_ms = ? WHERE id = ?",
+                [reply, finish_reason, model_version, prompt_tokens, completion_tokens, ttft_ms, total_ms,
+                 exchange_id])
+        return self.exchange(exchange_id)
+
+    def discard_exchange(self, exchange_id: int) -> None:
+        """Remove a pending exchange whose reply never came (the request failed)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM exchanges WHERE id = ? AND finish_reason = 'pending'", [exchange_id])
+
     def exchange(self, exchange_id: int) -> Exchange:
         rows = self.query("SELECT * FROM exchanges WHERE id = ?", [exchange_id])
         if not rows:
@@ -260,7 +285,8 @@ class Store:
     def conversation(self, conversation_id: str, limit: int = 50) -> list[Exchange]:
         """The latest ``limit`` exchanges of a conversation, oldest first."""
         rows = self.query("SELECT * FROM exchanges WHERE conversation_id = ? "
-                          "ORDER BY id DESC LIMIT ?", [conversation_id, limit])
+                          "AND finish_reason IS NOT 'pending' ORDER BY id DESC LIMIT ?",
+                          [conversation_id, limit])
         return [Exchange.from_row(r) for r in reversed(rows)]
 
     def conversation_exists(self, conversation_id: str) -> bool:
@@ -350,9 +376,12 @@ class Store:
             return {"exchanges": ex, "ratings": {"up": up, "down": down}, "corrections": c,
                     "approval_rate": round(up / (up + down), 4) if up + down else None}
 
-        out = block()
-        out["by_platform"] = {p["platform"]: block("WHERE e.platform = ?", (p["platform"],))
-                              for p in self.query("SELECT DISTINCT platform FROM exchanges ORDER BY 1")}
-        out["by_version"] = {v["model_version"]: block("WHERE e.model_version = ?", (v["model_version"],))
-                             for v in self.query("SELECT DISTINCT model_version FROM exchanges ORDER BY 1")}
+        done = "e.finish_reason IS NOT 'pending'"
+        out = block(f"WHERE {done}")
+        out["by_platform"] = {
+            p["platform"]: block(f"WHERE {done} AND e.platform = ?", (p["platform"],))
+            for p in self.query(f"SELECT DISTINCT platform FROM exchanges e WHERE {done} ORDER BY 1")}
+        out["by_version"] = {
+            v["model_version"]: block(f"WHERE {done} AND e.model_version = ?", (v["model_version"],))
+            for v in self.query(f"SELECT DISTINCT model_version FROM exchanges e WHERE {done} ORDER BY 1")}
         return out

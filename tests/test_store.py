@@ -173,3 +173,20 @@ def test_refuses_a_newer_schema(tmp_path):
     conn.close()
     with pytest.raises(StoreError, match="newer than this tuneloop"):
         Store(path)
+
+
+def test_pending_exchange_is_invisible_until_finished(store):
+    eid = store.begin_exchange(platform="api", user="u", conversation_id="c9",
+                               messages=[{"role": "user", "content": "q"}], prompt="q", model_version="m")
+    assert store.conversation("c9") == [] and store.stats()["exchanges"] == 0
+    ex = store.finish_exchange(eid, reply="a", finish_reason="stop", model_version="m", prompt_tokens=3,
+                               completion_tokens=1, ttft_ms=1.0, total_ms=2.0)
+    assert ex.reply == "a" and [e.id for e in store.conversation("c9")] == [eid]
+    assert store.stats()["exchanges"] == 1
+    other = store.begin_exchange(platform="api", user="u", conversation_id="c9",
+                                 messages=[], prompt="q2", model_version="m")
+    store.discard_exchange(other)
+    with pytest.raises(NotFoundError):
+        store.exchange(other)
+    store.discard_exchange(eid)  # a finished exchange is never discarded
+    assert store.exchange(eid).reply == "a"

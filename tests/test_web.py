@@ -139,6 +139,7 @@ async def test_streaming(server, client):
     assert text == ex.reply and ex.user == "bob" and ex.platform == "api"
     assert chunks[0].choices[0].delta.role == "assistant"
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # really streamed
+    assert {c.id for c in chunks} == {str(ex.id)}  # every chunk carries the exchange id
     usage = chunks[-1]
     assert usage.choices == [] and usage.id == str(ex.id)
     assert usage.usage.completion_tokens == ex.completion_tokens

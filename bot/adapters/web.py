@@ -15,10 +15,9 @@ Routes
     GET  /healthz                       {"status": "ok"}; 503 while shutting down
 
 Every completion is an exchange logged through ``Chat.respond``; the answer's
-``id`` is the exchange id. A streamed reply does not have its exchange id
-before it ends, so its chunks carry ``chatcmpl-<request>`` and the final
-chunk(s) (``finish_reason`` set, and the usage chunk) carry the exchange id,
-also as ``exchange_id``.
+``id`` is the exchange id, in every chunk of a streamed reply too (the
+exchange is logged as pending when the engine accepts the request), and the
+final chunk(s) also carry it as ``exchange_id``.
 
 Errors are JSON, ``{"error": {"message", "type"}}``: a ``TuneloopError`` maps
 to a 4xx/5xx by its class, aiohttp's own (413 body too large, 405, 404) keep
@@ -32,7 +31,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -354,11 +352,12 @@ class WebAdapter:
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Conversation-Id": turn.conversation_id or ""})
-        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        ids: dict[str, Any] = {"id_": ""}
         created = int(time.time())
         model = self.services.engine.model_version
 
-        def chunk(delta: dict, finish: str | None = None, id_: str = chunk_id, **extra) -> bytes:
+        def chunk(delta: dict, finish: str | None = None, id_: str | None = None, **extra) -> bytes:
+            id_ = id_ or ids["id_"]
             obj = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
                    **extra}
@@ -371,12 +370,16 @@ class WebAdapter:
                 await resp.prepare(request)
                 await resp.write(chunk({"role": "assistant", "content": ""}))
 
+        async def on_start(exchange_id: int) -> None:
+            ids["id_"] = str(exchange_id)
+            resp.headers["X-Exchange-Id"] = str(exchange_id)
+
         async def on_delta(delta: str) -> None:
             await begin()
             await resp.write(chunk({"content": delta}))
 
         try:
-            ex = await self.services.chat.respond(turn, on_delta)
+            ex = await self.services.chat.respond(turn, on_delta, on_start)
         except ConnectionResetError:
             # The client went away: its request is cancelled in the engine and,
             # never seen, not logged as an exchange.
