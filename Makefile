@@ -34,7 +34,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	   apt-get update -qq >/dev/null 2>&1 && \
-	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null 2>&1 && \
 	   echo "installed chromium for the browser test") || \
 	  echo "chromium not installed: the browser test will be skipped"; }
 
