@@ -1,0 +1,338 @@
+"""``tuneloop bench``: the local engine against naive generation, same model, same process.
+
+Three ways to produce the same greedy tokens (a fixed count, eos ignored):
+
+- naive: ``model.generate`` once per request, one request after another;
+- engine: ``LocalEngine`` with 1, 8, 32 concurrent clients;
+- tight loop: the model's own batched forward pass, prefill a batch then
+  decode step after step with transformers' KV cache, no engine around it.
+
+It reports generated tokens/s, time to first token and end-to-end latency
+(p50 / p95) for each, the engine's speed-up over naive and its share of the
+tight loop's speed at the same batch size. Timings are only as quiet as the
+machine; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROMPTS: tuple[str, ...] = (
+    "hi",
+    "What is your name?",
+    "Tell me a joke about computers.",
+    "How are you today?",
+    "What do you like to do in your free time?",
+    "Can you help me write an email to my team about the release?",
+    "What is the capital of France?",
+    "Do you like music? What kind?",
+    "Explain what a neural network is in simple words.",
+    "Good morning! Any plans for the weekend?",
+    "What is the difference between a list and a tuple in Python?",
+    "Recommend a good book, please.",
+    "Why is the sky blue?",
+    "I feel tired today.",
+    "What time is it?",
+    "Tell me about yourself.",
+)
+
+#: What the issue asks of the engine on the starter model, 2 CPU cores.
+TARGETS = {
+    "speedup_at_32": 20.0,  # engine tokens/s at concurrency 32 / naive
+    "ttft_p95_s": 1.0,
+    "vs_tight_loop": 0.70,
+    "slowdown_at_1": 0.10,  # engine at concurrency 1 at most this much slower than naive
+}
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _summary(tokens: int, wall: float, ttfts: list[float], latencies: list[float]) -> dict[str, float]:
+    return {
+        "requests": len(latencies),
+        "tokens": tokens,
+        "seconds": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
+        "ttft_p50": round(_pct(ttfts, 0.5), 4),
+        "ttft_p95": round(_pct(ttfts, 0.95), 4),
+        "latency_p50": round(_pct(latencies, 0.5), 4),
+        "latency_p95": round(_pct(latencies, 0.95), 4),
+    }
+
+
+class _FirstToken:
+    """A ``generate`` streamer that notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first: float | None = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # the first call carries the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def _naive_one(model, prompt: list[int], new_tokens: int, pad_id: int) -> tuple[int, float, float]:
+    """One ``model.generate``: tokens made, time to first token, total time."""
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([prompt], device=model.device)
+        streamer = _FirstToken()
+        t0 = time.perf_counter()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            streamer=streamer,
+        )
+        t1 = time.perf_counter()
+    return out.shape[1] - ids.shape[1], (streamer.first or t1) - t0, t1 - t0
+
+
+def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict[str, Any]:
+    """The model's own batched decoding: prefill, then forward step after step with its KV cache."""
+    import torch
+    from transformers import DynamicCache
+
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :] = torch.tensor(p)
+        mask[i, n - len(p) :] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ones = mask.new_ones(len(prompts), 1)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        pos = pos[:, -1:] + 1
+        produced = len(prompts)
+        for _ in range(new_tokens - 1):
+            mask = torch.cat([mask, ones], dim=1)
+            logits = model(
+                input_ids=nxt,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            nxt.tolist()  # the host sees every token, as any server must
+            pos = pos + 1
+            produced += len(prompts)
+        wall = time.perf_counter() - t0
+    return {
+        "batch": len(prompts),
+        "tokens": produced,
+        "seconds": round(wall, 3),
+        "tokens_per_s": round(produced / wall, 1),
+    }
+
+
+async def _engine_run(
+    engine, convs: list, concurrency: int, per_client: int, new_tokens: int
+) -> dict[str, Any]:
+    from bot.engine.base import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    results = []
+
+    async def client(k: int) -> None:
+        for j in range(per_client):
+            results.append(await engine.complete(convs[(k * per_client + j) % len(convs)], params))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    wall = time.perf_counter() - start
+    ttfts = [r.time_to_first_token if r.time_to_first_token is not None else r.total_time for r in results]
+    out = _summary(sum(r.completion_tokens for r in results), wall, ttfts, [r.total_time for r in results])
+    out["concurrency"] = concurrency
+    return out
+
+
+def run_bench(
+    model_path: str,
+    *,
+    concurrencies: tuple[int, ...] = (1, 8, 32),
+    new_tokens: int = 64,
+    prompts: tuple[str, ...] | list[str] = PROMPTS,
+    device: str = "auto",
+    naive_requests: int = 8,
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Measure naive generate, the engine at each concurrency and the tight batched loop."""
+    return asyncio.run(
+        _bench(
+            model_path,
+            concurrencies=tuple(concurrencies),
+            new_tokens=new_tokens,
+            prompts=list(prompts),
+            device=device,
+            naive_requests=naive_requests,
+            progress=progress,
+            threads=threads,
+        )
+    )
+
+
+async def _bench(
+    model_path: str, *, concurrencies, new_tokens, prompts, device, naive_requests, progress, threads
+) -> dict[str, Any]:
+    import torch
+
+    from bot.engine.base import SamplingParams
+    from bot.engine.local import LocalEngine
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"bench: {msg}", flush=True)
+
+    engine = LocalEngine(
+        str(model_path),
+        version="bench",
+        device=device,
+        max_batch=max(concurrencies),
+        max_queue=max(concurrencies) * 4,
+        threads=threads,
+    )
+    await engine.start()
+    try:
+        model = engine.model
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        encoded = [engine.encode(c) for c in convs]
+        pad = engine._pad
+        # Warm both paths (allocator, kernels) before any clock runs.
+        await asyncio.gather(
+            *(engine.complete(c, SamplingParams(max_new_tokens=4, ignore_eos=True)) for c in convs[:4])
+        )
+        _naive_one(model, encoded[0], 4, pad)
+
+        # Naive and the engine alone alternate request by request, so that a
+        # neighbour's load on the machine falls on both alike.
+        say(f"naive generate and engine alone, {naive_requests} requests each x {new_tokens} tokens")
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        naive_runs, alone = [], []
+        for i in range(naive_requests):
+            naive_runs.append(_naive_one(model, encoded[i % len(encoded)], new_tokens, pad))
+            alone.append(await engine.complete(convs[i % len(convs)], params))
+        naive = _summary(
+            sum(n for n, _, _ in naive_runs),
+            sum(t for _, _, t in naive_runs),
+            [f for _, f, _ in naive_runs],
+            [t for _, _, t in naive_runs],
+        )
+        runs = []
+        for c in concurrencies:
+            if c == 1:
+                r = _summary(
+                    sum(a.completion_tokens for a in alone),
+                    sum(a.total_time for a in alone),
+                    [a.time_to_first_token or a.total_time for a in alone],
+                    [a.total_time for a in alone],
+                )
+                r["concurrency"] = 1
+            else:
+                say(f"engine, concurrency {c}")
+                r = await _engine_run(engine, convs, c, 2, new_tokens)
+            r["vs_naive"] = round(r["tokens_per_s"] / naive["tokens_per_s"], 2)
+            runs.append(r)
+        batch = max(concurrencies)
+        say(f"tight batched loop, batch {batch}")
+        tight = _tight_loop(model, [encoded[i % len(encoded)] for i in range(batch)], new_tokens, pad)
+        at_batch = next(r for r in runs if r["concurrency"] == batch)
+        n_params = sum(p.numel() for p in model.parameters())
+    finally:
+        await engine.stop(grace=0)
+
+    result: dict[str, Any] = {
+        "model": str(model_path),
+        "parameters": n_params,
+        "device": str(engine.device),
+        "torch_threads": torch.get_num_threads(),
+        "new_tokens": new_tokens,
+        "naive": naive,
+        "engine": runs,
+        "tight_loop": tight,
+        "engine_vs_tight": round(at_batch["tokens_per_s"] / tight["tokens_per_s"], 3),
+    }
+    checks = {}
+    if 32 in concurrencies:
+        r32 = next(r for r in runs if r["concurrency"] == 32)
+        checks["speedup_at_32 >= 20x"] = r32["vs_naive"] >= TARGETS["speedup_at_32"]
+        checks["ttft_p95 at 32 < 1s"] = r32["ttft_p95"] < TARGETS["ttft_p95_s"]
+    if 1 in concurrencies:
+        r1 = next(r for r in runs if r["concurrency"] == 1)
+        checks["concurrency 1 within 10% of naive"] = r1["vs_naive"] >= 1 - TARGETS["slowdown_at_1"]
+    checks["engine >= 70% of tight loop"] = result["engine_vs_tight"] >= TARGETS["vs_tight_loop"]
+    result["targets"] = checks
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The bench result as a plain-text table."""
+    head = f"{'run':<16}{'tok/s':>10}{'ttft p50':>10}{'ttft p95':>10}{'lat p50':>10}{'lat p95':>10}{'vs naive':>10}"
+    lines = [
+        f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
+        f"{result['torch_threads']} torch threads, {result['new_tokens']} new tokens per request, greedy",
+        head,
+        "-" * len(head),
+    ]
+
+    def row(name: str, r: dict, ratio: str) -> str:
+        return (
+            f"{name:<16}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>10.3f}{r['ttft_p95']:>10.3f}"
+            f"{r['latency_p50']:>10.3f}{r['latency_p95']:>10.3f}{ratio:>10}"
+        )
+
+    lines.append(row("naive generate", result["naive"], "1.00x"))
+    for r in result["engine"]:
+        lines.append(row(f"engine c={r['concurrency']}", r, f"{r['vs_naive']:.2f}x"))
+    t = result["tight_loop"]
+    lines.append(f"{'tight loop b=' + str(t['batch']):<16}{t['tokens_per_s']:>10.1f}")
+    lines.append(f"engine / tight loop at batch {t['batch']}: {result['engine_vs_tight']:.0%}")
+    for name, ok in result.get("targets", {}).items():
+        lines.append(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    return "\n".join(lines)
+
+
+def bench_main(config, json_out: bool = False) -> int:
+    """``tuneloop bench``: resolve ``[model] base`` and print the table (or JSON)."""
+    from bot.models import resolve_base
+
+    path = resolve_base(config.model.base, progress=not json_out)
+    result = run_bench(path, device=config.model.device, progress=not json_out)
+    print(json.dumps(result, indent=2) if json_out else format_table(result))
+    return 0
