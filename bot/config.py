@@ -125,6 +125,8 @@ class TrainerConfig:
     lora: bool = field(default=True, metadata=_meta("train a LoRA adapter (false: full fine-tuning)"))
     lora_r: int = field(default=16, metadata=_meta("LoRA rank", min=1))
     lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha", min=1))
+    lora_targets: str = field(default="all-linear", metadata=_meta(
+        'layers the adapter trains: "all-linear" or comma-separated module names (q_proj,v_proj)'))
     learning_rate: float = field(default=2e-3, metadata=_meta("optimizer learning rate", min=0.0))
     epochs: int = field(default=8, metadata=_meta("passes over the dataset", min=1))
     batch_size: int = field(default=8, metadata=_meta("examples per step", min=1))
@@ -137,6 +139,29 @@ class TrainerConfig:
         "gate: share of control prompts whose greedy reply must not change", min=0.0, max=1.0))
     holdout_fraction: float = field(default=0.2, metadata=_meta(
         "gate: share of feedback held out from training", min=0.0, max=0.9))
+    max_heldout_drop: float = field(default=0.5, metadata=_meta(
+        "gate: allowed fall of the held-out preference margin (nats per token)", min=0.0))
+    min_rouge_gain: float = field(default=0.0, metadata=_meta(
+        "gate: ROUGE-L of greedy replies against corrections must rise by at least this"))
+    control_prompts: int = field(default=32, metadata=_meta(
+        "gate: replay prompts kept out of training to check that replies stay the same", min=1))
+    eval_max_new_tokens: int = field(default=64, metadata=_meta(
+        "reply length limit of the gate's and the replay set's greedy replies", min=1))
+    max_len: int = field(default=256, metadata=_meta("longest training example in tokens", min=16))
+    beta: float = field(default=0.1, metadata=_meta("kto/dpo: strength of the pull to the reference", min=0.0))
+    precision: str = field(default="auto", metadata=_meta(
+        "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16")))
+    python: str = field(default="", metadata=_meta(
+        "interpreter of the training process; empty: the one running tuneloop"))
+    launcher: str = field(default="python", metadata=_meta(
+        "how a run starts: python, accelerate (accelerate launch) or torchrun",
+        choices=("python", "accelerate", "torchrun")))
+    processes: int = field(default=1, metadata=_meta("training processes for accelerate/torchrun", min=1))
+
+    def __post_init__(self) -> None:
+        from bot.learning import parse_schedule
+
+        parse_schedule(self.schedule)  # raises ConfigError naming trainer.schedule
 
 
 @dataclass

@@ -31,6 +31,16 @@ class Services:
     admin: Admin
 
 
+async def serve_live_version(config: Config, engine: Engine) -> None:
+    """Swap in the registry's live version when it is not the base model (after promote / rollback)."""
+    from trainer.registry import Registry
+
+    registry = Registry(config.trainer.registry)
+    live = registry.live()
+    if live is not None and engine.model_version != live:
+        await engine.swap_adapter(str(registry.adapter(live)), live)
+
+
 @asynccontextmanager
 async def services(config: Config, *, engine: Engine | None = None) -> AsyncIterator[Services]:
     """Store + started engine + core services; everything closed on exit."""
@@ -38,6 +48,7 @@ async def services(config: Config, *, engine: Engine | None = None) -> AsyncIter
     engine = engine or create_engine(config)
     try:
         await engine.start()
+        await serve_live_version(config, engine)
         yield Services(config, store, engine, Chat(config, store, engine),
                        Feedback(store, config.model.max_input_chars), Admin(config, store))
     finally:

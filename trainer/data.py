@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -97,3 +98,96 @@ def dataset_hash(rows: list[dict[str, Any]]) -> str:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
+
+
+# --- what a training run reads: new feedback, a held-out split, a replay set ----------
+
+
+def new_feedback(store: Store, since: float | None) -> int:
+    """Ratings and corrections stored after ``since`` (a run's data cutoff), opt-outs excluded.
+
+    ``since=None`` counts everything: no run has read the store yet.
+    """
+    cutoff = -1.0 if since is None else since
+    opted = "(SELECT user FROM opt_outs)"
+    rated = store.query(
+        f"SELECT COUNT(*) AS n FROM ratings r JOIN exchanges e ON e.id = r.exchange_id "
+        f"WHERE r.created_at > ? AND r.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
+    corrected = store.query(
+        f"SELECT COUNT(*) AS n FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
+        f"WHERE c.created_at > ? AND c.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
+    return rated + corrected
+
+
+def _bucket(key: str) -> float:
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_holdout(items: list[dict[str, Any]], fraction: float, salt: str
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, held_out)``: ``floor(fraction * n)`` items, chosen by a salted hash of the exchange id.
+
+    The salt is the run's seed and id, so the held-out share rotates from run to
+    run: feedback held out once is trained on by a later run, never lost. A
+    floor, not a round, so that a handful of corrections is mostly trained on.
+    """
+    n_hold = int(fraction * len(items))
+    order = sorted(items, key=lambda it: _bucket(f"{salt}\x00{it['exchange_id']}"))
+    held_ids = {it["exchange_id"] for it in order[:n_hold]}
+    return ([it for it in items if it["exchange_id"] not in held_ids],
+            [it for it in items if it["exchange_id"] in held_ids])
+
+
+def replay_prompts(store: Store, *, exclude: Iterable[int], limit: int, seed: int,
+                   system_prompt: str = "", languages: Iterable[str] = ("english",),
+                   exclude_prompts: Iterable[str] = ()) -> list[list[dict[str, str]]]:
+    """Up to ``limit`` contexts to replay: earlier prompts from the store, then base SFT prompts.
+
+    Earlier prompts are the contexts of exchanges that carry no feedback (their
+    authors not opted out), newest first, one per distinct prompt text. The
+    base SFT data is ``chatterbot-corpus`` (what the starter was fine-tuned on),
+    asked the way the bot asks: with ``system_prompt``. The order is a seeded
+    shuffle within each source, store first.
+    """
+    rng = random.Random(seed)
+    excluded = set(exclude)
+    opted = store.opted_out()
+    # Prompts that have feedback are the feedback's business, not the replay's.
+    seen: set[str] = {p.strip().casefold() for p in exclude_prompts}
+    from_store: list[list[dict[str, str]]] = []
+    rows = store.query(
+        "SELECT id, user, prompt, messages FROM exchanges e WHERE NOT EXISTS "
+        "(SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) AND NOT EXISTS "
+        "(SELECT 1 FROM corrections c WHERE c.exchange_id = e.id) ORDER BY id DESC LIMIT ?",
+        [max(limit * 4, 200)])
+    for row in rows:
+        key = row["prompt"].strip().casefold()
+        if row["id"] in excluded or row["user"] in opted or key in seen:
+            continue
+        seen.add(key)
+        from_store.append(json.loads(row["messages"]))
+    rng.shuffle(from_store)
+    out = from_store[:limit]
+    if len(out) < limit:
+        from trainer import corpus
+
+        try:
+            pairs = corpus.load_pairs(tuple(languages))
+        except (FileNotFoundError, ModuleNotFoundError):
+            pairs = []
+        rng.shuffle(pairs)
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        for pair in pairs:
+            if len(out) >= limit:
+                break
+            key = pair.message.strip().casefold()
+            if key in seen or pair.context:
+                continue
+            seen.add(key)
+            out.append(system + [{"role": "user", "content": pair.message}])
+    return out
+
+
+def sft_row(prompt: list[dict[str, str]], completion: str) -> dict[str, Any]:
+    return {"prompt": prompt, "completion": _assistant(completion)}

@@ -1,0 +1,153 @@
+"""The learning loop's commands: retrain, models, promote, rollback, forget, status.
+
+They work whether or not ``tuneloop run`` is running: they act on the store
+and the registry, and a running server follows the registry's live pointer
+within seconds. A run is a separate process (``python -m trainer.run``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bot.cli import _print_json, command
+from bot.config import Config
+from bot.errors import InputError
+
+
+def _control(config: Config):
+    from bot.runtime import open_store
+    from trainer.control import Control
+
+    store = open_store(config)
+    return store, Control(config, store)
+
+
+def _retrain_args(p):
+    p.add_argument("--wait", action="store_true", help="return when the run has finished")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+
+
+@command("retrain", "start a training run now (on any feedback not trained on yet)")(_retrain_args)
+def cmd_retrain(args, config: Config) -> int:
+    store, control = _control(config)
+    try:
+        started = control.start_run("cli")
+        if not args.wait:
+            if args.json:
+                _print_json(started)
+            else:
+                print(f"{started['run_id']} started (log: {started['log']})")
+            return 0
+        if not args.json:
+            print(f"{started['run_id']} started; waiting (log: {started['log']})", file=sys.stderr)
+        control.wait(started["run_id"], timeout=args.timeout)
+        out = control.outcome(started["run_id"])
+    finally:
+        store.close()
+    if args.json:
+        _print_json(out)
+    elif out["status"] == "failed":
+        print(f"{out['run_id']} failed: {out['error']}")
+    else:
+        m = out["metrics"]
+        print(f"{out['run_id']}: {out['version']} {'promoted' if out['promoted'] else 'rejected'}; "
+              f"live: {out['live']}")
+        for c in out["checks"]:
+            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['name']}: {c['value']} (limit {c['limit']})")
+        print(f"  corrected prompts answered with the correction: {m.get('corrected_exact')} "
+              f"(live {m.get('corrected_exact_live')}); BLEU {m.get('bleu')}, ROUGE-L {m.get('rougeL')}")
+    return 0 if out["status"] == "done" else 1
+
+
+def _json_args(p):
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("models", "every model version with its metrics and verdict; * marks the live one")(_json_args)
+def cmd_models(args, config: Config) -> int:
+    from bot.admin import format_models
+
+    store, control = _control(config)
+    try:
+        models = control.models()
+    finally:
+        store.close()
+    if args.json:
+        _print_json(models)
+    else:
+        print(format_models(models))
+    return 0
+
+
+@command("status", "live version, last run, feedback since then, a run going")(_json_args)
+def cmd_status(args, config: Config) -> int:
+    from bot.admin import format_status
+
+    store, control = _control(config)
+    try:
+        status = control.status()
+    finally:
+        store.close()
+    if args.json:
+        _print_json(status)
+    else:
+        print(format_status(status))
+    return 0
+
+
+def _promote_args(p):
+    p.add_argument("version", help="a version id (v3) or base")
+
+
+@command("promote", "make VERSION live (a running server swaps it in within seconds)")(_promote_args)
+def cmd_promote(args, config: Config) -> int:
+    store, control = _control(config)
+    try:
+        out = control.promote(args.version, by="cli")
+    finally:
+        store.close()
+    if out.get("warning"):
+        print(f"warning: {out['warning']}", file=sys.stderr)
+    print(f"{out['version']} is live (was {out['previous']})")
+    return 0
+
+
+def _rollback_args(p):
+    p.add_argument("version", nargs="?", help="version to go back to (default: the live one's parent)")
+
+
+@command("rollback", "go back to VERSION, by default the live version's parent")(_rollback_args)
+def cmd_rollback(args, config: Config) -> int:
+    store, control = _control(config)
+    try:
+        out = control.rollback(args.version, by="cli")
+    finally:
+        store.close()
+    print(f"rolled back: {out['version']} is live (was {out['previous']})")
+    return 0
+
+
+def _forget_args(p):
+    p.add_argument("user", help="the user id, as exchanges record it")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("forget", "delete a user's exchanges, ratings and corrections; never train on them again")(_forget_args)
+def cmd_forget(args, config: Config) -> int:
+    from bot.runtime import open_store
+
+    if not args.user.strip():
+        raise InputError("user is empty")
+    store = open_store(config)
+    try:
+        counts = store.forget_user(args.user)
+    finally:
+        store.close()
+    if args.json:
+        sys.stdout.write(json.dumps({"user": args.user, **counts}) + "\n")
+    else:
+        print(f"forgot {args.user}: {counts['exchanges']} exchanges, {counts['ratings']} ratings, "
+              f"{counts['corrections']} corrections deleted; opted out of training")
+    return 0

@@ -1,0 +1,149 @@
+"""The learning loop inside ``tuneloop run``: scheduled runs and hot-swapping versions.
+
+Boundary: it starts training processes (through ``trainer.control.Control``)
+and follows the registry's ``LIVE`` pointer; it never trains or evaluates in
+this process, so serving goes on while a run trains.
+
+- A watcher polls ``LIVE`` every ``poll`` seconds. When it names a version
+  other than the one the engine serves (a run promoted one, or an admin
+  promoted or rolled back from the CLI or another process), it calls
+  ``engine.swap_adapter``; replies record the version that produced them.
+- An APScheduler 3.x ``AsyncIOScheduler`` fires on ``[trainer] schedule``
+  (``interval:SECONDS`` or a 5-field cron expression); a firing starts a run
+  only when ``min_feedback`` new items arrived since the last run and no
+  other run is going (the registry's fcntl lock, which dies with its
+  process, and the store's run records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from bot.errors import ConfigError, TrainingError, TuneloopError
+
+log = logging.getLogger(__name__)
+
+
+def parse_schedule(text: str) -> tuple[str, Any]:
+    """``("interval", seconds)`` or ``("cron", expression)``; ``ConfigError`` naming ``trainer.schedule``."""
+    s = (text or "").strip()
+    if s.startswith("interval:"):
+        try:
+            seconds = float(s.split(":", 1)[1])
+        except ValueError:
+            seconds = 0
+        if seconds <= 0:
+            raise ConfigError(f"trainer.schedule: interval must be a positive number of seconds, got {text!r}")
+        return "interval", seconds
+    if len(s.split()) != 5:
+        raise ConfigError(f'trainer.schedule: must be "interval:SECONDS" or a 5-field cron expression, '
+                          f"got {text!r}")
+    try:
+        from apscheduler.triggers.cron import CronTrigger
+
+        CronTrigger.from_crontab(s)
+    except ValueError as e:
+        raise ConfigError(f"trainer.schedule: not a valid cron expression ({e}): {text!r}") from None
+    return "cron", s
+
+
+def make_trigger(text: str):
+    kind, value = parse_schedule(text)
+    if kind == "interval":
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        return IntervalTrigger(seconds=value)
+    from apscheduler.triggers.cron import CronTrigger
+
+    return CronTrigger.from_crontab(value)
+
+
+class LearningService:
+    """Scheduler + live-pointer watcher + the admins' ``control``, for one serving process."""
+
+    def __init__(self, services, poll: float = 1.0):
+        from trainer.control import Control
+
+        self.services = services
+        self.config = services.config
+        self.poll = poll
+        self.scheduler = None
+        self.control = Control(self.config, services.store, next_run=self.next_run)
+        self._watcher: asyncio.Task | None = None
+        self._failed: str | None = None
+
+    @property
+    def base_name(self) -> str:
+        return self.config.model.base
+
+    async def start(self) -> None:
+        await self.follow_live()
+        self._watcher = asyncio.create_task(self._watch(), name="tuneloop-live-watcher")
+        if self.config.trainer.enabled:
+            from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+            self.scheduler = AsyncIOScheduler()
+            self.scheduler.add_job(self.tick, make_trigger(self.config.trainer.schedule), id="retrain",
+                                   max_instances=1, coalesce=True)
+            self.scheduler.start()
+            log.info("training scheduled: %s, at least %d new feedback items", self.config.trainer.schedule,
+                     self.config.trainer.min_feedback)
+
+    async def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+            self._watcher = None
+
+    def next_run(self) -> str | None:
+        if self.scheduler is None:
+            return None
+        job = self.scheduler.get_job("retrain")
+        when = getattr(job, "next_run_time", None) if job else None
+        return when.isoformat(timespec="seconds") if when else None
+
+    async def tick(self) -> dict[str, Any] | None:
+        """One scheduler firing: start a run if there is enough new feedback and none is going."""
+        try:
+            return self.control.start_run("schedule", min_new=self.config.trainer.min_feedback)
+        except TrainingError as e:
+            log.info("scheduled run skipped: %s", e)
+            return None
+
+    async def follow_live(self) -> bool:
+        """Serve the registry's live version if the engine does not already; True when it swapped."""
+        registry = self.control.registry
+        live = registry.live()
+        want = live or self.base_name
+        engine = self.services.engine
+        if engine.model_version == want or want == self._failed:
+            return False
+        try:
+            adapter = registry.adapter(live)
+            await engine.swap_adapter(None if adapter is None else str(adapter), want)
+        except (TuneloopError, NotImplementedError) as e:
+            self._failed = want  # retried when LIVE changes again, not every second
+            log.error("cannot serve %s: %s; still serving %s", want, e, engine.model_version)
+            return False
+        self._failed = None
+        log.info("now serving %s", want)
+        return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            try:
+                await self.follow_live()
+                await asyncio.get_running_loop().run_in_executor(None, self.control.reap)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 — the watcher must outlive one bad poll
+                log.exception("live-version watcher")

@@ -1,0 +1,203 @@
+"""The learning loop end to end on the tiny model: the issue's targets, on CPU.
+
+8 exchanges whose replies are wrong get a 👎 and a correction; 16 control
+exchanges get nothing. Through the CLI (``retrain --wait --json``, which
+starts ``python -m trainer.run`` in its own process) and the served model
+(``bot.runtime.services``, the LocalEngine the bot serves with):
+
+- replay off: the gate rejects the version that damages the controls; the
+  served model stays as it was;
+- replay on: promoted; >= 7/8 corrected prompts get their correction (greedy),
+  >= 13/16 controls give the same reply as before; replies record the version;
+- rollback: the previous version's greedy replies, exactly;
+- a run SIGKILLed mid-way leaves the live version serving; the next run succeeds.
+
+Figures (paraphrases included) go to the test log: ``pytest -s`` prints them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from bot.chat import Turn
+from bot.cli import main
+from bot.config import load
+from bot.runtime import services
+from trainer.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+CORRECTED = [
+    ("What is your name?", "My name is Tuneloop."),
+    ("Who made you?", "A team of volunteers made me."),
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("What is your favorite color?", "My favorite color is green."),
+    ("How old are you?", "I am two years old."),
+    ("Where do you live?", "I live on a small server."),
+    ("What do you eat?", "I eat electricity."),
+    ("Do you like music?", "Yes, I love jazz."),
+]
+PARAPHRASES = ["what's your name?", "Who created you?", "Which city is the capital of France?",
+               "Which color do you like best?", "What is your age?", "Where is your home?",
+               "What food do you eat?", "Do you enjoy music?"]
+
+TRAINER = """
+[trainer]
+registry = "models"
+enabled = false
+seed = 0
+{extra}
+"""
+
+
+def control_prompts(n: int = 16) -> list[str]:
+    import random
+
+    from trainer import corpus
+
+    pairs = [p for p in corpus.load_pairs(("english",)) if not p.context and len(p.message) < 60]
+    random.Random(1).shuffle(pairs)
+    seen = {c.casefold() for c, _ in CORRECTED} | {p.casefold() for p in PARAPHRASES}
+    out = []
+    for p in pairs:
+        if p.message.casefold() not in seen:
+            seen.add(p.message.casefold())
+            out.append(p.message)
+        if len(out) == n:
+            return out
+    raise AssertionError("corpus too small")
+
+
+def write_config(path, model, extra: str = "") -> None:
+    path.write_text(f'[model]\nbase = "{model}"\nmax_new_tokens = 64\n[storage]\npath = "t.db"\n'
+                    + TRAINER.format(extra=extra))
+
+
+async def served(config, prompts: list[str], log_as: str | None = None) -> list[tuple[str, str]]:
+    """Greedy replies of the served model (and the version each records)."""
+    async with services(config) as svc:
+        out = []
+        for p in prompts:
+            ex = await svc.chat.respond(Turn(text=p, user=log_as or "probe", platform="cli"))
+            out.append((ex.reply, ex.model_version))
+            if log_as is None:
+                # Probes are not traffic: keep them out of the next run's replay set.
+                svc.store.forget_user("probe")
+        return out
+
+
+def retrain(cfg, capsys) -> dict:
+    capsys.readouterr()
+    code = main(["--config", str(cfg), "retrain", "--wait", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == (0 if out["status"] == "done" else 1), out
+    return out
+
+
+def test_learning_loop_targets(tiny_model, tmp_path, capsys):
+    cfg = tmp_path / "config.toml"
+    write_config(cfg, tiny_model)
+    config = load(cfg)
+    controls = control_prompts()
+    figures: dict = {}
+
+    async def log_traffic():
+        async with services(config) as svc:
+            for prompt, fix in CORRECTED:
+                ex = await svc.chat.respond(Turn(text=prompt, user="alice", platform="cli"))
+                assert ex.reply.strip() != fix
+                svc.feedback.rate(ex.id, "bob", "down")
+                svc.feedback.correct(ex.id, "bob", fix)
+            for prompt in controls:
+                await svc.chat.respond(Turn(text=prompt, user="carol", platform="cli"))
+
+    asyncio.run(log_traffic())
+    probes = [c for c, _ in CORRECTED] + controls + PARAPHRASES
+    before = asyncio.run(served(config, probes))
+
+    # 1. Replay off: the corrections alone wreck the controls, and the gate says no.
+    t0 = time.perf_counter()
+    write_config(cfg, tiny_model, "replay_ratio = 0.0")
+    off = retrain(cfg, capsys)
+    figures["replay_off"] = {"seconds": round(time.perf_counter() - t0, 1), **off["metrics"]}
+    assert off["promoted"] is False, off
+    assert not next(c for c in off["checks"] if c["name"] == "controls_same")["passed"]
+    assert Registry(tmp_path / "models").live() is None
+    assert asyncio.run(served(config, probes)) == before
+
+    # 2. Replay on (the defaults): promoted, corrections learned, controls kept.
+    t0 = time.perf_counter()
+    write_config(cfg, tiny_model)
+    # The replay-off run read the store; this one must see "new" feedback.
+    _touch_feedback(config)
+    on = retrain(cfg, capsys)
+    figures["replay_on"] = {"seconds": round(time.perf_counter() - t0, 1), **on["metrics"],
+                            "checks": {c["name"]: c["value"] for c in on["checks"]}}
+    assert on["promoted"] is True, on
+    version = on["version"]
+    after = asyncio.run(served(load(cfg), probes))
+    assert all(v == version for _, v in after)
+    fixed = sum(r.strip() == fix for (r, _), (_, fix) in zip(after[:8], CORRECTED))
+    same = sum(a[0] == b[0] for a, b in zip(after[8:24], before[8:24]))
+    para = sum(r.strip() == fix for (r, _), (_, fix) in zip(after[24:], CORRECTED))
+    figures["served"] = {"corrected": f"{fixed}/8", "controls_same": f"{same}/16", "paraphrases": f"{para}/8",
+                         "paraphrase_replies": [r for r, _ in after[24:]]}
+    print("\nlearning-loop figures:", json.dumps(figures, indent=1))
+    assert fixed >= 7, figures
+    assert same >= 13, figures
+
+    # 3. Rollback reproduces the previous version's replies exactly.
+    assert main(["--config", str(cfg), "rollback"]) == 0
+    assert asyncio.run(served(load(cfg), probes)) == before
+
+    # 4. A run killed mid-way leaves the live version serving; the next run succeeds.
+    assert main(["--config", str(cfg), "promote", version]) == 0
+    _touch_feedback(config)
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "retrain", "--json"]) == 0
+    started = json.loads(capsys.readouterr().out)
+    _kill_when_training(config, started)
+    assert Registry(tmp_path / "models").live() == version
+    assert [v for _, v in asyncio.run(served(load(cfg), probes[:2]))] == [version, version]
+    nxt = retrain(cfg, capsys)
+    assert nxt["status"] == "done" and nxt["version"] not in (None, version)
+
+
+def _touch_feedback(config) -> None:
+    from bot.store import Store
+
+    store = Store(config.storage.path)
+    try:
+        store.rate(1, "dave", "down")
+    finally:
+        store.close()
+
+
+def _kill_when_training(config, started: dict) -> None:
+    from bot.store import Store
+    from trainer.runs import Runs, parse_run
+
+    store = Store(config.storage.path)
+    try:
+        runs = Runs(store)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            row = runs.get(parse_run(started["run_id"]))
+            if row["stage"] == "train":
+                break
+            assert row["status"] in ("queued", "running"), row
+            time.sleep(0.05)
+        os.kill(row["pid"], signal.SIGKILL)
+        time.sleep(0.5)
+        from trainer.control import Control
+
+        Control(config, store).reap()
+        assert runs.get(parse_run(started["run_id"]))["status"] == "failed"
+    finally:
+        store.close()

@@ -1,0 +1,177 @@
+"""What admins can do with the learning loop: ``bot.admin.LearningControl``.
+
+Boundary: the store (run records, feedback counts), the registry (versions,
+the live pointer) and the training process it starts. It loads no model:
+the bot's ``tuneloop run`` and the CLI both use it, and a running server
+follows what either did through the registry's ``LIVE`` pointer.
+
+A run is a separate process (``python -m trainer.run``, or under
+``torchrun`` / ``accelerate launch``), started in its own session so that it
+neither blocks nor dies with the caller; its log goes to
+``<registry>/logs/run-N.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bot.config import Config
+from bot.errors import NotFoundError, TrainingError
+from bot.store import Store
+from trainer import data
+from trainer.registry import BASE, Registry
+from trainer.runs import Runs, parse_run, run_name
+
+log = logging.getLogger(__name__)
+
+
+class Control:
+    """``start_run``, ``status``, ``models``, ``promote``, ``rollback`` — for CLI, Slack and Discord alike."""
+
+    def __init__(self, config: Config, store: Store, *, next_run: Callable[[], str | None] | None = None):
+        self.config = config
+        self.store = store
+        self.registry = Registry(config.trainer.registry)
+        self.runs = Runs(store)
+        self.next_run = next_run or (lambda: None)
+        self._children: dict[int, subprocess.Popen] = {}
+
+    # -- runs --------------------------------------------------------------------------
+
+    def new_feedback(self) -> int:
+        """Feedback stored since the last finished run read the store."""
+        last = self.runs.last_done()
+        return data.new_feedback(self.store, last["data_cutoff"] if last else None)
+
+    def running(self) -> dict[str, Any] | None:
+        self.reap()
+        active = self.runs.active()
+        return active[-1] if active else None
+
+    def reap(self) -> None:
+        """Collect finished children; mark runs that died without saying so as failed."""
+        for pid, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[pid]
+        self.runs.reap(lock_held=self.registry.lock().held_elsewhere())
+
+    def command(self, run_id: int, reason: str) -> list[str]:
+        t = self.config.trainer
+        py = t.python or sys.executable
+        args = ["-m", "trainer.run", "--run-id", str(run_id), "--reason", reason]
+        if self.config.source is not None:
+            args += ["--config", str(self.config.source)]
+        if t.launcher == "torchrun":
+            return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={t.processes}", *args]
+        if t.launcher == "accelerate":
+            return [py, "-m", "accelerate.commands.launch", f"--num_processes={t.processes}", *args]
+        return [py, *args]
+
+    def start_run(self, reason: str, *, min_new: int = 1) -> dict[str, Any]:
+        """Start a run now in its own process; refuse while one is going or with too little new feedback."""
+        going = self.running()
+        if going is not None or self.registry.lock().held_elsewhere():
+            which = going["run_id"] if going else "a run"
+            raise TrainingError(f"{which} is going; wait for it to finish (tuneloop status)")
+        new = self.new_feedback()
+        if new < min_new:
+            raise TrainingError("no new feedback since the last run; nothing to train on" if new == 0 else
+                                f"{new} new feedback items; a scheduled run needs {min_new}")
+        run_id = self.runs.create(reason)
+        logs = self.registry.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = (logs / f"{run_name(run_id)}.log").open("ab")
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        # The project root first on the path, so `-m trainer.run` finds this checkout.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.Popen(self.command(run_id, reason), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        except OSError as e:
+            self.runs.update(run_id, status="failed", finished_at=time.time(), error=f"cannot start: {e}")
+            raise TrainingError(f"cannot start the training process: {e}") from None
+        finally:
+            out.close()
+        self._children[proc.pid] = proc
+        self.runs.update(run_id, pid=proc.pid)
+        log.info("training run started: run=%s reason=%s pid=%d new_feedback=%d", run_name(run_id), reason,
+                 proc.pid, new)
+        return {"run_id": run_name(run_id), "pid": proc.pid, "new_feedback": new,
+                "log": str(logs / f"{run_name(run_id)}.log")}
+
+    def wait(self, run_id: str | int, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+        """Block until the run is done or failed; its record."""
+        rid = parse_run(run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.reap()
+            row = self.runs.get(rid)
+            if row["status"] in ("done", "failed"):
+                return row
+            if deadline is not None and time.monotonic() > deadline:
+                raise TrainingError(f"{run_name(rid)} has not finished after {timeout:.0f} s")
+            time.sleep(poll)
+
+    def outcome(self, run_id: str | int) -> dict[str, Any]:
+        """A finished run as ``retrain --json`` prints it."""
+        row = self.runs.get(parse_run(run_id))
+        metrics = dict(row["metrics"] or {})
+        checks = metrics.pop("checks", [])
+        return {"run_id": row["run_id"], "status": row["status"], "version": row["version"],
+                "promoted": bool(row["promoted"]), "dataset_hash": row["dataset_hash"], "metrics": metrics,
+                "checks": checks, "error": row["error"], "live": self.registry.live() or BASE,
+                "seconds": None if not row["finished_at"] or not row["started_at"]
+                else round(row["finished_at"] - row["started_at"], 1)}
+
+    # -- LearningControl ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        going = self.running()
+        last = self.runs.latest("WHERE status IN ('done', 'failed')")
+        return {
+            "live_version": self.registry.live() or BASE,
+            "last_run": None if last is None else {
+                "run_id": last["run_id"], "status": last["status"], "version": last["version"],
+                "promoted": last["promoted"], "error": last["error"], "finished_at": last["finished_at"]},
+            "new_feedback": self.new_feedback(),
+            "min_feedback": self.config.trainer.min_feedback,
+            "running": None if going is None else f"{going['run_id']} ({going['stage'] or going['status']})",
+            "next_run": self.next_run(),
+        }
+
+    def models(self) -> list[dict[str, Any]]:
+        live = self.registry.live()
+        out = [{"version": BASE, "model": self.config.model.base, "verdict": "base", "live": live is None,
+                "parent": None, "metrics": {}}]
+        for meta in self.registry.list():
+            out.append({k: meta.get(k) for k in ("version", "parent", "verdict", "live", "metrics", "created_at",
+                                                 "dataset_hash", "run_id", "method")})
+        return out
+
+    def promote(self, version: str, by: str = "") -> dict[str, Any]:
+        if version != BASE:
+            self.registry.path(version)
+        entry = self.registry.promote(version, by=by)
+        out = {"version": entry["to"], "previous": entry["from"]}
+        if version != BASE and self.registry.meta(version).get("verdict") != "passed":
+            out["warning"] = f"{version} was rejected by the gate; promoted by an admin's decision"
+        return out
+
+    def rollback(self, version: str | None = None, by: str = "") -> dict[str, Any]:
+        if version is not None and version != BASE:
+            self.registry.path(version)
+        entry = self.registry.rollback(version, by=by)
+        return {"version": entry["to"], "previous": entry["from"]}
+
+    def version(self, version: str) -> dict[str, Any]:
+        if version == BASE:
+            raise NotFoundError("the base model has no training report")
+        return {"meta": self.registry.meta(version), "report": self.registry.report(version)}

@@ -1,0 +1,102 @@
+"""Training-run records in the store (``training_runs``): queued, running, done or failed.
+
+The launcher writes ``queued`` with the pid of the process it started; that
+process writes ``running`` and its stages, then ``done`` (with the version and
+whether it went live) or ``failed``. A run killed mid-way cannot say so: a
+``running`` row whose process no longer holds the run lock, or a ``queued`` row
+whose process is gone, is marked ``failed`` ("interrupted") by whoever looks
+next. No torch here: the CLI's ``models`` and ``status`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from bot.errors import NotFoundError
+from bot.store import Store
+
+ACTIVE = ("queued", "running")
+
+
+def run_name(run_id: int) -> str:
+    return f"run-{run_id}"
+
+
+def parse_run(text: str | int) -> int:
+    s = str(text)
+    return int(s[4:] if s.startswith("run-") else s)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a child the launcher has not reaped yet is dead too
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Runs:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def create(self, reason: str, pid: int | None = None) -> int:
+        with self.store.transaction():
+            cur = self.store.db.execute(
+                "INSERT INTO training_runs (reason, status, pid, created_at) VALUES (?, 'queued', ?, ?)",
+                [reason, pid, time.time()])
+            return cur.lastrowid
+
+    def update(self, run_id: int, **fields: Any) -> None:
+        if "metrics" in fields and not isinstance(fields["metrics"], (str, type(None))):
+            fields["metrics"] = json.dumps(fields["metrics"])
+        if "promoted" in fields and fields["promoted"] is not None:
+            fields["promoted"] = int(bool(fields["promoted"]))
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.store.transaction():
+            self.store.db.execute(f"UPDATE training_runs SET {cols} WHERE id = ?", [*fields.values(), run_id])
+
+    def get(self, run_id: int) -> dict[str, Any]:
+        rows = self.store.query("SELECT * FROM training_runs WHERE id = ?", [run_id])
+        if not rows:
+            raise NotFoundError(f"training run {run_id} not found")
+        return _row(rows[0])
+
+    def latest(self, where: str = "", params: tuple = ()) -> dict[str, Any] | None:
+        rows = self.store.query(f"SELECT * FROM training_runs {where} ORDER BY id DESC LIMIT 1", params)
+        return _row(rows[0]) if rows else None
+
+    def last_done(self) -> dict[str, Any] | None:
+        return self.latest("WHERE status = 'done'")
+
+    def active(self) -> list[dict[str, Any]]:
+        return [_row(r) for r in self.store.query(
+            "SELECT * FROM training_runs WHERE status IN ('queued', 'running') ORDER BY id")]
+
+    def reap(self, lock_held: bool, keep: int | None = None) -> None:
+        """Mark runs whose process died without saying so as failed."""
+        for r in self.active():
+            if r["id"] == keep:
+                continue
+            dead = not _alive(r["pid"])
+            if (r["status"] == "running" and (not lock_held or dead)) or (r["status"] == "queued" and dead):
+                self.update(r["id"], status="failed", finished_at=time.time(),
+                            error=f"interrupted during {r['stage'] or 'start-up'} (process {r['pid']} gone)")
+
+
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    r = dict(r)
+    r["run_id"] = run_name(r["id"])
+    r["metrics"] = json.loads(r["metrics"]) if r.get("metrics") else None
+    r["promoted"] = None if r.get("promoted") is None else bool(r["promoted"])
+    return r

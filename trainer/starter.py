@@ -1,0 +1,346 @@
+"""The offline starter model: a small GPT tuneloop builds itself, once per machine.
+
+The recipe is the classic "Wiki-GPT" one, on the ``chatterbot-corpus``
+package instead of Wikipedia: train a byte-level BPE tokenizer on the corpus,
+pretrain a causal LM on its text (next-token prediction), then fine-tune it on
+the chat-formatted (message, reply) pairs with the loss on the reply only.
+The result is an ordinary Hugging Face model folder (weights, tokenizer with a
+ChatML chat template, generation config) plus ``tuneloop.json``.
+
+Public surface: ``Recipe``, ``STARTER``, ``TINY``, ``RECIPE_VERSION``,
+``build_model`` and ``ensure_starter``. Held-out pairs (``corpus.split_pairs``)
+are kept out of every phase, tokenizer included, so ``python -m trainer eval``
+measures generalisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from trainer import corpus, pretrain
+from trainer.tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+#: Bump when the build code changes what a recipe produces; it is part of the key.
+RECIPE_VERSION = 1
+
+METADATA = "tuneloop.json"
+DEFAULT_SYSTEM_PROMPT = "You are tuneloop, a friendly assistant that learns from feedback."
+#: System prompts seen in SFT, so a served bot with a persona still answers on topic.
+SYSTEM_PROMPTS: tuple[str, ...] = (
+    DEFAULT_SYSTEM_PROMPT,
+    "You are a helpful assistant.",
+    "You are a friendly chatbot in a team chat. Keep answers short.",
+    "You are tuneloop.",
+    "你是一个乐于助人的助手。",
+)
+
+
+def _not_in_key(default: object) -> object:
+    return field(default=default, metadata={"key": False})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the starter's weights. ``key()`` names a build."""
+
+    name: str = "starter"
+    languages: tuple[str, ...] = corpus.DEFAULT_LANGUAGES
+    holdout_fraction: float = 0.1  # of distinct prompts, see corpus.split_pairs
+    split_seed: int = 0
+    seed: int = 0
+    # tokenizer + model shape
+    vocab_size: int = 4096
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+    max_positions: int = 512
+    # pretraining: random windows of the corpus text
+    pretrain_steps: int = 200
+    pretrain_batch: int = 16
+    block_size: int = 128
+    pretrain_lr: float = 2e-3
+    # SFT: chat-formatted pairs, loss on the reply
+    sft_steps: int = 700
+    sft_batch: int = 16
+    sft_max_len: int = 160
+    sft_lr: float = 1e-3
+    system_prompts: tuple[str, ...] = SYSTEM_PROMPTS
+    warmup: int = 30
+    weight_decay: float = 0.01
+    #: shown in the "building the starter" line; not part of the key
+    expected_minutes: float = _not_in_key(3.0)
+    #: torch intra-op threads for the build, 0 for torch's default. One: these
+    #: matrices are small, a second thread buys at most ~1.7x on an idle
+    #: machine, and on a busy one (the bot, tests, another build) spinning
+    #: OpenMP workers made a step 7x slower (measured: 4.0 s vs 0.54 s).
+    threads: int = _not_in_key(1)
+
+    def key(self) -> str:
+        """A short hash of every weight-deciding field and ``RECIPE_VERSION``."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("key", True)}
+        data["version"] = RECIPE_VERSION
+        blob = json.dumps(data, sort_keys=True, ensure_ascii=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def shape(self) -> pretrain.ModelShape:
+        return pretrain.ModelShape(
+            self.vocab_size, self.hidden, self.layers, self.heads, self.intermediate, self.max_positions
+        )
+
+
+STARTER = Recipe()
+
+#: Same code path, a few hundred thousand parameters, a few seconds on a CPU.
+#: English only keeps it fast; it still learns the corpus's commonest replies.
+TINY = Recipe(
+    name="tiny",
+    languages=("english",),
+    vocab_size=512,
+    hidden=96,
+    layers=2,
+    heads=4,
+    intermediate=256,
+    max_positions=256,
+    pretrain_steps=120,
+    pretrain_batch=16,
+    block_size=64,
+    pretrain_lr=5e-3,
+    sft_steps=200,
+    sft_batch=16,
+    sft_max_len=80,
+    sft_lr=3e-3,
+    warmup=20,
+    expected_minutes=0.1,
+)
+
+
+def sft_examples(pairs: list[corpus.Pair], tokenizer, recipe: Recipe) -> list[tuple[list[int], list[int]]]:
+    """Each pair as a bare chat, with a system prompt, and (if it has one) without its context."""
+    rng = random.Random(recipe.seed)
+    out = []
+    for pair in pairs:
+        variants = [pair.messages()]
+        if recipe.system_prompts:
+            variants.append(pair.messages(system=rng.choice(recipe.system_prompts)))
+        if pair.context:
+            variants.append([{"role": "user", "content": pair.message}])
+        for messages in variants:
+            example = pretrain.sft_example(tokenizer, messages, pair.reply, recipe.sft_max_len)
+            if example is not None:
+                out.append(example)
+    return out
+
+
+def _train(recipe: Recipe, progress: bool) -> tuple[object, object, dict]:
+    torch.manual_seed(recipe.seed)
+    pairs = corpus.load_pairs(recipe.languages)
+    train_pairs, held_out = corpus.split_pairs(pairs, recipe.holdout_fraction, recipe.split_seed)
+    held_prompts = {(p.language, corpus.normalize(p.message)) for p in held_out}
+    # Pretraining text: whole conversations, minus any that contain a held-out prompt.
+    documents = [
+        "\n".join(lines)
+        for language, _, lines in corpus.load_conversations(recipe.languages)
+        if not any((language, corpus.normalize(line)) in held_prompts for line in lines[:-1])
+    ]
+
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(documents, recipe.vocab_size)
+    model = pretrain.new_model(recipe.shape, tokenizer)
+    stream = pretrain.pack(tokenizer, documents)
+    pre_losses = pretrain.train_loop(
+        model,
+        pretrain.pretrain_batches(stream, recipe.block_size, recipe.pretrain_batch, recipe.seed),
+        steps=recipe.pretrain_steps,
+        lr=recipe.pretrain_lr,
+        warmup=recipe.warmup,
+        weight_decay=recipe.weight_decay,
+        desc="starter: pretrain",
+        progress=progress,
+    )
+    t1 = time.perf_counter()
+    examples = sft_examples(train_pairs, tokenizer, recipe)
+    sft_losses = pretrain.train_loop(
+        model,
+        pretrain.sft_batches(examples, recipe.sft_batch, tokenizer.pad_token_id, recipe.seed),
+        steps=recipe.sft_steps,
+        lr=recipe.sft_lr,
+        warmup=recipe.warmup,
+        weight_decay=recipe.weight_decay,
+        desc="starter: sft",
+        progress=progress,
+    )
+    t2 = time.perf_counter()
+
+    def tail(losses: list[float]) -> float | None:
+        return round(sum(losses[-20:]) / len(losses[-20:]), 4) if losses else None
+
+    stats = {
+        "corpus": {
+            "languages": list(recipe.languages),
+            "pairs": len(pairs),
+            "train_pairs": len(train_pairs),
+            "held_out_pairs": len(held_out),
+            "pretrain_documents": len(documents),
+            "pretrain_tokens": int(stream.numel()),
+            "sft_examples": len(examples),
+        },
+        "pretrain": {"seconds": round(t1 - t0, 1), "final_loss": tail(pre_losses)},
+        "sft": {"seconds": round(t2 - t1, 1), "final_loss": tail(sft_losses)},
+    }
+    return model, tokenizer, stats
+
+
+def _save(model, tokenizer, folder: Path, progress: bool) -> None:
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # <|im_end|>: a reply ends with its turn
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=128,
+    )
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(folder)
+
+
+def build_model(out_dir: Path, recipe: Recipe, progress: bool = True) -> Path:
+    """Build ``recipe`` into ``out_dir`` (replacing it) and return ``out_dir``.
+
+    The build happens in a hidden sibling folder that is renamed into place
+    once complete, so a reader never sees half a model. ``tuneloop.json``
+    beside the weights records the recipe, its key, sizes and timings.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    log.info(
+        "building the %s model (once per machine, about %s)...",
+        recipe.name,
+        _minutes(recipe.expected_minutes),
+    )
+    with _threads(recipe.threads):
+        model, tokenizer, stats = _train(recipe, progress)
+    seconds = time.perf_counter() - started
+    # CPU seconds tell a busy machine's wall clock apart from the build's own cost.
+    cpu_seconds = time.process_time() - cpu_started
+    params = pretrain.param_count(model)
+
+    tmp = out_dir.parent / f".{out_dir.name}.building-{uuid.uuid4().hex[:8]}"
+    try:
+        _save(model, tokenizer, tmp, progress)
+        meta = {
+            "kind": "tuneloop-starter",
+            "key": recipe.key(),
+            "recipe_version": RECIPE_VERSION,
+            "recipe": asdict(recipe),
+            "parameters": params,
+            "build_seconds": round(seconds, 1),
+            "build_cpu_seconds": round(cpu_seconds, 1),
+            "threads": torch.get_num_threads() if recipe.threads <= 0 else recipe.threads,
+            "torch": torch.__version__,
+            **stats,
+        }
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "built the %s model: %.2f M parameters in %.0f s -> %s", recipe.name, params / 1e6, seconds, out_dir
+    )
+    return out_dir
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _minutes(m: float) -> str:
+    return "a few seconds" if m < 0.5 else f"{m:.0f} minute{'s' if round(m) != 1 else ''}"
+
+
+def default_cache_dir() -> Path:
+    """``$TUNELOOP_CACHE``, else ``~/.cache/tuneloop``."""
+    env = os.environ.get("TUNELOOP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tuneloop"
+
+
+def is_complete(folder: Path, recipe: Recipe) -> bool:
+    """Whether ``folder`` holds a finished build of ``recipe``."""
+    try:
+        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        meta.get("key") == recipe.key()
+        and (folder / "config.json").is_file()
+        and (folder / "tokenizer.json").is_file()
+        and any(folder.glob("*.safetensors"))
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_starter(cache_dir: Path | None = None, recipe: Recipe = STARTER, progress: bool = True) -> Path:
+    """The folder of the starter built by ``recipe``, building it on first use.
+
+    Lives in ``<cache>/starter-<key>``; a changed recipe has a new key and is
+    built afresh. A file lock makes a second process wait for the first's
+    build rather than repeat it.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache / f"starter-{recipe.key()}"
+    if is_complete(folder, recipe):
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache / f"starter-{recipe.key()}.lock"):
+        if not is_complete(folder, recipe):
+            build_model(folder, recipe, progress=progress)
+    return folder
