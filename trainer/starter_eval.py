@@ -82,7 +82,7 @@ def eval_items(
 
 @torch.no_grad()
 def generate_replies(
-    model, tokenizer, prompts: list[str], system: str | None = None, max_new_tokens: int = 96, batch: int = 32
+    model, tokenizer, prompts: list[str], system: str | None = None, max_new_tokens: int = 64, batch: int = 32
 ) -> list[str]:
     """Greedy replies, batched by prompt length so no prompt is padded."""
     chats = []
@@ -135,7 +135,7 @@ def evaluate(
     items: dict[str, list[Item]],
     system: str | None = None,
     examples: int = 0,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = 64,
 ) -> dict:
     """Scores for each split of ``items``; ``examples`` sample replies per split are kept."""
     report: dict = {}
