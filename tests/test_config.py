@@ -82,7 +82,7 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     f.write_text("[model]\nmax_new_tokens = 0\n")
     assert main(["--config", str(f), "stats"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"tuneloop: error: model.max_new_tokens: must be >= 1, got 0"
+    assert err == "tuneloop: error: model.max_new_tokens: must be >= 1, got 0"
 
 
 def test_missing_named_config_is_an_error(tmp_path, capsys):
