@@ -55,7 +55,8 @@ def cmd_retrain(args, config: Config) -> int:
         print(f"{out['run_id']}: {out['version']} {'promoted' if out['promoted'] else 'rejected'}; "
               f"live: {out['live']}")
         for c in out["checks"]:
-            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['name']}: {c['value']} (limit {c['limit']})")
+            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['name']}: {c['value']} (limit {c['limit']})"
+                  + ("" if c.get("gating", True) else " [reported only: too few held-out items]"))
         print(f"  corrected prompts answered with the correction: {m.get('corrected_exact')} "
               f"(live {m.get('corrected_exact_live')}); BLEU {m.get('bleu')}, ROUGE-L {m.get('rougeL')}")
     return 0 if out["status"] == "done" else 1

@@ -127,10 +127,12 @@ class TrainerConfig:
     lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha", min=1))
     lora_targets: str = field(default="all-linear", metadata=_meta(
         'layers the adapter trains: "all-linear" or comma-separated module names (q_proj,v_proj)'))
-    learning_rate: float = field(default=2e-3, metadata=_meta("optimizer learning rate", min=0.0))
-    epochs: int = field(default=8, metadata=_meta("passes over the dataset", min=1))
+    learning_rate: float = field(default=5e-3, metadata=_meta("optimizer learning rate", min=0.0))
+    epochs: int = field(default=60, metadata=_meta(
+        "most passes over the feedback; a run stops earlier once every feedback and replay reply is "
+        "the greedy reply", min=1))
     batch_size: int = field(default=8, metadata=_meta("examples per step", min=1))
-    replay_ratio: float = field(default=1.0, metadata=_meta(
+    replay_ratio: float = field(default=4.0, metadata=_meta(
         "replay examples per feedback example (0 turns replay off)", min=0.0))
     seed: int = field(default=0, metadata=_meta("random seed of a run"))
     max_ppl_increase: float = field(default=0.10, metadata=_meta(
@@ -141,6 +143,9 @@ class TrainerConfig:
         "gate: share of feedback held out from training", min=0.0, max=0.9))
     max_heldout_drop: float = field(default=0.5, metadata=_meta(
         "gate: allowed fall of the held-out preference margin (nats per token)", min=0.0))
+    min_heldout_items: int = field(default=4, metadata=_meta(
+        "gate: held-out feedback items needed before the held-out checks decide (fewer: reported only)",
+        min=1))
     min_rouge_gain: float = field(default=0.0, metadata=_meta(
         "gate: ROUGE-L of greedy replies against corrections must rise by at least this"))
     control_prompts: int = field(default=32, metadata=_meta(

@@ -113,7 +113,7 @@ class LearningService:
     async def tick(self) -> dict[str, Any] | None:
         """One scheduler firing: start a run if there is enough new feedback and none is going."""
         try:
-            return self.control.start_run("schedule", min_new=self.config.trainer.min_feedback)
+            return self.control.start_run("schedule", scheduled=True)
         except TrainingError as e:
             log.info("scheduled run skipped: %s", e)
             return None

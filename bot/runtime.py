@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from bot.admin import Admin
 from bot.chat import Chat
 from bot.config import Config
 from bot.engine import Engine, create_engine
+from bot.errors import TuneloopError
 from bot.feedback import Feedback
 from bot.store import Store
 
@@ -38,7 +39,10 @@ async def serve_live_version(config: Config, engine: Engine) -> None:
     registry = Registry(config.trainer.registry)
     live = registry.live()
     if live is not None and engine.model_version != live:
-        await engine.swap_adapter(str(registry.adapter(live)), live)
+        try:
+            await engine.swap_adapter(str(registry.adapter(live)), live)
+        except (TuneloopError, NotImplementedError) as e:
+            log.error("cannot serve the live version %s (%s); serving %s", live, e, engine.model_version)
 
 
 @asynccontextmanager

@@ -47,13 +47,12 @@ PARAPHRASES = ["what's your name?", "Who created you?", "Which city is the capit
                "Which color do you like best?", "What is your age?", "Where is your home?",
                "What food do you eat?", "Do you enjoy music?"]
 
-# A high learning rate for a weakly trained tiny model; few gate prompts, short replies.
-EXTRA = "learning_rate = 0.005\nepochs = 40\ncontrol_prompts = 16\neval_max_new_tokens = 32\n"
+# The default [trainer], with a replay set of the 16 control exchanges and short replies.
+EXTRA = "control_prompts = 16\neval_max_new_tokens = 32\n"
 
 TRAINER = """
 [trainer]
 registry = "models"
-enabled = false
 seed = 0
 {extra}
 """
@@ -236,3 +235,77 @@ def test_two_training_processes_under_torchrun(loop_model, tmp_path, capsys):
     assert meta["train"]["processes"] == 2
     assert meta["dataset_hash"] == out["dataset_hash"]
     assert Registry(tmp_path / "models").versions() == ["v1"]  # one writer
+
+
+def _random_adapter(model_folder, out) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_folder))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
+                                            init_lora_weights=False))
+    peft.save_pretrained(str(out))
+
+
+async def test_running_server_follows_promote_and_rollback(loop_model, tmp_path):
+    """`tuneloop run`'s LearningService swaps within seconds of a CLI promote / rollback."""
+    from bot.learning import LearningService
+
+    cfg = tmp_path / "config.toml"
+    write_config(cfg, loop_model, "schedule = \"interval:3600\"\nmin_feedback = 5\n")
+    config = load(cfg)
+    reg = Registry(tmp_path / "models")
+    work = tmp_path / "work"
+    _random_adapter(loop_model, work / "adapter")
+    version = reg.add(work, {"parent": None, "verdict": "passed", "metrics": {}}, {})
+    async with services(config) as svc:
+        learning = LearningService(svc, poll=0.1)
+        await learning.start()
+        svc.admin.control = learning.control
+        try:
+            base = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
+            assert base.model_version == str(loop_model)
+            assert learning.next_run() is not None
+            assert await learning.tick() is None  # 0 new feedback < min_feedback: no run
+            assert await asyncio.to_thread(main, ["--config", str(cfg), "promote", version]) == 0
+            for _ in range(100):
+                if svc.engine.model_version == version:
+                    break
+                await asyncio.sleep(0.05)
+            ex = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
+            assert ex.model_version == version
+            assert "live version: v1" in svc.admin.run(_cli_caller(), "status")
+            assert "* v1" in svc.admin.run(_cli_caller(), "models")
+            assert "base is live" in svc.admin.run(_cli_caller(), "rollback")
+            for _ in range(100):
+                if svc.engine.model_version == str(loop_model):
+                    break
+                await asyncio.sleep(0.05)
+            again = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
+            assert (again.reply, again.model_version) == (base.reply, base.model_version)
+        finally:
+            await learning.stop()
+
+
+def _cli_caller():
+    from bot.admin import Caller
+
+    return Caller("cli", "admin")
+
+
+@pytest.mark.parametrize("method", ["sft", "kto", "dpo"])
+def test_each_method_trains_and_saves_an_adapter(loop_model, tmp_path, method):
+    from trainer import data
+    from trainer.finetune import FinetuneConfig, Finetuner
+
+    items = [{"exchange_id": i, "prompt": [{"role": "user", "content": p}], "reply": "I am not sure.",
+              "verdict": "down", "corrections": [fix]} for i, (p, fix) in enumerate(CORRECTED[:4])]
+    rows = data.to_rows(items, method)
+    rows += [{**data.sft_row([{"role": "user", "content": "hi"}], "Hello."), "replay": True}]
+    tuner = Finetuner(loop_model, rows, FinetuneConfig(method=method, epochs=3, batch_size=4, early_stop=False))
+    stats = tuner.train()
+    assert stats["steps"] == len(tuner.steps()) and stats["final_loss"] == stats["final_loss"]  # not NaN
+    tuner.save(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()

@@ -134,3 +134,32 @@ def test_starter_recipe_learns(tmp_path):
     after = starter_eval.evaluate(trained, tok, items, max_new_tokens=24)["train_sample"]["overall"]
     print(f"train-sample ROUGE-L: untrained {before['rouge_l']:.3f}, trained {after['rouge_l']:.3f}")
     assert after["rouge_l"] > before["rouge_l"] + 0.05, (before, after)
+
+
+def test_sft_forms_match_the_pair_language(tiny_tokenizer):
+    """System prompts in SFT are in the pair's language; each pair has a bare, alone form."""
+    recipe = dataclasses.replace(STARTER, sft_max_len=200)
+    pairs = [
+        corpus.Pair("english", "greetings", "Hello", "Hi"),
+        corpus.Pair("chinese", "greetings", "你好", "嗨"),
+        corpus.Pair("english", "tech_support", "Help", "Restart it.", ("Hi", "Hello")),
+    ]
+    variants, every = starter.sft_variants(pairs, tiny_tokenizer, recipe)
+    assert every == [1, 1, recipe.sft_light_every]
+    for pair, forms in zip(pairs, variants, strict=True):
+        texts = [tiny_tokenizer.decode(ids) for ids, _ in forms]
+        assert texts[0].startswith("<|im_start|>user\n" + pair.message)  # bare, no context
+        assert any(starter.DEFAULT_SYSTEM_PROMPT in t for t in texts) == (pair.language == "english")
+        assert not any(zh in t for t in texts for zh in starter.SYSTEM_PROMPTS_ZH) == (pair.language == "english")
+    # one form per item per epoch (a batch of 10 holds one epoch), light items every other epoch
+    batches = pretrain.sft_variant_batches(variants, 10, tiny_tokenizer.pad_token_id, 0, every)
+    assert batches(0)["input_ids"].shape[0] + batches(1)["input_ids"].shape[0] == 2 + 2 + 1
+
+
+def test_extra_pairs_never_shadow_the_corpus():
+    pairs = corpus.load_pairs(("english", "chinese"))
+    extras = corpus.extra_pairs(("english", "chinese"), pairs)
+    assert extras and {p.category for p in extras} == {corpus.EXTRA_CATEGORY}
+    known = {(p.language, corpus.normalize(p.message)) for p in pairs}
+    assert not any((p.language, corpus.normalize(p.message)) in known for p in extras)
+    assert len(corpus.load_pairs(("english", "chinese"), extras=True)) == len(pairs) + len(extras)

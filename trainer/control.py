@@ -50,6 +50,16 @@ class Control:
         last = self.runs.last_done()
         return data.new_feedback(self.store, last["data_cutoff"] if last else None)
 
+    def untrained_feedback(self) -> int:
+        """Feedback the live version has not trained on (all of it when the base model is live).
+
+        An admin's retrain needs at least one such item; a rejected run or a
+        rollback therefore does not block a retrain with other settings.
+        """
+        live = self.registry.live()
+        cutoff = self.registry.meta(live).get("data_cutoff") if live else None
+        return data.new_feedback(self.store, cutoff)
+
     def running(self) -> dict[str, Any] | None:
         self.reap()
         active = self.runs.active()
@@ -74,16 +84,25 @@ class Control:
             return [py, "-m", "accelerate.commands.launch", f"--num_processes={t.processes}", *args]
         return [py, *args]
 
-    def start_run(self, reason: str, *, min_new: int = 1) -> dict[str, Any]:
-        """Start a run now in its own process; refuse while one is going or with too little new feedback."""
+    def start_run(self, reason: str, *, scheduled: bool = False) -> dict[str, Any]:
+        """Start a run now in its own process; refuse while one is going or without new feedback.
+
+        An admin's run needs one feedback item the live version has not trained
+        on; a scheduled one needs ``min_feedback`` items stored since the last
+        finished run (so a rejected run is not retried on the same data).
+        """
         going = self.running()
         if going is not None or self.registry.lock().held_elsewhere():
             which = going["run_id"] if going else "a run"
             raise TrainingError(f"{which} is going; wait for it to finish (tuneloop status)")
-        new = self.new_feedback()
-        if new < min_new:
-            raise TrainingError("no new feedback since the last run; nothing to train on" if new == 0 else
-                                f"{new} new feedback items; a scheduled run needs {min_new}")
+        if scheduled:
+            new, need = self.new_feedback(), self.config.trainer.min_feedback
+            if new < need:
+                raise TrainingError(f"{new} new feedback items since the last run; a scheduled run needs {need}")
+        else:
+            new = self.untrained_feedback()
+            if new == 0:
+                raise TrainingError("no feedback the live version has not trained on; nothing to train on")
         run_id = self.runs.create(reason)
         logs = self.registry.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,52 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LANGUAGES: tuple[str, ...] = ("english", "chinese")
 
+#: A few conversations the chatterbot corpus lacks and a chat bot meets first:
+#: its name, what it does, greetings of the day, farewells, thanks. Training
+#: only (``load_pairs(extras=True)``); an extra whose prompt the corpus already
+#: has is dropped, so the corpus keeps its own answers and evaluation (corpus
+#: pairs only) is unchanged.
+EXTRA_CATEGORY = "tuneloop"
+EXTRA_CONVERSATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "english": (
+        ("What is your name?", "My name is tuneloop."),
+        ("What's your name?", "I am tuneloop."),
+        ("Who made you?", "The people who run tuneloop. I learn from your feedback."),
+        ("What can you do?", "I can chat with you and answer simple questions, and I learn from your feedback."),
+        ("How can you help me?", "I can chat and answer simple questions. Rate my replies and I get better."),
+        ("Can you help me?", "Sure, what do you need?"),
+        ("I need help.", "Of course. What can I help you with?"),
+        ("Tell me about yourself.", "I am tuneloop, a small chat bot that learns from your reactions."),
+        ("Good morning", "Good morning! How are you today?"),
+        ("Good afternoon", "Good afternoon! How can I help?"),
+        ("Good evening", "Good evening! How are you?"),
+        ("Good night", "Good night! Sleep well."),
+        ("Goodbye", "Goodbye! Talk to you soon."),
+        ("Bye", "Bye! Have a nice day."),
+        ("See you later", "See you later!"),
+        ("Thanks", "You're welcome!"),
+        ("Thank you very much", "You're welcome!"),
+        ("Thanks a lot", "No problem!"),
+        ("Good job", "Thank you!"),
+        ("You are wrong.", "Sorry. Write me a better reply and I will learn from it."),
+    ),
+    "chinese": (
+        ("你叫什么名字?", "我叫 tuneloop。"),
+        ("你叫什么?", "我叫 tuneloop。"),
+        ("你的名字是什么?", "我的名字是 tuneloop。"),
+        ("你是谁?", "我是 tuneloop，一个聊天机器人。"),
+        ("你能做什么?", "我可以陪你聊天，回答简单的问题，还会从你的反馈中学习。"),
+        ("你会做什么?", "我会聊天，也会从你的反馈中学习。"),
+        ("再见", "再见！下次聊。"),
+        ("拜拜", "拜拜！"),
+        ("晚上好", "晚上好！"),
+        ("晚安", "晚安，做个好梦。"),
+        ("谢谢你", "不客气。"),
+        ("非常感谢", "不客气！"),
+        ("你好啊", "你好！"),
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -106,13 +152,30 @@ def _conversations(languages: tuple[str, ...]) -> tuple[tuple[str, str, tuple[st
     return tuple(out)
 
 
-def load_pairs(languages: Iterable[str] = DEFAULT_LANGUAGES) -> list[Pair]:
-    """Every consecutive ``(message, reply)`` pair, with its earlier lines as context."""
+def load_pairs(languages: Iterable[str] = DEFAULT_LANGUAGES, extras: bool = False) -> list[Pair]:
+    """Every consecutive ``(message, reply)`` pair, with its earlier lines as context.
+
+    ``extras`` appends ``extra_pairs`` (training only).
+    """
     pairs: list[Pair] = []
     for language, category, lines in load_conversations(languages):
         for i in range(len(lines) - 1):
             pairs.append(Pair(language, category, lines[i], lines[i + 1], tuple(lines[:i])))
+    if extras:
+        pairs.extend(extra_pairs(languages, pairs))
     return pairs
+
+
+def extra_pairs(languages: Iterable[str], corpus_pairs: Sequence[Pair]) -> list[Pair]:
+    """``EXTRA_CONVERSATIONS`` as pairs, less those whose prompt ``corpus_pairs`` has."""
+    known = {(p.language, normalize(p.message)) for p in corpus_pairs}
+    out = []
+    for language in languages:
+        for lines in EXTRA_CONVERSATIONS.get(language, ()):
+            for i in range(len(lines) - 1):
+                if (language, normalize(lines[i])) not in known:
+                    out.append(Pair(language, EXTRA_CATEGORY, lines[i], lines[i + 1], tuple(lines[:i])))
+    return out
 
 
 def corpus_text(languages: Iterable[str] = DEFAULT_LANGUAGES) -> list[str]:

@@ -16,6 +16,17 @@ counts as 👍 when more users rated it up than down, 👎 when more rated it
 down, and is dropped (as rated) on a tie. A reply that has a correction is
 never used as desirable unless its majority is 👍. Users who opted out
 (``tuneloop forget``) are excluded, as authors of exchanges and as raters.
+
+What a training run reads besides (``trainer.run``): ``new_feedback`` counts
+ratings and corrections stored after a run's data cutoff; ``split_holdout``
+keeps a rotating share of feedback items out of training for the gate; and
+``replay_prompts`` gives the replay set against forgetting: earlier prompts
+from the store (exchanges without feedback, opted-out users excluded), then
+base SFT prompts (chatterbot-corpus, what the starter was fine-tuned on). The
+run answers them with the live model and mixes those replies in at
+``replay_ratio``: replaying the model's *own* replies keeps what it does now,
+where the corpus's reference replies would themselves move it. Every run
+records ``dataset_hash`` of the exact rows it trained on.
 """
 
 from __future__ import annotations

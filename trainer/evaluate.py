@@ -49,10 +49,12 @@ class Thresholds:
     min_control_same: float = 0.8
     max_heldout_drop: float = 0.5
     min_rouge_gain: float = 0.0
+    min_heldout_items: int = 4
 
     @classmethod
     def from_config(cls, t) -> Thresholds:
-        return cls(t.max_ppl_increase, t.min_control_same, t.max_heldout_drop, t.min_rouge_gain)
+        return cls(t.max_ppl_increase, t.min_control_same, t.max_heldout_drop, t.min_rouge_gain,
+                   t.min_heldout_items)
 
 
 @dataclass
@@ -172,12 +174,21 @@ def measure(model, tokenizer, data: EvalData, corrected_replies: list[str],
     }
 
 
-def decide(live: dict[str, Any], new: dict[str, Any], th: Thresholds) -> tuple[bool, list[dict[str, Any]]]:
-    """The checks, each ``{"name", "passed", "value", "limit", "why"}``, and whether all passed."""
+def decide(live: dict[str, Any], new: dict[str, Any], th: Thresholds,
+           heldout_items: int | None = None) -> tuple[bool, list[dict[str, Any]]]:
+    """The checks, each ``{"name", "passed", "value", "limit", "why"}``, and whether all passed.
+
+    With fewer than ``min_heldout_items`` held-out items the held-out checks
+    are reported (``"gating": False``) but do not decide: one or two items
+    say nothing about generalisation.
+    """
     checks: list[dict[str, Any]] = []
+    few = heldout_items is not None and heldout_items < th.min_heldout_items
 
     def check(name: str, passed: bool, value, limit, why: str) -> None:
-        checks.append({"name": name, "passed": bool(passed), "value": value, "limit": limit, "why": why})
+        gating = not (few and name.startswith("heldout"))
+        checks.append({"name": name, "passed": bool(passed), "value": value, "limit": limit, "why": why,
+                       "gating": gating})
 
     lp, np_ = live["replay"]["ppl"], new["replay"]["ppl"]
     if lp is not None and np_ is not None:
@@ -204,7 +215,7 @@ def decide(live: dict[str, Any], new: dict[str, Any], th: Thresholds) -> tuple[b
     if tl is not None and tn is not None:
         check("learned", tn > tl, round(tn - tl, 4), 0.0,
               "rise of the trained feedback's preference margin (nats per token)")
-    return all(c["passed"] for c in checks), checks
+    return all(c["passed"] for c in checks if c["gating"]), checks
 
 
 def summary(live: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +225,13 @@ def summary(live: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
     return {
         "control_same": r(new["replay"]["control_same"]),
+        "corrected_exact": r(new["corrected"]["exact"]), "rougeL": r(new["corrected"]["rougeL"]),
+        "ppl_increase": None if not live["replay"]["ppl"] or new["replay"]["ppl"] is None
+        else r(new["replay"]["ppl"] / live["replay"]["ppl"] - 1),
+        "bleu": r(new["corrected"]["bleu"]),
         "ppl_live": r(live["replay"]["ppl"]), "ppl_new": r(new["replay"]["ppl"]),
-        "corrected_exact_live": r(live["corrected"]["exact"]), "corrected_exact": r(new["corrected"]["exact"]),
-        "bleu_live": r(live["corrected"]["bleu"]), "bleu": r(new["corrected"]["bleu"]),
-        "rougeL_live": r(live["corrected"]["rougeL"]), "rougeL": r(new["corrected"]["rougeL"]),
+        "corrected_exact_live": r(live["corrected"]["exact"]),
+        "bleu_live": r(live["corrected"]["bleu"]), "rougeL_live": r(live["corrected"]["rougeL"]),
         "heldout_margin_live": r(live["heldout"]["margin"]), "heldout_margin": r(new["heldout"]["margin"]),
         "trained_margin_live": r(live["trained"]["margin"]), "trained_margin": r(new["trained"]["margin"]),
     }

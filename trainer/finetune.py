@@ -89,6 +89,11 @@ class FinetuneConfig:
     beta: float = 0.1
     #: fp32, bf16 or fp16 (mixed precision on CUDA); "auto": bf16 on CUDA, fp32 on CPU
     precision: str = "auto"
+    #: replay examples mixed into each epoch per feedback example (see ``steps``)
+    replay_ratio: float = 1.0
+    #: replay rows: "distill" (cross-entropy to the starting model's top-k next-token
+    #: distribution) or "nll" (its greedy reply as the target, like any SFT row)
+    replay_loss: str = "nll"
     #: stop at an epoch's end once every feedback reply is the greedy continuation of its prompt
     early_stop: bool = True
     warmup_ratio: float = 0.1
@@ -105,7 +110,8 @@ def _examples(tokenizer, rows: list[dict[str, Any]], cfg: FinetuneConfig) -> lis
         if row.get("replay"):
             e = enc(row["prompt"], row["completion"])
             if e:
-                out.append({"distill": e})
+                out.append({"distill": e, "replay": True} if cfg.replay_loss == "distill"
+                           else {"sft": e, "replay": True})
         elif "chosen" in row:
             c, r = enc(row["prompt"], row["chosen"]), enc(row["prompt"], row["rejected"])
             if c and r:
@@ -252,22 +258,36 @@ class Finetuner:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def steps(self) -> list[list[int]]:
-        """Global batches of exactly ``batch_size`` example indices, epoch by epoch (seeded).
+    def steps(self) -> list[tuple[int, list[int]]]:
+        """``(epoch, global batch of example indices)``, epoch by epoch (seeded).
 
-        A short last batch is filled from the start of the epoch's order, so every
-        process gets rows at every step (DDP needs every rank to step together).
+        An epoch is every feedback example once plus ``replay_ratio`` replay
+        examples per feedback example, drawn in turn from a reshuffled cycle
+        over the replay set (so a small ratio still covers the whole set over
+        a few epochs). A short last batch is filled from the start of the
+        epoch, so every process gets rows at every step (DDP steps together).
         """
-        n, size = len(self.examples), max(self.cfg.batch_size, self.acc.num_processes)
+        size = max(self.cfg.batch_size, self.acc.num_processes)
         rng = random.Random(self.cfg.seed)
+        feedback = [i for i, e in enumerate(self.examples) if not e.get("replay")]
+        replay = [i for i, e in enumerate(self.examples) if e.get("replay")]
+        per_epoch = round(self.cfg.replay_ratio * len(feedback)) if replay else 0
+        if not feedback:
+            feedback, per_epoch = replay, 0
+        cycle: list[int] = []
         out = []
-        for _ in range(self.cfg.epochs):
-            order = list(range(n))
-            rng.shuffle(order)
-            for b in range(0, n, size):
-                chunk = order[b:b + size]
-                chunk += (order * math.ceil(size / n))[:size - len(chunk)]
-                out.append(chunk)
+        for epoch in range(self.cfg.epochs):
+            mixed = list(feedback)
+            for _ in range(per_epoch):
+                if not cycle:
+                    cycle = list(replay)
+                    rng.shuffle(cycle)
+                mixed.append(cycle.pop())
+            rng.shuffle(mixed)
+            for b in range(0, len(mixed), size):
+                chunk = mixed[b:b + size]
+                chunk += (mixed * math.ceil(size / len(mixed)))[:size - len(chunk)]
+                out.append((epoch, chunk))
         return out
 
     def train(self) -> dict[str, Any]:
@@ -281,13 +301,12 @@ class Finetuner:
         self.model.train()
         losses: list[float] = []
         t0 = time.perf_counter()
-        per_epoch = math.ceil(len(self.examples) / max(self.cfg.batch_size, world))
         stopped_at = None
-        for step, chunk in enumerate(plan):
-            if self.cfg.early_stop and step and step % per_epoch == 0 and self.fitted():
-                # Every feedback reply is now the greedy continuation of its
-                # prompt: more steps would only move the weights further from
-                # the live model's, which is what the controls measure.
+        for step, (epoch, chunk) in enumerate(plan):
+            if self.cfg.early_stop and step and epoch != plan[step - 1][0] and self.fitted():
+                # Every feedback reply and every replay reply is now the greedy
+                # continuation of its prompt: more steps would only move the
+                # weights further from the live model's.
                 stopped_at = step
                 break
             mine = [self.examples[i] for i in chunk[rank::world]]
@@ -310,8 +329,11 @@ class Finetuner:
 
     @torch.no_grad()
     def fitted(self) -> bool:
-        """Whether greedy decoding (teacher-forced) reproduces every feedback reply token."""
+        """Whether greedy decoding (teacher-forced) reproduces every target reply token."""
+        # Replay rows too: their targets are the starting model's greedy replies,
+        # so "fitted" also means "the replay set still gets the same replies".
         seqs = [e["sft"] for e in self.examples if "sft" in e]
+        seqs += [e["distill"] for e in self.examples if "distill" in e]
         seqs += [e["pair"][0] for e in self.examples if "pair" in e]
         seqs += [e["kto"] for e in self.examples if "kto" in e and e["label"]]
         if not seqs:

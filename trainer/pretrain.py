@@ -210,3 +210,47 @@ def sft_batches(
         return collate([examples[i] for i in queue.pop(0)], pad_id)
 
     return next_batch
+
+
+def sft_variant_batches(
+    variants: Sequence[Sequence[tuple[list[int], list[int]]]],
+    batch: int,
+    pad_id: int,
+    seed: int,
+    every: Sequence[int] | None = None,
+) -> Callable[[int], dict]:
+    """Like ``sft_batches`` over items that each have several forms (variants).
+
+    Epoch ``e`` shows form ``(e + offset) % len(forms)`` of each item, with a
+    seeded per-item offset, so each epoch costs one example per item and every
+    form comes round in turn. ``every[i]``: item ``i`` is shown only every
+    ``every[i]``-th epoch (default: every epoch).
+    """
+    rng = random.Random(seed)
+    offsets = [rng.randrange(len(v)) for v in variants]
+    queue: list[list[tuple[list[int], list[int]]]] = []
+    epoch = 0
+
+    def refill() -> None:
+        nonlocal epoch
+        items = [
+            v[(epoch // every[i] + off) % len(v) if every else (epoch + off) % len(v)]
+            for i, (v, off) in enumerate(zip(variants, offsets, strict=True))
+            if not every or (epoch + off) % every[i] == 0
+        ]
+        epoch += 1
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        window = batch * 16
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: len(items[i][0]))
+            batches = [[items[i] for i in chunk[b : b + batch]] for b in range(0, len(chunk), batch)]
+            rng.shuffle(batches)
+            queue.extend(batches)
+
+    def next_batch(step: int) -> dict[str, torch.Tensor]:
+        if not queue:
+            refill()
+        return collate(queue.pop(0), pad_id)
+
+    return next_batch

@@ -44,7 +44,7 @@ def finetune_config(config: Config):
     return FinetuneConfig(method=t.method, lora=t.lora, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
                           learning_rate=t.learning_rate, epochs=t.epochs, batch_size=t.batch_size,
                           seed=t.seed, max_len=t.max_len, beta=t.beta, precision=t.precision,
-                          target_modules=t.lora_targets)
+                          target_modules=t.lora_targets, replay_ratio=t.replay_ratio)
 
 
 def base_languages(base_path: str) -> tuple[str, ...]:
@@ -91,27 +91,27 @@ def build_dataset(config: Config, store, registry: Registry, run_id: int, base_p
     feedback_rows = data.to_rows(train_items, t.method)
     if not feedback_rows:
         raise TrainingError("no trainable feedback (every item is held out or has no usable rating)")
-    n_replay = round(t.replay_ratio * len(feedback_rows))
-    # Gate controls and replay rows draw alternately from one pool (earlier
-    # prompts first, then base SFT prompts): both see the bot's own traffic,
-    # and no control prompt is ever trained on.
+    # The replay set: earlier prompts from the store first, then base SFT
+    # prompts, answered by the live model. The gate's controls are its prompts
+    # (trained on only when replay is on: with replay off they show the damage).
+    # A few more prompts, never trained on, measure what carries over to
+    # unseen prompts; they are reported, not gated.
+    unseen_n = min(16, t.control_prompts)
     pool = data.replay_prompts(
-        store, exclude=[it["exchange_id"] for it in items], limit=t.control_prompts + n_replay, seed=t.seed,
+        store, exclude=[it["exchange_id"] for it in items], limit=t.control_prompts + unseen_n, seed=t.seed,
         system_prompt=config.model.system_prompt, languages=base_languages(base_path),
         exclude_prompts=[it["prompt"][-1]["content"] for it in items if it["prompt"]])
-    controls, replay = [], []
-    for i, p in enumerate(pool):
-        want_control = len(controls) < t.control_prompts and (i % 2 == 0 or len(replay) >= n_replay)
-        (controls if want_control else replay).append(p)
+    controls, unseen = pool[:t.control_prompts], pool[t.control_prompts:]
+    replay = controls if t.replay_ratio > 0 else []
     live = registry.live()
     adapter = registry.adapter(live)
     corrected = [(it["prompt"], it["corrections"][-1], it in held) for it in items if it["corrections"]]
-    replies = asyncio.run(greedy(config, base_path, adapter, controls + replay + [c[0] for c in corrected],
+    replies = asyncio.run(greedy(config, base_path, adapter, controls + unseen + [c[0] for c in corrected],
                                  version=live or "base"))
     control_replies = replies[:len(controls)]
-    replay_replies = replies[len(controls):len(controls) + len(replay)]
-    live_corrected = replies[len(controls) + len(replay):]
-    replay_rows = [{**data.sft_row(p, r), "replay": True} for p, r in zip(replay, replay_replies) if r.strip()]
+    unseen_replies = replies[len(controls):len(controls) + len(unseen)]
+    live_corrected = replies[len(controls) + len(unseen):]
+    replay_rows = [{**data.sft_row(p, r), "replay": True} for p, r in zip(replay, control_replies) if r.strip()]
     rows = feedback_rows + replay_rows
     hg, hb = _likelihood(held)
     tg, tb = _likelihood(train_items)
@@ -121,7 +121,8 @@ def build_dataset(config: Config, store, registry: Registry, run_id: int, base_p
                    "feedback_rows": len(feedback_rows), "replay_rows": len(replay_rows),
                    "controls": len(controls), "corrected": len(corrected)},
         "eval": {"heldout_good": hg, "heldout_bad": hb, "trained_good": tg, "trained_bad": tb,
-                 "corrected": corrected, "controls": list(zip(controls, control_replies))},
+                 "corrected": corrected, "controls": list(zip(controls, control_replies)),
+                 "unseen": list(zip(unseen, unseen_replies))},
         "live_corrected": live_corrected,
     }
 
@@ -140,9 +141,12 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path) ->
     e = ds["eval"]
     data_ = ev.EvalData(e["heldout_good"], e["heldout_bad"], e["trained_good"], e["trained_bad"],
                         [tuple(c) for c in e["corrected"]], [tuple(c) for c in e["controls"]])
-    prompts = [c[0] for c in data_.controls] + [c[0] for c in data_.corrected]
+    unseen = [tuple(u) for u in e.get("unseen", [])]
+    prompts = [c[0] for c in data_.controls] + [c[0] for c in data_.corrected] + [u[0] for u in unseen]
     new_replies = asyncio.run(greedy(config, base_path, candidate, prompts, version="candidate"))
-    new_controls, new_corrected = new_replies[:len(data_.controls)], new_replies[len(data_.controls):]
+    nc = len(data_.controls) + len(data_.corrected)
+    new_controls, new_corrected = new_replies[:len(data_.controls)], new_replies[len(data_.controls):nc]
+    new_unseen = new_replies[nc:]
     live_controls = [c[1] for c in data_.controls]
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     registry = Registry(config.trainer.registry)
@@ -152,9 +156,14 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path) ->
     new_model = ev.load_model(base_path, candidate)
     new = ev.measure(new_model, tokenizer, data_, new_corrected, new_controls, config.trainer.max_len)
     del new_model
-    passed, checks = ev.decide(live, new, ev.Thresholds.from_config(config.trainer))
+    passed, checks = ev.decide(live, new, ev.Thresholds.from_config(config.trainer),
+                               heldout_items=ds["counts"]["held_out_items"])
+    metrics = ev.summary(live, new)
+    # Report only: prompts never trained on, replay or not.
+    metrics["unseen_same"] = (round(sum(u[1].strip() == r.strip() for u, r in zip(unseen, new_unseen))
+                                    / len(unseen), 4) if unseen else None)
     return {
-        "passed": passed, "checks": checks, "metrics": ev.summary(live, new), "live": live, "new": new,
+        "passed": passed, "checks": checks, "metrics": metrics, "live": live, "new": new,
         "corrected": [{"prompt": c[0][-1]["content"], "correction": c[1], "held_out": c[2], "live": lr,
                        "new": nr} for c, lr, nr in zip(data_.corrected, ds["live_corrected"], new_corrected)],
         "controls_changed": [{"prompt": c[0][-1]["content"], "live": c[1], "new": nr}
@@ -164,10 +173,9 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path) ->
 
 def run(config: Config, run_id: int | None = None, reason: str = "manual") -> dict[str, Any] | None:
     """One whole run; returns its outcome on the main process (``None`` on the others)."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
-
-    import torch
 
     from bot.models import resolve_base
     from bot.store import Store
@@ -225,6 +233,7 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
         report = gate(config, base_path, ds, candidate)
         verdict = "passed" if report["passed"] else "rejected"
         meta = {"parent": ds["live"], "run_id": name, "reason": reason, "base": config.model.base,
+                "data_cutoff": ds["cutoff"],
                 "dataset_hash": ds["dataset_hash"], "dataset": ds["counts"], "method": t.method,
                 "hyperparameters": {**config_dict(fcfg), "replay_ratio": t.replay_ratio,
                                     "holdout_fraction": t.holdout_fraction},
@@ -239,7 +248,8 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
         runs.update(run_id, status="done", stage="", finished_at=time.time(), version=version,
                     promoted=report["passed"], metrics={**report["metrics"], "checks": report["checks"]})
         log.info("%s: %s %s (%s)", name, version, verdict,
-                 ", ".join(f"{c['name']}={c['value']}{'' if c['passed'] else ' FAIL'}" for c in report["checks"]))
+                 ", ".join(f"{c['name']}={c['value']}{'' if c['passed'] else ' FAIL'}{'' if c['gating'] else ' (reported)'}"
+                          for c in report["checks"]))
         return outcome
     except BaseException as e:
         if main and runs is not None:

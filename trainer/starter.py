@@ -37,17 +37,24 @@ from trainer.tokenizer import train_tokenizer
 log = logging.getLogger(__name__)
 
 #: Bump when the build code changes what a recipe produces; it is part of the key.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 METADATA = "tuneloop.json"
 DEFAULT_SYSTEM_PROMPT = "You are tuneloop, a friendly assistant that learns from feedback."
-#: System prompts seen in SFT, so a served bot with a persona still answers on topic.
+#: System prompts seen in SFT, so a served bot with a persona still answers on
+#: topic. English ones go with English pairs, Chinese ones with Chinese pairs:
+#: a Chinese prompt drawn for English pairs (version 2) taught the model that a
+#: system prompt says nothing about the reply's language, and "Hello" under the
+#: default prompt came back in Chinese.
 SYSTEM_PROMPTS: tuple[str, ...] = (
     DEFAULT_SYSTEM_PROMPT,
     "You are a helpful assistant.",
     "You are a friendly chatbot in a team chat. Keep answers short.",
     "You are tuneloop.",
+)
+SYSTEM_PROMPTS_ZH: tuple[str, ...] = (
     "你是一个乐于助人的助手。",
+    "你是 tuneloop，一个友好的助手。",
 )
 
 
@@ -82,14 +89,20 @@ class Recipe:
     sft_max_len: int = 112
     sft_lr: float = 2e-3
     system_prompts: tuple[str, ...] = SYSTEM_PROMPTS
+    system_prompts_zh: tuple[str, ...] = SYSTEM_PROMPTS_ZH
+    #: train on corpus.EXTRA_CONVERSATIONS too (name, greetings, farewells)
+    extras: bool = True
+    #: categories SFT shows only every ``sft_light_every``-th epoch
+    sft_light_categories: tuple[str, ...] = ("tech_support", "coding")
+    sft_light_every: int = 2
     warmup: int = 30
     weight_decay: float = 0.01
     #: shown in the "building the starter" line; not part of the key
     expected_minutes: float = _not_in_key(3.0)
-    #: torch intra-op threads for the build, 0 for torch's default. One: these
-    #: matrices are small, a second thread buys at most ~1.7x on an idle
-    #: machine, and on a busy one (the bot, tests, another build) spinning
-    #: OpenMP workers made a step 7x slower (measured: 4.0 s vs 0.54 s).
+    #: torch intra-op threads for the build, at most os.cpu_count(); 0 for
+    #: torch's default. TINY uses one: its matrices are tiny, and on a busy
+    #: machine (the bot, tests, another build) spinning OpenMP workers made a
+    #: step 7x slower (measured: 4.0 s vs 0.54 s). STARTER uses two, see below.
     threads: int = _not_in_key(1)
 
     def key(self) -> str:
@@ -132,21 +145,52 @@ TINY = Recipe(
 )
 
 
-def sft_examples(pairs: list[corpus.Pair], tokenizer, recipe: Recipe) -> list[tuple[list[int], list[int]]]:
-    """Each pair as a bare chat, with a system prompt, and (if it has one) without its context."""
+def sft_variants(
+    pairs: list[corpus.Pair], tokenizer, recipe: Recipe
+) -> tuple[list[list[tuple[list[int], list[int]]]], list[int]]:
+    """The chat forms each pair is taught in; SFT shows one of them per pair per epoch.
+
+    Every pair is asked bare and alone (how ``python -m trainer eval`` and a first
+    message ask), under the default system prompt (how the shipped config asks),
+    under another system prompt of its language, and, when it has earlier turns,
+    with them. Cycling through the forms epoch by epoch costs one example per
+    pair per epoch instead of one per form, so the same budget buys more epochs
+    (version 2 showed every form each epoch and got through 2.6 epochs).
+
+    Also returns, per pair, every how many epochs it is shown: pairs of
+    ``recipe.sft_light_categories`` (long technical answers, half the corpus's
+    text) every ``recipe.sft_light_every``-th, so the small-talk a bot meets
+    most gets more of the budget.
+    """
     rng = random.Random(recipe.seed)
     out = []
+    every = []
     for pair in pairs:
-        variants = [pair.messages()]
-        if recipe.system_prompts:
-            variants.append(pair.messages(system=rng.choice(recipe.system_prompts)))
+        alone = [{"role": "user", "content": pair.message}]
+        chats = [alone]
+        zh = pair.language == "chinese"
+        prompts = recipe.system_prompts_zh if zh else recipe.system_prompts
+        if prompts:
+            first = prompts[0]
+            chats.append([{"role": "system", "content": first}, *(pair.messages() if pair.context else alone)])
+            if len(prompts) > 1:
+                chats.append([{"role": "system", "content": rng.choice(prompts[1:])}, *alone])
         if pair.context:
-            variants.append([{"role": "user", "content": pair.message}])
-        for messages in variants:
+            chats.append(pair.messages())
+        variants = []
+        for messages in chats:
             example = pretrain.sft_example(tokenizer, messages, pair.reply, recipe.sft_max_len)
             if example is not None:
-                out.append(example)
-    return out
+                variants.append(example)
+        if variants:
+            out.append(variants)
+            every.append(recipe.sft_light_every if pair.category in recipe.sft_light_categories else 1)
+    return out, every
+
+
+def sft_examples(pairs: list[corpus.Pair], tokenizer, recipe: Recipe) -> list[tuple[list[int], list[int]]]:
+    """Every form of every pair (see ``sft_variants``) as one flat list."""
+    return [example for variants in sft_variants(pairs, tokenizer, recipe)[0] for example in variants]
 
 
 def _train(recipe: Recipe, progress: bool) -> tuple[object, object, dict]:
@@ -154,12 +198,14 @@ def _train(recipe: Recipe, progress: bool) -> tuple[object, object, dict]:
     pairs = corpus.load_pairs(recipe.languages)
     train_pairs, held_out = corpus.split_pairs(pairs, recipe.holdout_fraction, recipe.split_seed)
     held_prompts = {(p.language, corpus.normalize(p.message)) for p in held_out}
+    extras = corpus.extra_pairs(recipe.languages, pairs) if recipe.extras else []
+    train_pairs = train_pairs + extras
     # Pretraining text: whole conversations, minus any that contain a held-out prompt.
     documents = [
         "\n".join(lines)
         for language, _, lines in corpus.load_conversations(recipe.languages)
         if not any((language, corpus.normalize(line)) in held_prompts for line in lines[:-1])
-    ]
+    ] + ["\n".join([*p.context, p.message, p.reply]) for p in extras]
 
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(documents, recipe.vocab_size)
@@ -176,10 +222,10 @@ def _train(recipe: Recipe, progress: bool) -> tuple[object, object, dict]:
         progress=progress,
     )
     t1 = time.perf_counter()
-    examples = sft_examples(train_pairs, tokenizer, recipe)
+    variants, every = sft_variants(train_pairs, tokenizer, recipe)
     sft_losses = pretrain.train_loop(
         model,
-        pretrain.sft_batches(examples, recipe.sft_batch, tokenizer.pad_token_id, recipe.seed),
+        pretrain.sft_variant_batches(variants, recipe.sft_batch, tokenizer.pad_token_id, recipe.seed, every),
         steps=recipe.sft_steps,
         lr=recipe.sft_lr,
         warmup=recipe.warmup,
@@ -200,10 +246,21 @@ def _train(recipe: Recipe, progress: bool) -> tuple[object, object, dict]:
             "held_out_pairs": len(held_out),
             "pretrain_documents": len(documents),
             "pretrain_tokens": int(stream.numel()),
-            "sft_examples": len(examples),
+            "sft_pairs": len(variants),
+            "sft_examples": sum(len(v) for v in variants),
+            "extra_pairs": len(extras),
+            "sft_epochs": round(recipe.sft_steps * recipe.sft_batch / max(1, sum(1 / e for e in every)), 1),
         },
-        "pretrain": {"seconds": round(t1 - t0, 1), "final_loss": tail(pre_losses)},
-        "sft": {"seconds": round(t2 - t1, 1), "final_loss": tail(sft_losses)},
+        "pretrain": {
+            "seconds": round(t1 - t0, 1),
+            "steps_per_second": round(recipe.pretrain_steps / max(t1 - t0, 1e-9), 2),
+            "final_loss": tail(pre_losses),
+        },
+        "sft": {
+            "seconds": round(t2 - t1, 1),
+            "steps_per_second": round(recipe.sft_steps / max(t2 - t1, 1e-9), 2),
+            "final_loss": tail(sft_losses),
+        },
     }
     return model, tokenizer, stats
 
@@ -250,6 +307,7 @@ def build_model(out_dir: Path, recipe: Recipe, progress: bool = True) -> Path:
         _minutes(recipe.expected_minutes),
     )
     with _threads(recipe.threads):
+        threads = torch.get_num_threads()
         model, tokenizer, stats = _train(recipe, progress)
     seconds = time.perf_counter() - started
     # CPU seconds tell a busy machine's wall clock apart from the build's own cost.
@@ -267,7 +325,7 @@ def build_model(out_dir: Path, recipe: Recipe, progress: bool = True) -> Path:
             "parameters": params,
             "build_seconds": round(seconds, 1),
             "build_cpu_seconds": round(cpu_seconds, 1),
-            "threads": torch.get_num_threads() if recipe.threads <= 0 else recipe.threads,
+            "threads": threads,
             "torch": torch.__version__,
             **stats,
         }
@@ -291,7 +349,7 @@ def build_model(out_dir: Path, recipe: Recipe, progress: bool = True) -> Path:
 def _threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
     if n > 0:
-        torch.set_num_threads(n)
+        torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
     try:
         yield
     finally:
