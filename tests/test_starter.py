@@ -120,7 +120,7 @@ def test_ensure_starter_builds_once(tmp_path):
 @pytest.mark.slow
 def test_starter_recipe_learns(tmp_path):
     """The STARTER code path, shortened, beats the same model untrained."""
-    recipe = dataclasses.replace(STARTER, pretrain_steps=25, sft_steps=90)
+    recipe = dataclasses.replace(STARTER, pretrain_steps=25, sft_steps=90, threads=1)
     path = build_model(tmp_path / "model", recipe, progress=False)
     tok = AutoTokenizer.from_pretrained(path)
     trained = AutoModelForCausalLM.from_pretrained(path)
@@ -138,7 +138,7 @@ def test_starter_recipe_learns(tmp_path):
 
 def test_sft_forms_match_the_pair_language(tiny_tokenizer):
     """System prompts in SFT are in the pair's language; each pair has a bare, alone form."""
-    recipe = dataclasses.replace(STARTER, sft_max_len=200)
+    recipe = dataclasses.replace(STARTER, sft_max_len=200, sft_light_categories=("tech_support",))
     pairs = [
         corpus.Pair("english", "greetings", "Hello", "Hi"),
         corpus.Pair("chinese", "greetings", "你好", "嗨"),
@@ -150,7 +150,9 @@ def test_sft_forms_match_the_pair_language(tiny_tokenizer):
         texts = [tiny_tokenizer.decode(ids) for ids, _ in forms]
         assert texts[0].startswith("<|im_start|>user\n" + pair.message)  # bare, no context
         assert any(starter.DEFAULT_SYSTEM_PROMPT in t for t in texts) == (pair.language == "english")
-        assert not any(zh in t for t in texts for zh in starter.SYSTEM_PROMPTS_ZH) == (pair.language == "english")
+        assert not any(zh in t for t in texts for zh in starter.SYSTEM_PROMPTS_ZH) == (
+            pair.language == "english"
+        )
     # one form per item per epoch (a batch of 10 holds one epoch), light items every other epoch
     batches = pretrain.sft_variant_batches(variants, 10, tiny_tokenizer.pad_token_id, 0, every)
     assert batches(0)["input_ids"].shape[0] + batches(1)["input_ids"].shape[0] == 2 + 2 + 1
