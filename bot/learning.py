@@ -127,6 +127,9 @@ class LearningService:
         if engine.model_version == want or want == self._failed:
             return False
         try:
+            why = registry.base_mismatch(live, getattr(engine, "model_path", None))
+            if why:
+                raise TrainingError(f"a version for another base model: {why}")
             adapter = registry.adapter(live)
             await engine.swap_adapter(None if adapter is None else str(adapter), want)
         except (TuneloopError, NotImplementedError) as e:

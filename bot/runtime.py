@@ -39,6 +39,10 @@ async def serve_live_version(config: Config, engine: Engine) -> None:
     registry = Registry(config.trainer.registry)
     live = registry.live()
     if live is not None and engine.model_version != live:
+        why = registry.base_mismatch(live, getattr(engine, "model_path", None))
+        if why:
+            log.error("not serving the live version: %s; serving %s", why, engine.model_version)
+            return
         try:
             await engine.swap_adapter(str(registry.adapter(live)), live)
         except (TuneloopError, NotImplementedError) as e:

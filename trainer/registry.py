@@ -136,6 +136,15 @@ class Registry:
         """The adapter folder that serves ``version`` (``None``: the base model)."""
         return None if version is None else self.path(version) / ADAPTER
 
+    def base_mismatch(self, version: str | None, model_path: str | None) -> str | None:
+        """Why ``version`` must not be served on ``model_path`` (a different base), or None."""
+        if version is None or not model_path:
+            return None
+        trained_on = self.meta(version).get("base_path")
+        if trained_on and Path(trained_on).resolve() != Path(model_path).resolve():
+            return f"{version} was trained on {trained_on}, the engine serves {model_path}"
+        return None
+
     def meta(self, version: str) -> dict[str, Any]:
         return json.loads((self.path(version) / META).read_text(encoding="utf-8"))
 

@@ -233,7 +233,7 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
         report = gate(config, base_path, ds, candidate)
         verdict = "passed" if report["passed"] else "rejected"
         meta = {"parent": ds["live"], "run_id": name, "reason": reason, "base": config.model.base,
-                "data_cutoff": ds["cutoff"],
+                "data_cutoff": ds["cutoff"], "base_path": str(base_path),
                 "dataset_hash": ds["dataset_hash"], "dataset": ds["counts"], "method": t.method,
                 "hyperparameters": {**config_dict(fcfg), "replay_ratio": t.replay_ratio,
                                     "holdout_fraction": t.holdout_fraction},
