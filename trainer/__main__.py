@@ -90,6 +90,15 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("run", help="one training run: dataset, fine-tune, gate, registry")
+    return p
+
+
+def run_run(args: argparse.Namespace) -> int:  # reached only through main()'s shortcut
+    raise AssertionError("handled in main()")
+
+
 Command = tuple[
     Callable[[argparse._SubParsersAction], argparse.ArgumentParser], Callable[[argparse.Namespace], int]
 ]
@@ -97,6 +106,7 @@ Command = tuple[
 COMMANDS: dict[str, Command] = {
     "build-starter": (add_build_starter, run_build_starter),
     "eval": (add_eval, run_eval),
+    "run": (add_run, run_run),
 }
 
 
@@ -110,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # trainer.run owns its arguments (it also runs under torchrun)
+        from trainer.run import main as run_main
+
+        return run_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
