@@ -300,3 +300,25 @@ def test_held_back_stop_prefix():
     assert _held("hello wor", ("world",)) == 3
     assert _held("hello", ("xyz",)) == 0
     assert _held("ab", ("abc", "b!")) == 2
+
+
+@pytest.mark.asyncio
+async def test_swap_to_a_fully_fine_tuned_version(engine, tiny_model, tmp_path):
+    """A version trained with ``[trainer] lora = false`` is a whole model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / "full")
+
+    base = await engine.complete(CONVS[1], fixed(20))
+    await engine.swap_adapter(str(tmp_path / "full"), "v9")
+    tuned = await engine.complete(CONVS[1], fixed(20))
+    assert tuned.model_version == "v9" and tuned.text != base.text
+    await engine.swap_adapter(None, "base")
+    back = await engine.complete(CONVS[1], fixed(20))
+    assert back.text == base.text

@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -628,11 +629,20 @@ class LocalEngine(Engine):
     def _load_weights(self, adapter_path: str | None) -> None:
         with torch.no_grad():
             self.model.load_state_dict(self._base_state)
-            if adapter_path:
+            if not adapter_path:
+                return
+            if (Path(adapter_path) / "adapter_config.json").exists():
                 from peft import PeftModel
 
                 merged = PeftModel.from_pretrained(self.model, adapter_path).merge_and_unload()
                 self.model = merged.to(self.device).eval()
+            else:
+                # A fully fine-tuned version ([trainer] lora = false): the same
+                # architecture, every weight replaced.
+                from transformers import AutoModelForCausalLM
+
+                full = AutoModelForCausalLM.from_pretrained(adapter_path, dtype=self.model.dtype)
+                self.model.load_state_dict(full.state_dict())
 
 
 def _held(text: str, stops: tuple[str, ...]) -> int:
