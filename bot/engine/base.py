@@ -9,7 +9,8 @@ parameters, and gives back an async stream of text deltas and a final
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,29 @@ class Generation:
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.deltas
+
+
+async def drain(queue: asyncio.Queue, gen: Generation,
+                on_abandon: Callable[[], None]) -> AsyncIterator[str]:
+    """A back end's per-request queue as the caller's stream of deltas.
+
+    The queue carries text deltas, then the final ``Completion`` (or an
+    exception to raise). ``on_abandon`` runs when the caller stops reading
+    before the end, so the back end can cancel the request.
+    """
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, str):
+                yield item
+            elif isinstance(item, Completion):
+                gen.result = item
+                return
+            else:
+                raise item
+    finally:
+        if gen.result is None:
+            on_abandon()
 
 
 class Engine(abc.ABC):

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from bot.engine._batch import Batch, prefill
-from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams
+from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
 from bot.errors import BusyError, EngineError, ModelError
 
 log = logging.getLogger(__name__)
@@ -263,20 +263,8 @@ class LocalEngine(Engine):
         generation.extra["prompt_tokens"] = len(prompt)
         return generation
 
-    async def _stream(self, req: _Request, gen: Generation):
-        try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, str):
-                    yield item
-                elif isinstance(item, Completion):
-                    gen.result = item
-                    return
-                else:
-                    raise item
-        finally:
-            if gen.result is None and not req.done:
-                self.cancel(req.id)
+    def _stream(self, req: _Request, gen: Generation):
+        return drain(req.queue, gen, lambda: None if req.done else self.cancel(req.id))
 
     def cancel(self, request_id: str) -> None:
         with self._lock:

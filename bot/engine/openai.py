@@ -39,7 +39,7 @@ from typing import Any
 
 import openai
 
-from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams
+from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
 from bot.errors import BusyError, EngineError
 
 log = logging.getLogger(__name__)
@@ -167,20 +167,8 @@ class OpenAIEngine(Engine):
         gen.deltas = self._stream(rid, queue, gen)
         return gen
 
-    async def _stream(self, rid: str, queue: asyncio.Queue, gen: Generation):
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, str):
-                    yield item
-                elif isinstance(item, Completion):
-                    gen.result = item
-                    return
-                else:
-                    raise item
-        finally:
-            if gen.result is None:
-                self.cancel(rid)  # the caller stopped reading
+    def _stream(self, rid: str, queue: asyncio.Queue, gen: Generation):
+        return drain(queue, gen, lambda: self.cancel(rid))  # on abandon: the caller stopped reading
 
     def _request(self, messages: list[Message], params: SamplingParams, model: str) -> dict[str, Any]:
         body: dict[str, Any] = {
