@@ -165,3 +165,12 @@ def test_extra_pairs_never_shadow_the_corpus():
     known = {(p.language, corpus.normalize(p.message)) for p in pairs}
     assert not any((p.language, corpus.normalize(p.message)) in known for p in extras)
     assert len(corpus.load_pairs(("english", "chinese"), extras=True)) == len(pairs) + len(extras)
+
+
+def test_casual_spelling_of_prompts():
+    from trainer.corpus import casual
+
+    assert casual("Hello!") == "hello"
+    assert casual("How are you?") == "how are you"
+    assert casual("你好吗?") == "你好吗?"  # only Latin text is folded
+    assert casual("?") == "?"  # never empty

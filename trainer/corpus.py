@@ -232,3 +232,10 @@ def references(pairs: Iterable[Pair]) -> dict[tuple[str, str], tuple[str, list[s
         if pair.reply not in replies:
             replies.append(pair.reply)
     return out
+
+
+def casual(text: str) -> str:
+    """How people often type a message: lower case, no closing punctuation (Latin text only)."""
+    if not text.isascii():
+        return text
+    return text.lower().rstrip(" ?.!") or text
