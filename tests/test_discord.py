@@ -19,12 +19,13 @@ import pytest_asyncio
 from bot.adapters.discord import CONTEXT_MENU_NAME, DiscordAdapter, split_text
 from bot.admin import Admin
 from bot.chat import Chat
-from bot.config import parse
+from bot.config import load
 from bot.engine.base import SamplingParams
 from bot.feedback import Feedback
 from bot.runtime import Services
 from bot.store import Store
 from tests.fake_discord import FakeDiscord, FakeUser, wait_until
+from trainer.control import Control
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -32,33 +33,6 @@ ALICE = FakeUser("100000000000000001", "alice")
 BOB = FakeUser("100000000000000002", "bob")
 ADMIN = FakeUser("100000000000000003", "ada")  # admin by user id
 OTHER_BOT = FakeUser("100000000000000005", "otherbot", bot=True)
-
-
-class FakeControl:
-    """Stands in for the trainer's LearningControl (trainer/control.py)."""
-
-    def __init__(self) -> None:
-        self.runs: list[str] = []
-        self.live = "base"
-
-    def start_run(self, reason: str) -> dict[str, Any]:
-        self.runs.append(reason)
-        return {"run_id": f"run-{len(self.runs)}"}
-
-    def status(self) -> dict[str, Any]:
-        return {"live_version": self.live, "last_run": None, "new_feedback": 3, "next_run": None}
-
-    def models(self) -> list[dict[str, Any]]:
-        return [{"version": "base", "live": self.live == "base", "verdict": "base", "metrics": {}},
-                {"version": "v1", "live": self.live == "v1", "verdict": "promoted", "metrics": {"ppl": 9.5}}]
-
-    def promote(self, version: str) -> dict[str, Any]:
-        self.live = version
-        return {"version": version}
-
-    def rollback(self, version: str | None = None) -> dict[str, Any]:
-        self.live = version or "base"
-        return {"version": self.live}
 
 
 @pytest.fixture(scope="module")
@@ -73,23 +47,27 @@ def long_model(tiny_model: Path, tmp_path_factory) -> Path:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(long_model: Path, tmp_path_factory):
+async def world(long_model: Path, tiny_model: Path, tmp_path_factory):
     from bot.engine.local import LocalEngine
 
     fake = FakeDiscord()
     await fake.start()
     tmp = tmp_path_factory.mktemp("discord")
-    config = parse({
-        "storage": {"path": str(tmp / "tuneloop.db")},
-        "model": {"max_new_tokens": 16},
-        "discord": {"enabled": True, "api_base_url": fake.api_base_url, "channels": [fake.chat],
-                    "guilds": [fake.guild_id]},
-        "admin": {"discord_users": [ADMIN.id], "discord_roles": [fake.admin_role]},
-    }, tmp)
+    # A config file, not a dict: a training run is started with `--config <config.source>`.
+    q = json.dumps  # a JSON string or list of strings is valid TOML
+    (tmp / "config.toml").write_text(
+        f"[storage]\npath = {q(str(tmp / 'tuneloop.db'))}\n"
+        f"[model]\nbase = {q(str(tiny_model))}\nmax_new_tokens = 16\n"
+        f"[discord]\nenabled = true\napi_base_url = {q(fake.api_base_url)}\nchannels = {q([fake.chat])}\n"
+        f"guilds = {q([fake.guild_id])}\n"
+        f"[admin]\ndiscord_users = {q([ADMIN.id])}\ndiscord_roles = {q([fake.admin_role])}\n"
+        f"[trainer]\nenabled = false\nregistry = {q(str(tmp / 'models'))}\nepochs = 1\ncontrol_prompts = 2\n"
+        "eval_max_new_tokens = 8\n", encoding="utf-8")
+    config = load(tmp / "config.toml")
     store = Store(config.storage.path)
     engine = LocalEngine(str(long_model), version="tiny", device="cpu", dtype="float32", max_batch=4, threads=1)
     await engine.start()
-    control = FakeControl()
+    control = Control(config, store)  # the real learning control: its runs are real processes
     services = Services(config, store, engine, Chat(config, store, engine),
                         Feedback(store, config.model.max_input_chars), Admin(config, store, control))
     mp = pytest.MonkeyPatch()
@@ -99,7 +77,14 @@ async def world(long_model: Path, tmp_path_factory):
     await adapter.wait_ready()
     w = type("World", (), {})()
     w.fake, w.store, w.adapter, w.control, w.engine = fake, store, adapter, control, engine
-    yield w
+    w.spawned = []  # every training process a test started, stopped below at the latest
+    try:
+        yield w
+    finally:
+        for proc in [*w.spawned, *control._children.values()]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
     await adapter.stop()
     await engine.stop()
     await fake.close()
@@ -288,21 +273,57 @@ async def command(w, user: FakeUser, sub: str, **options: str) -> str:
     return "\n".join(f["content"] for f in ups)
 
 
+def stop_runs(w) -> None:
+    """Kill the training processes started so far and let the reaper mark their runs failed."""
+    procs = list(w.control._children.values())
+    w.spawned.extend(procs)
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+    w.control.reap()
+
+
 async def test_slash_commands_and_admin_checks(world):
-    control = world.control
+    control, store = world.control, world.store
+    # Something the live (base) version has not trained on: an admin's retrain needs it.
+    ex = store.add_exchange(platform="discord", user="100000000000000009", conversation_id="seed",
+                            messages=[{"role": "user", "content": "hi"}], prompt="hi", reply="hello",
+                            model_version="tiny")
+    store.rate(ex.id, "100000000000000009", "up")
+    assert control.untrained_feedback() >= 1
+
     text = await command(world, BOB, "retrain")
-    assert "admins only" in text and control.runs == []
-    text = await command(world, ADMIN, "retrain")
-    assert "run-1 started" in text and control.runs == [f"discord:{ADMIN.id}"]
+    assert "admins only" in text
+    assert store.query("SELECT * FROM training_runs") == [] and control._children == {}
+
+    text = await command(world, ADMIN, "retrain")  # admin by user id
+    assert "Training run run-1 started." in text
+    (run1,) = store.query("SELECT * FROM training_runs")
+    assert run1["id"] == 1 and run1["reason"] == f"discord:{ADMIN.id}"
+    assert run1["status"] in ("queued", "running") and run1["pid"] in control._children
+    assert control._children[run1["pid"]].poll() is None  # a real training process, running
+
     role_admin = FakeUser("100000000000000004", "rita", roles=[world.fake.admin_role])
-    text = await command(world, role_admin, "retrain")
-    assert "run-2 started" in text and len(control.runs) == 2
-    assert "live version: base" in await command(world, BOB, "status")
-    assert "v1" in await command(world, BOB, "models")
+    text = await command(world, role_admin, "retrain")  # one run at a time: a polite no
+    assert "run-1 is going" in text and len(store.query("SELECT * FROM training_runs")) == 1
+    stop_runs(world)
+    assert store.query("SELECT status FROM training_runs WHERE id = 1")[0]["status"] == "failed"
+
+    text = await command(world, role_admin, "retrain")  # admin by role
+    assert "Training run run-2 started." in text
+    rows = store.query("SELECT * FROM training_runs ORDER BY id")
+    assert [(r["id"], r["reason"]) for r in rows] == [(1, f"discord:{ADMIN.id}"), (2, f"discord:{role_admin.id}")]
+    assert rows[1]["pid"] in control._children and control._children[rows[1]["pid"]].poll() is None
+    stop_runs(world)  # no training in the background of the tests that follow
+
+    status = await command(world, BOB, "status")
+    assert "live version: base" in status and "last run: run-2 failed" in status
+    assert "* base [base]" in await command(world, BOB, "models")
     assert "admins only" in await command(world, BOB, "promote", version="v1")
-    assert "v1 is live" in await command(world, role_admin, "promote", version="v1")
-    assert "base is live" in await command(world, ADMIN, "rollback", version="base")
-    assert "Rolled back" in await command(world, ADMIN, "rollback")
+    assert "v1 not found" in await command(world, role_admin, "promote", version="v1")
+    assert "base is live" in await command(world, role_admin, "promote", version="base")
+    assert "Rolled back: base is live" in await command(world, ADMIN, "rollback", version="base")
+    assert "nothing to roll back" in await command(world, ADMIN, "rollback")
 
 
 async def test_forget_me(world):

@@ -18,7 +18,7 @@ from bot.adapters.slack_text import ReplyStream, escape, plain_text, split_text
 from bot.adapters.slack_views import SUGGEST_SHORTCUT
 from bot.admin import Admin
 from bot.chat import Chat
-from bot.config import parse
+from bot.config import load
 from bot.engine.local import LocalEngine
 from bot.errors import ConfigError
 from bot.feedback import Feedback
@@ -35,35 +35,13 @@ from tests.fake_slack import (
     sign,
     view_submission_body,
 )
+from trainer.control import Control
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 ALLOWED, GENERAL, DM = "C0ALLOW", "C0GENERAL", "D0DIRECT"
 ALICE, BOB, ADMIN = "U0ALICE", "U0BOB", "U0ADMIN"
-
-
-class FakeControl:
-    """Stand-in for the trainer's LearningControl: records what admins asked for."""
-
-    def __init__(self):
-        self.runs: list[str] = []
-
-    def start_run(self, reason):
-        self.runs.append(reason)
-        return {"run_id": f"run-{len(self.runs)}"}
-
-    def status(self):
-        return {"live_version": "tiny", "last_run": None, "new_feedback": 3, "next_run": None}
-
-    def models(self):
-        return [{"version": "tiny", "live": True, "metrics": {}, "verdict": "base"}]
-
-    def promote(self, version):
-        return {"version": version}
-
-    def rollback(self, version=None):
-        return {"version": version or "tiny"}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -134,20 +112,45 @@ class Bot:
         return self.svc.store.query("SELECT COUNT(*) AS n FROM exchanges")[0]["n"]
 
 
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def write_config(path, sections: dict) -> None:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
 @pytest_asyncio.fixture(loop_scope="module")
-async def make_bot(tmp_path, engine, fake, monkeypatch):
+async def make_bot(tmp_path, engine, fake, tiny_model, monkeypatch):
     monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test-token")
     monkeypatch.setenv("SLACK_APP_TOKEN", "xapp-test-token")
     monkeypatch.setenv("SLACK_SIGNING_SECRET", SECRET)
     running: list[tuple[Bot, web.AppRunner | None]] = []
-    control = FakeControl()
 
     async def make(mode: str = "http", **adapter_kwargs) -> Bot:
-        config = parse({"storage": {"path": "db/tuneloop.db"}, "model": {"max_new_tokens": 24},
-                        "slack": {"enabled": True, "mode": mode, "api_base_url": fake.api_url,
-                                  "channels": [ALLOWED]},
-                        "admin": {"slack_users": [ADMIN]}}, tmp_path)
+        path = tmp_path / f"tuneloop-{mode}.toml"
+        write_config(path, {
+            "storage": {"path": "db/tuneloop.db"},
+            "model": {"base": tiny_model, "device": "cpu", "max_new_tokens": 24},
+            "slack": {"enabled": True, "mode": mode, "api_base_url": fake.api_url, "channels": [ALLOWED]},
+            "admin": {"slack_users": [ADMIN]},
+            "trainer": {"enabled": False, "registry": tmp_path / "models", "epochs": 1, "batch_size": 2,
+                        "control_prompts": 2, "eval_max_new_tokens": 8}})
+        config = load(path)
+        assert config.source == path.resolve()
         store = Store(config.storage.path)
+        control = Control(config, store)
         svc = Services(config, store, engine, Chat(config, store, engine),
                        Feedback(store, config.model.max_input_chars), Admin(config, store, control))
         adapter_kwargs.setdefault("edit_interval", 0.0)
@@ -173,7 +176,22 @@ async def make_bot(tmp_path, engine, fake, monkeypatch):
         await bot.http.close()
         if runner is not None:
             await runner.cleanup()
+        for proc in bot.control._children.values():  # no training process outlives the test
+            proc.kill()
+            proc.wait()
         bot.svc.store.close()
+
+
+def add_feedback(bot: Bot) -> None:
+    """One rated exchange the live version has not trained on: what an admin's retrain needs."""
+    ex = bot.svc.store.add_exchange(platform="slack", user=ALICE, conversation_id=f"slack:{DM}:1.1",
+                                    messages=[{"role": "user", "content": "hello"}], prompt="hello",
+                                    reply="hi there", model_version="base", channel=DM, thread="1.1")
+    bot.svc.store.rate(ex.id, BOB, "up")
+
+
+def run_rows(bot: Bot) -> list[dict]:
+    return bot.svc.store.query("SELECT * FROM training_runs ORDER BY id")
 
 
 # ---------------------------------------------------------------------- conversations
@@ -420,41 +438,57 @@ async def test_garbage_from_slack_never_500(make_bot):
 
 async def test_slash_command_refuses_non_admins_and_starts_a_run_for_admins(make_bot, fake):
     bot = await make_bot()
+    add_feedback(bot)  # so that only the permission check can refuse
     status, took = await bot.command("retrain", BOB)
     assert status == 200 and took < 3
     await fake.wait_for(lambda: fake.responses, what="the answer")
     assert "admins only" in fake.responses[-1]["text"] and fake.responses[-1]["response_type"] == "ephemeral"
-    assert bot.control.runs == []
+    assert run_rows(bot) == [] and not bot.control._children
 
     await bot.command("retrain", ADMIN)
     await fake.wait_for(lambda: len(fake.responses) == 2, what="the answer")
-    assert fake.responses[-1]["text"] == "Training run run-1 started." and bot.control.runs == ["slack:U0ADMIN"]
+    assert fake.responses[-1]["text"] == "Training run run-1 started."
+    (row,) = run_rows(bot)
+    assert row["id"] == 1 and row["reason"] == "slack:U0ADMIN" and row["pid"] in bot.control._children
+    assert bot.control.running()["run_id"] == "run-1", "the training process is going"
+
+    await bot.command("retrain", ADMIN)  # one run at a time
+    await fake.wait_for(lambda: len(fake.responses) == 3, what="the answer")
+    assert "is going" in fake.responses[-1]["text"] and len(run_rows(bot)) == 1
 
     await bot.command("status", BOB)
+    await bot.command("models", BOB)
     await bot.command("rollback", BOB)
     await bot.command("frobnicate", BOB)
-    await fake.wait_for(lambda: len(fake.responses) == 5, what="the answers")
-    texts = [r["text"] for r in fake.responses[2:]]
-    assert "live version: tiny" in texts[0] and "admins only" in texts[1] and "unknown command" in texts[2]
+    await fake.wait_for(lambda: len(fake.responses) == 7, what="the answers")
+    texts = [r["text"] for r in fake.responses[3:]]
+    assert "live version: base" in texts[0] and "running now: run-1" in texts[0]
+    assert "* base [base]" in texts[1]
+    assert "admins only" in texts[2] and bot.control.registry.live() is None
+    assert "unknown command" in texts[3]
 
 
 async def test_app_home_shows_status_and_its_buttons_run_admin_actions(make_bot, fake):
     bot = await make_bot()
+    add_feedback(bot)
     await bot.event({"type": "app_home_opened", "user": ADMIN, "channel": "D0HOME", "tab": "home",
                      "event_ts": "1700000000.1"})
     await bot.settle()
     view = fake.calls_to("views.publish")[-1].args["view"]
-    assert view["type"] == "home" and "live version: tiny" in json.dumps(view)
+    assert view["type"] == "home" and "live version: base" in json.dumps(view)
+    assert "feedback since then: 1" in json.dumps(view)
     assert "tuneloop_home_retrain" in json.dumps(view)
 
     status, _ = await bot.interactive(block_action_body(ADMIN, "tuneloop_home_retrain"))
     await bot.settle()
-    assert status == 200 and bot.control.runs == ["slack:U0ADMIN"]
+    assert status == 200
+    assert [(r["id"], r["reason"]) for r in run_rows(bot)] == [(1, "slack:U0ADMIN")]
+    assert bot.control.running()["run_id"] == "run-1" and len(bot.control._children) == 1
     assert "run-1 started" in json.dumps(fake.calls_to("views.publish")[-1].args["view"])
 
     await bot.interactive(block_action_body(BOB, "tuneloop_home_retrain"))
     await bot.settle()
-    assert bot.control.runs == ["slack:U0ADMIN"]
+    assert len(run_rows(bot)) == 1 and len(bot.control._children) == 1
     published = json.dumps(fake.calls_to("views.publish")[-1].args["view"])
     assert "admins only" in published and "tuneloop_home_retrain" not in published
 
@@ -476,10 +510,12 @@ async def test_socket_mode_answers_mentions_and_commands(make_bot, fake):
     await bot.settle()
     assert bot.exchanges() == 1 and len(fake.bot_replies(GENERAL, msg["ts"])) == 1
 
+    add_feedback(bot)
     status, took = await bot.command("retrain", ADMIN)
     assert took < 3
     await fake.wait_for(lambda: fake.responses, what="the answer")
     assert fake.responses[-1]["text"] == "Training run run-1 started."
+    assert [r["reason"] for r in run_rows(bot)] == ["slack:U0ADMIN"] and bot.control.running()
 
 
 async def test_manifest_matches_the_adapter():
