@@ -7,7 +7,6 @@ within seconds. A run is a separate process (``python -m trainer.run``).
 
 from __future__ import annotations
 
-import json
 import sys
 
 from bot.cli import _print_json, command
@@ -66,36 +65,32 @@ def _json_args(p):
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _show(config: Config, args, read, text) -> int:
+    """Print what ``read(control)`` returns, as JSON or through ``text``."""
+    store, control = _control(config)
+    try:
+        value = read(control)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(value)
+    else:
+        print(text(value))
+    return 0
+
+
 @command("models", "every model version with its metrics and verdict; * marks the live one")(_json_args)
 def cmd_models(args, config: Config) -> int:
     from bot.admin import format_models
 
-    store, control = _control(config)
-    try:
-        models = control.models()
-    finally:
-        store.close()
-    if args.json:
-        _print_json(models)
-    else:
-        print(format_models(models))
-    return 0
+    return _show(config, args, lambda c: c.models(), format_models)
 
 
 @command("status", "live version, last run, feedback since then, a run going")(_json_args)
 def cmd_status(args, config: Config) -> int:
     from bot.admin import format_status
 
-    store, control = _control(config)
-    try:
-        status = control.status()
-    finally:
-        store.close()
-    if args.json:
-        _print_json(status)
-    else:
-        print(format_status(status))
-    return 0
+    return _show(config, args, lambda c: c.status(), format_status)
 
 
 def _promote_args(p):
@@ -147,7 +142,7 @@ def cmd_forget(args, config: Config) -> int:
     finally:
         store.close()
     if args.json:
-        sys.stdout.write(json.dumps({"user": args.user, **counts}) + "\n")
+        _print_json({"user": args.user, **counts})
     else:
         print(f"forgot {args.user}: {counts['exchanges']} exchanges, {counts['ratings']} ratings, "
               f"{counts['corrections']} corrections deleted; opted out of training")
