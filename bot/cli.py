@@ -259,6 +259,8 @@ def setup_logging(verbose: bool, default: int = logging.WARNING) -> None:
     # The starter build and model downloads report progress at INFO.
     logging.getLogger("trainer").setLevel(logging.INFO)
     logging.getLogger("bot.models").setLevel(logging.INFO)
+    # APScheduler narrates every job it adds; bot.learning logs the schedule once.
+    logging.getLogger("apscheduler").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
