@@ -367,15 +367,38 @@ def _threads(n: int) -> Iterator[None]:
         # Never more threads than idle cores: on a busy machine spinning OpenMP
         # workers cost far more than the second thread buys (a 2-thread build
         # beside a 1-thread job on 2 cores took > 5x longer).
-        try:
-            busy = int(os.getloadavg()[0] + 0.5)
-        except OSError:
-            busy = 0
+        busy = _busy_cores()
         torch.set_num_threads(max(1, min(n, (os.cpu_count() or 1) - busy)))
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _busy_cores(sample_s: float = 0.5) -> int:
+    """Cores busy right now, from two /proc/stat readings (load average where there is none).
+
+    The one-minute load average still counts what just finished (a pip
+    install before the first start), which would halve a build on an idle
+    machine.
+    """
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = read()
+        time.sleep(sample_s)
+        total1, idle1 = read()
+        busy_share = 1 - (idle1 - idle0) / max(1, total1 - total0)
+        return int(busy_share * (os.cpu_count() or 1) + 0.5)
+    except (OSError, ValueError, IndexError):
+        try:
+            return int(os.getloadavg()[0] + 0.5)
+        except OSError:
+            return 0
 
 
 def _minutes(m: float) -> str:
