@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from bot.config import Config
 from bot.engine import Engine, Message, SamplingParams
-from bot.errors import InputError, NotFoundError
+from bot.errors import InputError
 from bot.store import Exchange, Store
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,3 @@ class Chat:
                  ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,
                  done.total_time * 1000, done.finish_reason)
         return ex
-
-    def require_conversation(self, conversation_id: str) -> None:
-        if not self.store.conversation_exists(conversation_id):
-            raise NotFoundError(f"conversation {conversation_id} not found")

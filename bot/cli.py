@@ -62,12 +62,9 @@ def _check_conversation(config: Config, conversation: str | None) -> None:
     if conversation:
         from bot.runtime import open_store
 
-        store = open_store(config)
-        try:
+        with open_store(config) as store:
             if not store.conversation_exists(conversation):
                 raise InputError(f"conversation {conversation} not found")
-        finally:
-            store.close()
 
 
 def _chat_args(p):
@@ -138,11 +135,8 @@ def cmd_rate(args, config: Config) -> int:
 
     exchange_id = _exchange_id(args.exchange_id)
     rating = parse_rating(args.rating)
-    store = open_store(config)
-    try:
+    with open_store(config) as store:
         Feedback(store).rate(exchange_id, _default_user(args), rating)
-    finally:
-        store.close()
     print(f"exchange {exchange_id}: rating {rating or 'removed'}")
     return 0
 
@@ -159,11 +153,8 @@ def cmd_correct(args, config: Config) -> int:
     from bot.runtime import open_store
 
     exchange_id = _exchange_id(args.exchange_id)
-    store = open_store(config)
-    try:
+    with open_store(config) as store:
         cid = Feedback(store, config.model.max_input_chars).correct(exchange_id, _default_user(args), args.text)
-    finally:
-        store.close()
     print(f"exchange {exchange_id}: correction {cid} stored")
     return 0
 
@@ -178,11 +169,8 @@ def _stats_args(p):
 def cmd_stats(args, config: Config) -> int:
     from bot.runtime import open_store
 
-    store = open_store(config)
-    try:
+    with open_store(config) as store:
         stats = store.stats()
-    finally:
-        store.close()
     if args.json:
         _print_json(stats)
         return 0
@@ -214,11 +202,8 @@ def cmd_export(args, config: Config) -> int:
 
     if args.format not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
-    store = open_store(config)
-    try:
+    with open_store(config) as store:
         rows = export(store, args.format)
-    finally:
-        store.close()
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.output:
         out = Path(args.output)

@@ -8,18 +8,26 @@ within seconds. A run is a separate process (``python -m trainer.run``).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from bot.cli import _print_json, command
 from bot.config import Config
 from bot.errors import InputError
 
+if TYPE_CHECKING:
+    from trainer.control import Control
 
-def _control(config: Config):
+
+@contextmanager
+def _control(config: Config) -> Iterator[Control]:
+    """The learning control over a store that is closed on exit."""
     from bot.runtime import open_store
     from trainer.control import Control
 
-    store = open_store(config)
-    return store, Control(config, store)
+    with open_store(config) as store:
+        yield Control(config, store)
 
 
 def _retrain_args(p):
@@ -30,8 +38,7 @@ def _retrain_args(p):
 
 @command("retrain", "start a training run now (on any feedback not trained on yet)")(_retrain_args)
 def cmd_retrain(args, config: Config) -> int:
-    store, control = _control(config)
-    try:
+    with _control(config) as control:
         started = control.start_run("cli")
         if not args.wait:
             if args.json:
@@ -43,8 +50,6 @@ def cmd_retrain(args, config: Config) -> int:
             print(f"{started['run_id']} started; waiting (log: {started['log']})", file=sys.stderr)
         control.wait(started["run_id"], timeout=args.timeout)
         out = control.outcome(started["run_id"])
-    finally:
-        store.close()
     if args.json:
         _print_json(out)
     elif out["status"] == "failed":
@@ -67,11 +72,8 @@ def _json_args(p):
 
 def _show(config: Config, args, read, text) -> int:
     """Print what ``read(control)`` returns, as JSON or through ``text``."""
-    store, control = _control(config)
-    try:
+    with _control(config) as control:
         value = read(control)
-    finally:
-        store.close()
     if args.json:
         _print_json(value)
     else:
@@ -99,11 +101,8 @@ def _promote_args(p):
 
 @command("promote", "make VERSION live (a running server swaps it in within seconds)")(_promote_args)
 def cmd_promote(args, config: Config) -> int:
-    store, control = _control(config)
-    try:
+    with _control(config) as control:
         out = control.promote(args.version, by="cli")
-    finally:
-        store.close()
     if out.get("warning"):
         print(f"warning: {out['warning']}", file=sys.stderr)
     print(f"{out['version']} is live (was {out['previous']})")
@@ -116,11 +115,8 @@ def _rollback_args(p):
 
 @command("rollback", "go back to VERSION, by default the live version's parent")(_rollback_args)
 def cmd_rollback(args, config: Config) -> int:
-    store, control = _control(config)
-    try:
+    with _control(config) as control:
         out = control.rollback(args.version, by="cli")
-    finally:
-        store.close()
     print(f"rolled back: {out['version']} is live (was {out['previous']})")
     return 0
 
@@ -136,11 +132,8 @@ def cmd_forget(args, config: Config) -> int:
 
     if not args.user.strip():
         raise InputError("user is empty")
-    store = open_store(config)
-    try:
+    with open_store(config) as store:
         counts = store.forget_user(args.user)
-    finally:
-        store.close()
     if args.json:
         _print_json({"user": args.user, **counts})
     else:

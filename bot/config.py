@@ -186,7 +186,8 @@ class Config:
         return os.environ.get(env_name) or None
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+#: section name -> its dataclass
+_SECTIONS = {name: tp for name, tp in typing.get_type_hints(Config).items() if name != "source"}
 
 
 def _type_name(tp: Any) -> str:
@@ -269,7 +270,6 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Co
         sections[name] = value
     built = {}
     for name, cls in _SECTIONS.items():
-        cls = typing.get_type_hints(Config)[name]
         built[name] = _build_section(name, cls, sections.get(name, {}), base_dir)
     return Config(**built, source=source)
 

@@ -216,6 +216,12 @@ class Store:
         with self._lock:
             self.db.conn.close()
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- exchanges ------------------------------------------------------------
 
     def add_exchange(self, *, platform: str, user: str, conversation_id: str,

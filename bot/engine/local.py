@@ -420,7 +420,6 @@ class LocalEngine(Engine):
         if all(r.params.temperature <= 0 for r in rows):
             return logits.argmax(-1)
         logits = logits.float()
-        greedy = torch.tensor([r.params.temperature <= 0 for r in rows], device=logits.device)
         temps = torch.tensor(
             [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows], device=logits.device
         )
@@ -432,7 +431,7 @@ class LocalEngine(Engine):
             cum = sorted_p.cumsum(-1)
             sorted_p = sorted_p.masked_fill(cum - sorted_p > tp, 0.0)  # keeps at least the top token
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        sampled = logits.argmax(-1)
+        sampled = logits.argmax(-1)  # greedy rows keep it; sampled rows are overwritten below
         plain = [i for i, r in enumerate(rows) if r.params.temperature > 0 and r.generator is None]
         if plain:
             idx = torch.tensor(plain, device=logits.device)
@@ -440,7 +439,7 @@ class LocalEngine(Engine):
         for i, r in enumerate(rows):
             if r.params.temperature > 0 and r.generator is not None:
                 sampled[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
-        return torch.where(greedy, logits.argmax(-1), sampled)
+        return sampled
 
     def _advance(self, req: _Request, tok: int, now: float, out: list) -> None:
         """Add one token to a request: detokenize, check stops, queue its delta."""
