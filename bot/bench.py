@@ -5,7 +5,9 @@ Three ways to produce the same greedy tokens (a fixed count, eos ignored):
 - naive: ``model.generate`` once per request, one request after another;
 - engine: ``LocalEngine`` with 1, 8, 32 concurrent clients;
 - tight loop: the model's own batched forward pass, prefill a batch then
-  decode step after step with transformers' KV cache, no engine around it.
+  decode step after step, no engine around it: once with the decode step the
+  engine uses (the fused step of ``bot/engine/_decode.py`` where it applies)
+  and once with transformers' ``forward`` and its ``DynamicCache``.
 
 It reports generated tokens/s, time to first token and end-to-end latency
 (p50 / p95) for each, the engine's speed-up over naive and its share of the
@@ -110,10 +112,17 @@ def _naive_one(model, prompt: list[int], new_tokens: int, pad_id: int) -> tuple[
     return out.shape[1] - ids.shape[1], (streamer.first or t1) - t0, t1 - t0
 
 
-def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict[str, Any]:
-    """The model's own batched decoding: prefill, then forward step after step with its KV cache."""
+def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int, decoder=None) -> dict[str, Any]:
+    """Batched decoding with nothing around it: prefill, then one step after another.
+
+    With ``decoder`` (the engine's fused step) the cache is the engine's own
+    slab; without, transformers' ``forward`` and ``DynamicCache``.
+    """
     import torch
     from transformers import DynamicCache
+
+    from bot.engine._batch import Batch
+    from bot.engine._decode import greedy
 
     n = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
@@ -126,35 +135,44 @@ def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     ones = mask.new_ones(len(prompts), 1)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        cache = DynamicCache(config=model.config)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        pos = pos[:, -1:] + 1
-        produced = len(prompts)
-        for _ in range(new_tokens - 1):
-            mask = torch.cat([mask, ones], dim=1)
+        if decoder is not None:
+            batch, logits = decoder.prefill(prompts)
+            batch = Batch.merge([(batch, None)], new_tokens)
+        else:
+            cache = DynamicCache(config=model.config)
             logits = model(
-                input_ids=nxt,
+                input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
+            pos = pos[:, -1:] + 1
+        nxt = greedy(logits).unsqueeze(1)
+        produced = len(prompts)
+        for _ in range(new_tokens - 1):
+            if decoder is not None:
+                logits = decoder.step(nxt, batch)
+                batch.advance()
+            else:
+                mask = torch.cat([mask, ones], dim=1)
+                logits = model(
+                    input_ids=nxt,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+                pos = pos + 1
+            nxt = greedy(logits).unsqueeze(1)
             nxt.tolist()  # the host sees every token, as any server must
-            pos = pos + 1
             produced += len(prompts)
         wall = time.perf_counter() - t0
     return {
         "batch": len(prompts),
+        "step": "fused" if decoder is not None else "transformers",
         "tokens": produced,
         "seconds": round(wall, 3),
         "tokens_per_s": round(produced / wall, 1),
@@ -192,6 +210,7 @@ def run_bench(
     naive_requests: int = 8,
     progress: bool = True,
     threads: int | None = None,
+    fused_decode: bool = True,
 ) -> dict[str, Any]:
     """Measure naive generate, the engine at each concurrency and the tight batched loop."""
     return asyncio.run(
@@ -204,12 +223,22 @@ def run_bench(
             naive_requests=naive_requests,
             progress=progress,
             threads=threads,
+            fused_decode=fused_decode,
         )
     )
 
 
 async def _bench(
-    model_path: str, *, concurrencies, new_tokens, prompts, device, naive_requests, progress, threads
+    model_path: str,
+    *,
+    concurrencies,
+    new_tokens,
+    prompts,
+    device,
+    naive_requests,
+    progress,
+    threads,
+    fused_decode,
 ) -> dict[str, Any]:
     import torch
 
@@ -227,6 +256,7 @@ async def _bench(
         max_batch=max(concurrencies),
         max_queue=max(concurrencies) * 4,
         threads=threads,
+        fused_decode=fused_decode,
     )
     await engine.start()
     try:
@@ -271,7 +301,11 @@ async def _bench(
             runs.append(r)
         batch = max(concurrencies)
         say(f"tight batched loop, batch {batch}")
-        tight = _tight_loop(model, [encoded[i % len(encoded)] for i in range(batch)], new_tokens, pad)
+        batch_prompts = [encoded[i % len(encoded)] for i in range(batch)]
+        tight = _tight_loop(model, batch_prompts, new_tokens, pad, engine._decoder)
+        tight_hf = tight
+        if engine._decoder is not None:
+            tight_hf = _tight_loop(model, batch_prompts, new_tokens, pad)
         at_batch = next(r for r in runs if r["concurrency"] == batch)
         n_params = sum(p.numel() for p in model.parameters())
     finally:
@@ -282,11 +316,16 @@ async def _bench(
         "parameters": n_params,
         "device": str(engine.device),
         "torch_threads": torch.get_num_threads(),
+        "decode_step": engine.decode_step,
+        # intra-op threads the fused step may give its output projection and prefills
+        "wide_threads": engine._decoder.wide_threads if engine._decoder is not None else None,
         "new_tokens": new_tokens,
         "naive": naive,
         "engine": runs,
         "tight_loop": tight,
+        "tight_loop_transformers": tight_hf,
         "engine_vs_tight": round(at_batch["tokens_per_s"] / tight["tokens_per_s"], 3),
+        "engine_vs_tight_transformers": round(at_batch["tokens_per_s"] / tight_hf["tokens_per_s"], 3),
     }
     checks = {}
     if 32 in concurrencies:
@@ -303,26 +342,41 @@ async def _bench(
 
 def format_table(result: dict[str, Any]) -> str:
     """The bench result as a plain-text table."""
-    head = f"{'run':<16}{'tok/s':>10}{'ttft p50':>10}{'ttft p95':>10}{'lat p50':>10}{'lat p95':>10}{'vs naive':>10}"
+    w = 26
+    head = f"{'run':<{w}}{'tok/s':>10}{'ttft p50':>10}{'ttft p95':>10}{'lat p50':>10}{'lat p95':>10}{'vs naive':>10}"
     lines = [
         f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
-        f"{result['torch_threads']} torch threads, {result['new_tokens']} new tokens per request, greedy",
+        f"{result['torch_threads']} torch threads"
+        + (f" ({result['wide_threads']} for prefills and the output layer)" if result.get("wide_threads") else "")
+        + f", {result['decode_step']} decode step, "
+        f"{result['new_tokens']} new tokens per request, greedy",
         head,
         "-" * len(head),
     ]
+    naive = result["naive"]["tokens_per_s"]
 
-    def row(name: str, r: dict, ratio: str) -> str:
+    def row(name: str, r: dict) -> str:
+        ratio = f"{r['tokens_per_s'] / naive:.2f}x" if naive else "-"
+        if "ttft_p50" not in r:
+            return f"{name:<{w}}{r['tokens_per_s']:>10.1f}{'':>40}{ratio:>10}"
         return (
-            f"{name:<16}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>10.3f}{r['ttft_p95']:>10.3f}"
+            f"{name:<{w}}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>10.3f}{r['ttft_p95']:>10.3f}"
             f"{r['latency_p50']:>10.3f}{r['latency_p95']:>10.3f}{ratio:>10}"
         )
 
-    lines.append(row("naive generate", result["naive"], "1.00x"))
+    lines.append(row("naive generate", result["naive"]))
     for r in result["engine"]:
-        lines.append(row(f"engine c={r['concurrency']}", r, f"{r['vs_naive']:.2f}x"))
-    t = result["tight_loop"]
-    lines.append(f"{'tight loop b=' + str(t['batch']):<16}{t['tokens_per_s']:>10.1f}")
-    lines.append(f"engine / tight loop at batch {t['batch']}: {result['engine_vs_tight']:.0%}")
+        lines.append(row(f"engine c={r['concurrency']}", r))
+    tights = [result["tight_loop"]]
+    if result["tight_loop_transformers"]["step"] != tights[0]["step"]:
+        tights.append(result["tight_loop_transformers"])
+    for t in tights:
+        lines.append(row(f"tight loop b={t['batch']} ({t['step']})", t))
+    t = tights[0]
+    share = f"engine / tight loop at batch {t['batch']}: {result['engine_vs_tight']:.0%} ({t['step']} step)"
+    if len(tights) > 1:
+        share += f", {result['engine_vs_tight_transformers']:.0%} (transformers' forward)"
+    lines.append(share)
     for name, ok in result.get("targets", {}).items():
         lines.append(f"  [{'ok' if ok else 'MISSED'}] {name}")
     return "\n".join(lines)
@@ -333,6 +387,8 @@ def bench_main(config, json_out: bool = False) -> int:
     from bot.models import resolve_base
 
     path = resolve_base(config.model.base, progress=not json_out)
-    result = run_bench(path, device=config.model.device, progress=not json_out)
+    result = run_bench(
+        path, device=config.model.device, progress=not json_out, fused_decode=config.model.fused_decode
+    )
     print(json.dumps(result, indent=2) if json_out else format_table(result))
     return 0

@@ -48,6 +48,9 @@ class ModelConfig:
     max_input_chars: int = field(default=4000, metadata=_meta("longest user message accepted", min=1))
     max_batch: int = field(default=32, metadata=_meta("concurrent sequences decoded together", min=1, max=4096))
     max_queue: int = field(default=256, metadata=_meta("requests waiting beyond max_batch before 'busy'", min=0))
+    fused_decode: bool = field(default=True, metadata=_meta(
+        "local backend: decode Llama, Qwen2 and Mistral models with tuneloop's fused step "
+        "(checked against transformers at load); false: transformers' forward"))
     api_base: str = field(default="", metadata=_meta("openai backend: base URL, e.g. http://host:8000/v1"))
     api_key_env: str = field(default="OPENAI_API_KEY", metadata=_meta("openai backend: env var with the key"))
     api_model: str = field(default="", metadata=_meta("openai backend: model name on the server"))

@@ -20,7 +20,12 @@ def test_bench_reports_every_figure(tiny_model):
             assert r[key] >= 0
         assert r["tokens"] == r["requests"] * 8
     assert result["tight_loop"]["batch"] == 4 and result["tight_loop"]["tokens_per_s"] > 0
+    # The tiny model is a Llama: the engine decodes with the fused step, and the
+    # bench measures transformers' forward beside it.
+    assert result["decode_step"] == "fused" and result["tight_loop"]["step"] == "fused"
+    assert result["tight_loop_transformers"]["step"] == "transformers"
+    assert result["tight_loop_transformers"]["tokens_per_s"] > 0
     assert result["engine_vs_tight"] > 0
     assert "engine >= 70% of tight loop" in result["targets"]
     table = format_table(result)
-    assert "naive generate" in table and "engine c=4" in table and "tight loop b=4" in table
+    assert "naive generate" in table and "engine c=4" in table and "tight loop b=4 (fused)" in table

@@ -43,6 +43,7 @@ class ModelShape:
     heads: int
     intermediate: int
     max_positions: int
+    kv_heads: int = 0  # 0: as many key/value heads as query heads
 
 
 def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
@@ -53,7 +54,7 @@ def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase) -> LlamaFor
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads or shape.heads,
         max_position_embeddings=shape.max_positions,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,  # halves the parameters of a small-vocab model

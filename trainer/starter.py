@@ -78,6 +78,16 @@ class Recipe:
     hidden: int = 128
     layers: int = 4
     heads: int = 4
+    # One key/value head shared by every query head (multi-query attention;
+    # Llama 3 and Qwen2 share them in groups). Batched decoding on a CPU is
+    # bound by reading the KV cache, and quality did not suffer. Same recipe
+    # otherwise, 1 thread, batch-32 decode loop of the engine, medians of 8
+    # alternating runs; `python -m trainer eval`:
+    #   kv heads  tokens/s  held-out ROUGE-L  training-sample exact match
+    #   4          7,434        0.069              0.766
+    #   2          9,218        0.078              0.820
+    #   1         10,903        0.077              0.789
+    kv_heads: int = 1
     intermediate: int = 352
     max_positions: int = 512
     # pretraining: random windows of the corpus text
@@ -121,7 +131,13 @@ class Recipe:
     @property
     def shape(self) -> pretrain.ModelShape:
         return pretrain.ModelShape(
-            self.vocab_size, self.hidden, self.layers, self.heads, self.intermediate, self.max_positions
+            self.vocab_size,
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.intermediate,
+            self.max_positions,
+            self.kv_heads,
         )
 
 
@@ -137,6 +153,7 @@ TINY = Recipe(
     hidden=96,
     layers=2,
     heads=4,
+    kv_heads=4,
     intermediate=256,
     max_positions=256,
     pretrain_steps=120,

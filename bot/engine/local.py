@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from bot.engine._batch import Batch, prefill
+from bot.engine._decode import Decoder, greedy
 from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
 from bot.errors import BusyError, EngineError, ModelError
 
@@ -71,8 +73,7 @@ class _Request:
     sent: int = 0  # characters of ``text`` released to the stream (pending or delivered)
     pending: str = ""  # released text not yet handed to the loop
     last_flush: float = 0.0
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detok: Any = None  # tokenizers.decoders.DecodeStream, or the text decoded so far
     first_delta: float | None = None
     cancelled: bool = False
     done: bool = False
@@ -92,6 +93,7 @@ class LocalEngine(Engine):
         max_queue: int = 256,
         threads: int | None = None,
         stream_interval: float = 0.05,
+        fused_decode: bool = True,
     ) -> None:
         self.model_path = str(model_path)
         self.model_version = version
@@ -100,6 +102,9 @@ class LocalEngine(Engine):
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.threads = threads
+        self.fused_decode = fused_decode
+        self._decoder: Decoder | None = None
+        self.decode_step = "transformers"  # or "fused", once loaded
         # Deltas of one request are coalesced for this long (the first goes at
         # once): waking 32 consumers on the loop every decoding step costs the
         # engine thread the GIL it needs for the model's Python.
@@ -138,6 +143,7 @@ class LocalEngine(Engine):
             dtype=m.dtype,
             max_batch=m.max_batch,
             max_queue=m.max_queue,
+            fused_decode=m.fused_decode,
         )
 
     # ----------------------------------------------------------------- life cycle
@@ -183,6 +189,21 @@ class LocalEngine(Engine):
         pad = self.tokenizer.pad_token_id
         self._pad = pad if pad is not None else (min(eos) if eos else 0)
         self._base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self._build_decoder()
+
+    def _build_decoder(self) -> None:
+        """Pick the decode step for the current weights (after a load or a swap)."""
+        self._decoder = None
+        if self.fused_decode:
+            self._decoder, why = Decoder.for_model(self.model)
+            if self._decoder is not None and self.device == "cpu":
+                self._decoder.widen(torch.get_num_threads(), _usable_cores())
+        else:
+            why = "[model] fused_decode = false"
+        step = "fused" if self._decoder is not None else "transformers"
+        if step != self.decode_step or self._decoder is None:
+            log.info("decode step: %s (%s)", step, why)
+        self.decode_step = step
 
     async def start(self) -> None:
         if self._running:
@@ -332,6 +353,7 @@ class LocalEngine(Engine):
             "total_requests": self._total_requests,
             "total_tokens": self._total_tokens,
             "context_window": self.context_window,
+            "decode_step": self.decode_step,
         }
 
     # ------------------------------------------------------------- engine thread
@@ -364,15 +386,18 @@ class LocalEngine(Engine):
         if newcomers:
             self._prefill(newcomers, out)
         if self._rows:
-            mask, pos = self._batch.step_inputs()
-            logits = self.model(
-                input_ids=self._next,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=self._batch.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            if self._decoder is not None:
+                logits = self._decoder.step(self._next, self._batch)
+            else:
+                mask, pos = self._batch.step_inputs()
+                logits = self.model(
+                    input_ids=self._next,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=self._batch.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
             self._batch.advance()
             self._next = self._postprocess(self._rows, logits, out)
         self._compact()
@@ -389,7 +414,11 @@ class LocalEngine(Engine):
     def _prefill(self, reqs: list[_Request], out: list) -> None:
         for r in reqs:
             r.version = self.model_version
-        batch, logits = prefill(self.model, [r.prompt for r in reqs], self._pad, self.device)
+        prompts = [r.prompt for r in reqs]
+        if self._decoder is not None:
+            batch, logits = self._decoder.prefill(prompts)
+        else:
+            batch, logits = prefill(self.model, prompts, self._pad, self.device)
         first = self._postprocess(reqs, logits, out)
         parts = []
         if self._rows:
@@ -418,7 +447,7 @@ class LocalEngine(Engine):
 
     def _sample(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         if all(r.params.temperature <= 0 for r in rows):
-            return logits.argmax(-1)
+            return greedy(logits)
         logits = logits.float()
         temps = torch.tensor(
             [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows], device=logits.device
@@ -431,7 +460,7 @@ class LocalEngine(Engine):
             cum = sorted_p.cumsum(-1)
             sorted_p = sorted_p.masked_fill(cum - sorted_p > tp, 0.0)  # keeps at least the top token
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        sampled = logits.argmax(-1)  # greedy rows keep it; sampled rows are overwritten below
+        sampled = greedy(logits)  # greedy rows keep it; sampled rows are overwritten below
         plain = [i for i, r in enumerate(rows) if r.params.temperature > 0 and r.generator is None]
         if plain:
             idx = torch.tensor(plain, device=logits.device)
@@ -450,14 +479,9 @@ class LocalEngine(Engine):
             self._finish(req, "stop", now, out)
             return
         req.tokens.append(tok)
-        toks = req.tokens
-        decode = self._decode
-        prefix = decode(toks[req.prefix_offset : req.read_offset])
-        full = decode(toks[req.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
-            req.text += full[len(prefix) :]
-            req.prefix_offset = req.read_offset
-            req.read_offset = len(toks)
+        piece = self._detokenize(req, tok)
+        if piece:
+            req.text += piece
             stops = req.params.stop
             if stops:
                 if self._cut_stop(req):
@@ -474,13 +498,24 @@ class LocalEngine(Engine):
                     self._flush(req, now, out)
                 elif now - req.last_flush >= self.stream_interval:
                     self._flush(req, now, out)
-        if len(toks) >= req.max_new:
+        if len(req.tokens) >= req.max_new:
             self._finish(req, "length", now, out)
 
-    def _decode(self, ids: list[int]) -> str:
+    def _detokenize(self, req: _Request, tok: int) -> str:
+        """The text ``tok`` completes: '' while it is part of an unfinished character."""
         if self._fast is not None:
-            return self._fast.decode(ids, skip_special_tokens=True)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+            # tokenizers' own incremental decoder: one call per token, and it
+            # holds back bytes of a character split across tokens.
+            if req.detok is None:
+                req.detok = DecodeStream(skip_special_tokens=True)
+            return req.detok.step(self._fast, tok) or ""
+        # A tokenizer without a Rust backend: decode everything, emit what is new.
+        full = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
+        done = req.detok or ""
+        if full.endswith(_REPLACEMENT) or len(full) <= len(done):
+            return ""
+        req.detok = full
+        return full[len(done) :]
 
     @staticmethod
     def _cut_stop(req: _Request) -> bool:
@@ -598,6 +633,7 @@ class LocalEngine(Engine):
                 self._load_weights(self._adapter)
             except Exception:  # noqa: BLE001
                 log.exception("restoring the previous weights failed")
+        self._build_decoder()
         with self._lock:
             self._swap = None
         loop = fut.get_loop()
@@ -630,6 +666,13 @@ class LocalEngine(Engine):
 
                 full = AutoModelForCausalLM.from_pretrained(adapter_path, dtype=self.model.dtype)
                 self.model.load_state_dict(full.state_dict())
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _held(text: str, stops: tuple[str, ...]) -> int:
