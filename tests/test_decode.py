@@ -158,3 +158,29 @@ async def test_engine_replies_are_the_same_with_either_step(tiny_model):
             await eng.stop(grace=0)
     assert texts[True] == texts[False]
     assert len(set(texts[True])) > 1
+
+
+@pytest.mark.parametrize("slow", ["wide", "narrow"])
+def test_widen_keeps_the_thread_count_that_measured_faster(slow):
+    """The choice follows measurement, both ways, and the caller's thread count is restored."""
+    import time
+
+    from bot.engine._decode import _Widen
+
+    before = torch.get_num_threads()
+    narrow, wide = 1, 2
+    slow_threads = wide if slow == "wide" else narrow
+    seen = []
+
+    def work(arg):
+        seen.append(torch.get_num_threads())
+        if torch.get_num_threads() == slow_threads:
+            time.sleep(0.004)
+        return arg
+
+    widen = _Widen(narrow, wide, period=12, probes=2)
+    assert [widen(1, work, i) for i in range(12)] == list(range(12))
+    assert seen[:4] == [narrow, wide, narrow, wide]  # probes alternate
+    fast = narrow if slow == "wide" else wide
+    assert widen.choice == fast and set(seen[4:]) == {fast}
+    assert torch.get_num_threads() == before

@@ -322,3 +322,31 @@ async def test_swap_to_a_fully_fine_tuned_version(engine, tiny_model, tmp_path):
     await engine.swap_adapter(None, "base")
     back = await engine.complete(CONVS[1], fixed(20))
     assert back.text == base.text
+
+
+@pytest.mark.asyncio
+async def test_run_exclusive_runs_on_the_engine_thread_between_requests(engine):
+    import threading
+
+    inflight = engine.submit(CONVS[1], fixed(30))
+    it = inflight.__aiter__()
+    await it.__anext__()
+    seen = {}
+
+    def job():
+        seen["thread"] = threading.current_thread().name
+        seen["rows"] = len(engine._rows)  # the request above has finished by now
+        return 42
+
+    assert await engine.run_exclusive(job) == 42
+    _ = [d async for d in it]
+    assert inflight.result.completion_tokens == 30
+    assert seen == {"thread": "tuneloop-engine", "rows": 0}
+
+    def broken():
+        raise ValueError("no such thing")
+
+    with pytest.raises(ValueError, match="no such thing"):
+        await engine.run_exclusive(broken)
+    after = await engine.complete(CONVS[0], fixed(5))  # still serving
+    assert after.completion_tokens == 5

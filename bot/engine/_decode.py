@@ -1,30 +1,35 @@
-"""One decoding step of a Llama-family model, written out for the engine's batch.
+"""Prefill and decoding step of a Llama-family model, written out for the engine's batch.
 
 Why this exists. transformers' ``forward`` is written for every use (training,
-prefill, generation, every cache and attention back end); for one new token per
-row it spends more time in its own Python and small ops than in arithmetic. On
-the starter (1.3M parameters, 1 CPU thread, batch 32, ~70 cached tokens) its
-decode step took 5.0-5.1 ms where this one takes 3.5-3.7 ms with the same
-weights, the same KV cache and the same greedy tokens (logits within 2e-5).
-The step is the whole engine's cost at batch 32, so this is the difference
-between ~12x and ~20x the throughput of naive ``generate``.
+generation, every cache and attention back end); for one new token per row it
+spends more time in its own Python and small operations than in arithmetic.
+The decode step is nearly all of the engine's cost at batch 32, so it decides
+how far the engine gets past naive ``generate``. ``tuneloop bench`` on the
+starter, 2 CPU cores, a bare loop of batch-32 decoding (prefill included):
+9,312 tok/s with transformers' forward, 12,615 with this (the engine itself:
+12,173, 21.3x naive ``generate``). Greedy tokens are the same; logits agree to
+~1e-5.
 
 What it does differently: q/k/v and gate/up are each one matrix multiply on
-fused weights; norms are ``F.rms_norm``; rotary tables come from the model's
-own ``rotary_emb`` (every rope variant transformers knows); attention of the
-one new query per row is a batched matmul against the ``_batch.SlabLayer``
-buffers, with key/value heads shared by query groups without copying them.
-Prefill still runs through transformers' ``forward``.
+fused weights (stored ``[in, out]`` on a CPU, see ``_Fused``); norms are one
+``F.rms_norm``; rotary tables come from the model's own ``rotary_emb`` (every
+rope variant transformers knows) and queries and keys turn together; the one
+new query per row meets its keys in a batched matmul against the
+``_batch.SlabLayer`` buffers, query heads grouped under the key/value head they
+share, nothing copied. A prefill packs every prompt's tokens into one matrix
+instead of left-padding them.
 
-It covers the architectures below, whose decoder layers are the same up to
-biases; anything else, or a model whose first step disagrees with
-transformers' (``Decoder.verify``), decodes through transformers.
+It covers the architectures in ``SUPPORTED``, whose layers are the same up to
+biases; anything else, or a model whose prefill or first steps disagree with
+transformers' (``Decoder.verify``, run at every load), decodes through
+transformers.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
 
 import torch
@@ -53,25 +58,26 @@ class Decoder:
         self.lm_head = model.lm_head
         self.hidden = cfg.hidden_size
         self.layers = [_Layer(layer) for layer in inner.layers]
-        self._head = self._packed = _direct
+        self._steps = self._packed = _direct
 
     def widen(self, threads: int, cores: int) -> None:
-        """Let the output projection and prefills use ``cores`` intra-op threads where faster.
+        """Let steps and prefills use ``cores`` intra-op threads when that is faster.
 
-        The rest of a step is small operations, for which one thread is best
-        (a second one spins against the event loop). The output projection is
-        the step's largest matrix multiply (the starter: 4096 x 128, a third of
-        its arithmetic) and a prefill is all large ones: on the starter, 2 cores
-        against 1 took a batch-32 step from 2.65 to 2.36 ms and a 31-prompt
-        prefill from 15.5 to 9.5 ms. A busy second core would make them wait,
-        so ``_Widen`` keeps measuring.
+        Small operations (most of a step) gain nothing from a second thread,
+        and its OpenMP worker waits on whichever core is busiest: with
+        transformers' forward, or with a neighbour on the machine, two threads
+        were far slower than one. The fused step's matrix multiplies do gain:
+        on the starter, idle machine, the engine at 32 clients made 15,196 tok/s
+        with 2 threads per step against 13,223 with 1 (medians of 5 alternating
+        runs), and a 31-prompt prefill took 9.5 against 15.5 ms. So ``_Widen``
+        measures both, and keeps measuring.
         """
         if cores > threads:
-            self._head, self._packed = _Widen(threads, cores), _Widen(threads, cores)
+            self._steps, self._packed = _Widen(threads, cores), _Widen(threads, cores)
 
     @property
     def wide_threads(self) -> int | None:
-        return self._head.wide if isinstance(self._head, _Widen) else None
+        return self._steps.wide if isinstance(self._steps, _Widen) else None
 
     @classmethod
     def for_model(cls, model: nn.Module) -> tuple[Decoder | None, str]:
@@ -105,6 +111,9 @@ class Decoder:
         Mirrors ``model(input_ids=ids, attention_mask=..., position_ids=...,
         past_key_values=batch.cache)`` for one new token per row.
         """
+        return self._steps(ids.shape[0], self._step, ids, batch)
+
+    def _step(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         mask, pos = batch.step_inputs()
         n = ids.shape[0]
         h = self.embed(ids.view(n))  # [B, C]
@@ -116,11 +125,11 @@ class Decoder:
         bias = bias[:, None, None, :]  # [B, 1, 1, L]
         for layer, cache in zip(self.layers, batch.cache.layers, strict=True):
             h = layer(h, cos, sin, bias, cache)
-        return self._head(self.lm_head, self.norm(h), n)
+        return self.lm_head(self.norm(h))
 
     def prefill(self, prompts: list[list[int]]) -> tuple[Batch, torch.Tensor]:
         """``_batch.prefill`` without padding (see ``_prefill``)."""
-        return self._packed(self._prefill, prompts, sum(len(p) for p in prompts))
+        return self._packed(sum(len(p) for p in prompts), self._prefill, prompts)
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[Batch, torch.Tensor]:
         """``_batch.prefill`` without padding: every prompt's tokens in one matrix.
@@ -210,8 +219,8 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
-def _direct(fn, arg, size: int):
-    return fn(arg)
+def _direct(size: int, fn, *args):
+    return fn(*args)
 
 
 class _Widen:
@@ -219,37 +228,45 @@ class _Widen:
 
     Every ``period`` calls the next ``2 * probes`` alternate between the two
     and the faster median (time / ``size``) is kept until the next round: a
-    neighbour that takes the other core is noticed within a period.
+    neighbour that takes the other core is noticed within a period. Each OS
+    thread measures for itself: torch's thread count, and OpenMP's team of
+    workers, belong to the calling thread.
     """
 
     def __init__(self, narrow: int, wide: int, period: int = 256, probes: int = 4) -> None:
         self.narrow, self.wide = narrow, wide
         self.period, self.probes = period, probes
-        self.choice = wide
-        self.calls = 0
-        self.times: dict[int, list[float]] = {narrow: [], wide: []}
+        self._mine = threading.local()
 
-    def __call__(self, fn, arg, size: int):
-        k = self.calls % self.period
-        self.calls += 1
+    @property
+    def choice(self) -> int:
+        """The thread count this thread uses between probes."""
+        return getattr(self._mine, "choice", self.wide)
+
+    def __call__(self, size: int, fn, *args):
+        mine = self._mine
+        if not hasattr(mine, "calls"):
+            mine.calls, mine.choice, mine.times = 0, self.wide, {self.narrow: [], self.wide: []}
+        k = mine.calls % self.period
+        mine.calls += 1
         probing = k < 2 * self.probes
-        threads = (self.narrow, self.wide)[k % 2] if probing else self.choice
+        threads = (self.narrow, self.wide)[k % 2] if probing else mine.choice
         prev = torch.get_num_threads()
         if threads != prev:
             torch.set_num_threads(threads)
         try:
             t0 = time.perf_counter()
-            out = fn(arg)
+            out = fn(*args)
             took = (time.perf_counter() - t0) / max(1, size)
         finally:
             if threads != prev:
                 torch.set_num_threads(prev)
         if probing:
-            self.times[threads].append(took)
+            mine.times[threads].append(took)
             if k == 2 * self.probes - 1:
-                narrow, wide = (statistics.median(self.times[t]) for t in (self.narrow, self.wide))
-                self.choice = self.wide if wide < narrow else self.narrow
-                self.times = {self.narrow: [], self.wide: []}
+                narrow, wide = (statistics.median(mine.times[t]) for t in (self.narrow, self.wide))
+                mine.choice = self.wide if wide < narrow else self.narrow
+                mine.times = {self.narrow: [], self.wide: []}
         return out
 
 

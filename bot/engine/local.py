@@ -23,7 +23,9 @@ CPU. Left padding + attention mask + per-row position ids let any causal LM
 in transformers decode a ragged batch through its ordinary ``forward``; the
 engine's own per-step work (sampling, incremental detokenizing, stops) is
 ~2% of a step at batch 32 (cProfile: 2,048 ``_advance`` calls 23 ms of
-1.86 s). ``bot/bench.py`` measures the rest.
+1.86 s). For Llama, Qwen2 and Mistral models the prefill and the step itself
+are tuneloop's own (``_decode.Decoder``, checked against ``forward`` at load).
+``bot/bench.py`` measures the rest.
 """
 
 from __future__ import annotations
@@ -121,8 +123,8 @@ class LocalEngine(Engine):
         self._thread: threading.Thread | None = None
         self._running = False
         self._closing = False
-        self._swap: tuple | None = None
-        self._swap_lock: asyncio.Lock | None = None
+        self._job: tuple | None = None  # (callable, future) for run_exclusive
+        self._job_lock: asyncio.Lock | None = None
         self._adapter: str | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
@@ -160,11 +162,16 @@ class LocalEngine(Engine):
             # Leave a core to the event loop, the adapters and the tokenizer. With
             # every core given to torch, its worker threads spin against the
             # loop thread: 2 cores shared with a busy neighbour, 5M-param model,
-            # naive generate 213 vs 85 tok/s and engine at 32 clients 1,011 vs
-            # 480 tok/s with 1 vs 2 torch threads.
+            # transformers' forward, naive generate 213 vs 85 tok/s and engine
+            # at 32 clients 1,011 vs 480 tok/s with 1 vs 2 torch threads. The
+            # fused decode step takes the other cores back where it measures
+            # that they help (``Decoder.widen``).
             threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
         if threads:
             torch.set_num_threads(threads)
+        # Threads started later (the engine's own) take this count; record it
+        # for the decoder, which may widen its steps (``Decoder.widen``).
+        self._torch_threads = torch.get_num_threads()
         dtype = pick_dtype(self.dtype_name, self.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -197,7 +204,7 @@ class LocalEngine(Engine):
         if self.fused_decode:
             self._decoder, why = Decoder.for_model(self.model)
             if self._decoder is not None and self.device == "cpu":
-                self._decoder.widen(torch.get_num_threads(), _usable_cores())
+                self._decoder.widen(self._torch_threads, _usable_cores())
         else:
             why = "[model] fused_decode = false"
         step = "fused" if self._decoder is not None else "transformers"
@@ -211,7 +218,7 @@ class LocalEngine(Engine):
         loop = asyncio.get_running_loop()
         if self.model is None:
             await loop.run_in_executor(None, self.load)
-        self._swap_lock = asyncio.Lock()
+        self._job_lock = asyncio.Lock()
         self._closing = False
         self._running = True
         self._thread = threading.Thread(target=self._run, name="tuneloop-engine", daemon=True)
@@ -322,15 +329,24 @@ class LocalEngine(Engine):
         return msgs
 
     async def swap_adapter(self, adapter_path: str | None, version: str) -> None:
+        await self.run_exclusive(lambda: self._swap_weights(adapter_path, version))
+
+    async def run_exclusive(self, fn):
+        """``fn()`` on the engine thread once no request is in flight; its result or its exception.
+
+        Requests that arrive meanwhile wait for it. A weight swap is one; the
+        bench's tight loops are another (on the engine thread, torch keeps one
+        OpenMP team: a second thread's team slows every step that follows).
+        """
         if not self._running:
             raise EngineError("engine is not started")
-        assert self._swap_lock is not None
-        async with self._swap_lock:
+        assert self._job_lock is not None
+        async with self._job_lock:
             fut = asyncio.get_running_loop().create_future()
             with self._lock:
-                self._swap = (adapter_path, version, fut)
+                self._job = (fn, fut)
                 self._lock.notify()
-            await fut
+            return await fut
 
     def stats(self) -> dict[str, Any]:
         now = time.perf_counter()
@@ -361,13 +377,13 @@ class LocalEngine(Engine):
     def _run(self) -> None:
         while True:
             with self._lock:
-                while self._running and not self._waiting and not self._rows and self._swap is None:
+                while self._running and not self._waiting and not self._rows and self._job is None:
                     self._lock.wait()
                 if not self._running:
                     break
             try:
-                if self._swap is not None and not self._rows:
-                    self._do_swap()
+                if self._job is not None and not self._rows:
+                    self._do_job()
                     continue
                 with torch.inference_mode():
                     self.step()
@@ -404,8 +420,8 @@ class LocalEngine(Engine):
         self._deliver(out)
 
     def _admit(self) -> list[_Request]:
-        if self._swap is not None:
-            return []  # drain: let in-flight rows finish on the weights they started with
+        if self._job is not None:
+            return []  # drain: in-flight rows finish on the weights they started with
         with self._lock:
             n = min(self.max_batch - len(self._rows), len(self._waiting))
             self._n_active += n
@@ -619,34 +635,40 @@ class LocalEngine(Engine):
             out.append((r, error))
         self._deliver(out)
 
-    def _do_swap(self) -> None:
-        path, version, fut = self._swap
-        error: Exception | None = None
+    def _do_job(self) -> None:
+        fn, fut = self._job
+        result, error = None, None
         try:
-            self._load_weights(path)
-            self._adapter = path
-            self.model_version = version
-        except Exception as e:  # noqa: BLE001 — report it to the caller, keep serving the old weights
-            log.exception("adapter swap failed")
-            error = ModelError(f"cannot load adapter {path}: {type(e).__name__}: {e}")
-            try:
-                self._load_weights(self._adapter)
-            except Exception:  # noqa: BLE001
-                log.exception("restoring the previous weights failed")
-        self._build_decoder()
+            result = fn()
+        except Exception as e:  # noqa: BLE001 — the caller gets it; the engine keeps serving
+            error = e
         with self._lock:
-            self._swap = None
-        loop = fut.get_loop()
+            self._job = None
 
         def settle() -> None:
             if fut.done():
                 return
             if error is None:
-                fut.set_result(None)
+                fut.set_result(result)
             else:
                 fut.set_exception(error)
 
-        loop.call_soon_threadsafe(settle)
+        fut.get_loop().call_soon_threadsafe(settle)
+
+    def _swap_weights(self, path: str | None, version: str) -> None:
+        try:
+            self._load_weights(path)
+        except Exception as e:
+            log.exception("adapter swap failed")
+            try:
+                self._load_weights(self._adapter)  # keep serving the old weights
+            except Exception:  # noqa: BLE001
+                log.exception("restoring the previous weights failed")
+            self._build_decoder()
+            raise ModelError(f"cannot load adapter {path}: {type(e).__name__}: {e}") from None
+        self._adapter = path
+        self.model_version = version
+        self._build_decoder()
         log.info("now serving %s", self.model_version)
 
     def _load_weights(self, adapter_path: str | None) -> None:
