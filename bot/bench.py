@@ -121,52 +121,49 @@ def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int, d
     import torch
     from transformers import DynamicCache
 
-    from bot.engine._batch import Batch
+    from bot.engine._batch import Batch, left_pad
     from bot.engine._decode import greedy
 
-    n = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p) :] = torch.tensor(p)
-        mask[i, n - len(p) :] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    ones = mask.new_ones(len(prompts), 1)
     with torch.inference_mode():
         t0 = time.perf_counter()
         if decoder is not None:
             batch, logits = decoder.prefill(prompts)
             batch = Batch.merge([(batch, None)], new_tokens)
-        else:
-            cache = DynamicCache(config=model.config)
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            pos = pos[:, -1:] + 1
-        nxt = greedy(logits).unsqueeze(1)
-        produced = len(prompts)
-        for _ in range(new_tokens - 1):
-            if decoder is not None:
+
+            def step(nxt: torch.Tensor) -> torch.Tensor:
                 logits = decoder.step(nxt, batch)
                 batch.advance()
-            else:
-                mask = torch.cat([mask, ones], dim=1)
-                logits = model(
-                    input_ids=nxt,
+                return logits
+
+        else:
+            ids, mask, pos = left_pad(prompts, pad_id, model.device)
+            cache = DynamicCache(config=model.config)
+            ones = mask.new_ones(len(prompts), 1)
+
+            def forward(ids: torch.Tensor) -> torch.Tensor:
+                return model(
+                    input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
                     past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
                 ).logits[:, -1]
+
+            logits = forward(ids)
+            pos = pos[:, -1:] + 1
+
+            def step(nxt: torch.Tensor) -> torch.Tensor:
+                nonlocal mask, pos
+                mask = torch.cat([mask, ones], dim=1)
+                logits = forward(nxt)
                 pos = pos + 1
-            nxt = greedy(logits).unsqueeze(1)
+                return logits
+
+        nxt = greedy(logits).unsqueeze(1)
+        produced = len(prompts)
+        for _ in range(new_tokens - 1):
+            nxt = greedy(step(nxt)).unsqueeze(1)
             nxt.tolist()  # the host sees every token, as any server must
             produced += len(prompts)
         wall = time.perf_counter() - t0

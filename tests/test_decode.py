@@ -45,11 +45,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_fused_step_matches_transformers(case):
+@pytest.mark.parametrize(
+    "case,transposed",
+    [(case, True) for case in CASES] + [("llama, grouped-query attention", False), ("qwen2, q/k/v biases, one kv head", False)],
+)
+def test_fused_step_matches_transformers(case, transposed):
+    """``transposed`` False: the weight layout used off the CPU (a GPU), checked here on the CPU."""
     kind, kw = CASES[case]
     model = _model(kind, **kw)
-    decoder, why = Decoder.for_model(model)
+    decoder, why = Decoder.for_model(model, transposed=transposed)
     assert decoder is not None, why
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 320, (k,), generator=gen).tolist() for k in (9, 3, 14, 1)]
@@ -179,8 +183,9 @@ def test_widen_keeps_the_thread_count_that_measured_faster(slow):
         return arg
 
     widen = _Widen(narrow, wide, period=12, probes=2)
-    assert [widen(1, work, i) for i in range(12)] == list(range(12))
-    assert seen[:4] == [narrow, wide, narrow, wide]  # probes alternate
+    assert [widen(1, work, i) for i in range(16)] == list(range(16))
+    assert seen[:8] == [wide] * 8  # until the first round of probes
+    assert seen[8:12] == [narrow, wide, narrow, wide]  # probes alternate
     fast = narrow if slow == "wide" else wide
-    assert widen.choice == fast and set(seen[4:]) == {fast}
+    assert widen.choice == fast and set(seen[12:]) == {fast}
     assert torch.get_num_threads() == before

@@ -173,8 +173,8 @@ def _realloc(layer: SlabLayer, keep, start: int, end: int, cap: int) -> SlabLaye
     return SlabLayer(kb, vb, end - start)
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Batch, torch.Tensor]:
-    """Run the prompts (left-padded) through the model; the batch and each row's last logits."""
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and position ids of the prompts, right-aligned in one matrix."""
     n = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), n), dtype=torch.long)
@@ -182,7 +182,12 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Batch
         ids[i, n - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, n - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0)
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Batch, torch.Tensor]:
+    """Run the prompts (left-padded) through the model; the batch and each row's last logits."""
+    ids, mask, pos = left_pad(prompts, pad_id, device)
     cache = new_cache()
     out = model(
         input_ids=ids,
@@ -199,5 +204,5 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Batch
         for layer in cache.layers:
             layer.kbuf.masked_fill_(hole, 0)
             layer.vbuf.masked_fill_(hole, 0)
-    batch = Batch(cache, mask, pos[:, -1] + 1, n)
+    batch = Batch(cache, mask, pos[:, -1] + 1, ids.shape[1])
     return batch, out.logits[:, -1]

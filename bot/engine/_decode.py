@@ -49,8 +49,11 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 class Decoder:
     """The fused weights of one model and its decoding step over a ``Batch``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, transposed: bool | None = None) -> None:
         cfg = model.config
+        if transposed is None:  # the layout MKL reads fastest; GPUs take either
+            transposed = model.lm_head.weight.device.type == "cpu"
+
         inner = model.model
         self.model = model
         self.embed = inner.embed_tokens
@@ -58,7 +61,7 @@ class Decoder:
         self.norm = _rms_norm(inner.norm)
         self.lm_head = model.lm_head
         self.hidden = cfg.hidden_size
-        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.layers = [_Layer(layer, transposed) for layer in inner.layers]
         self._steps = self._packed = _direct
 
     def widen(self, threads: int, cores: int) -> None:
@@ -81,7 +84,7 @@ class Decoder:
         return self._steps.wide if isinstance(self._steps, _Widen) else None
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> tuple[Decoder | None, str]:
+    def for_model(cls, model: nn.Module, transposed: bool | None = None) -> tuple[Decoder | None, str]:
         """A decoder for ``model``, or None and the reason it decodes through transformers."""
         cfg = model.config
         kind = getattr(cfg, "model_type", "")
@@ -99,7 +102,7 @@ class Decoder:
             return None, f"{type(inner.norm).__name__} is not an RMSNorm this step knows"
         if hasattr(inner.layers[0].self_attn, "q_norm"):
             return None, "per-head query/key norms have no fused decode step"
-        decoder = cls(model)
+        decoder = cls(model, transposed)
         problem = decoder.verify()
         if problem:
             log.warning("fused decode step disabled: %s", problem)
@@ -227,11 +230,12 @@ def _direct(size: int, fn, *args):
 class _Widen:
     """Call with ``narrow`` or ``wide`` intra-op threads, whichever lately took less time per unit.
 
-    Every ``period`` calls the next ``2 * probes`` alternate between the two
-    and the faster median (time / ``size``) is kept until the next round: a
-    neighbour that takes the other core is noticed within a period. Each OS
-    thread measures for itself: torch's thread count, and OpenMP's team of
-    workers, belong to the calling thread.
+    The last ``2 * probes`` calls of every ``period`` alternate between the two
+    and the faster median (time / ``size``) is kept for the next period: a
+    neighbour that takes the other core is noticed within a period. Until the
+    first round, ``wide``: rare callers (prefills) are not half spent on
+    probes. Each OS thread measures for itself: torch's thread count, and
+    OpenMP's team of workers, belong to the calling thread.
     """
 
     def __init__(self, narrow: int, wide: int, period: int = 256, probes: int = 4) -> None:
@@ -248,9 +252,9 @@ class _Widen:
         mine = self._mine
         if not hasattr(mine, "calls"):
             mine.calls, mine.choice, mine.times = 0, self.wide, {self.narrow: [], self.wide: []}
-        k = mine.calls % self.period
+        k = mine.calls % self.period - (self.period - 2 * self.probes)  # >= 0: a probe
         mine.calls += 1
-        probing = k < 2 * self.probes
+        probing = k >= 0
         threads = (self.narrow, self.wide)[k % 2] if probing else mine.choice
         prev = torch.get_num_threads()
         if threads != prev:
@@ -274,7 +278,7 @@ class _Widen:
 class _Layer:
     """One decoder layer's weights, q/k/v and gate/up fused."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, transposed: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.in_norm = _rms_norm(layer.input_layernorm)
         self.post_norm = _rms_norm(layer.post_attention_layernorm)
@@ -282,11 +286,11 @@ class _Layer:
         self.kv_heads = attn.config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
-        self.qkv = _Fused(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o_proj = _Fused(attn.o_proj)
-        self.gate_up = _Fused(mlp.gate_proj, mlp.up_proj)
+        self.qkv = _Fused(attn.q_proj, attn.k_proj, attn.v_proj, transposed=transposed)
+        self.o_proj = _Fused(attn.o_proj, transposed=transposed)
+        self.gate_up = _Fused(mlp.gate_proj, mlp.up_proj, transposed=transposed)
         self.inter = mlp.gate_proj.out_features
-        self.down_proj = _Fused(mlp.down_proj)
+        self.down_proj = _Fused(mlp.down_proj, transposed=transposed)
         self.act = mlp.act_fn
 
     def __call__(self, h, cos, sin, bias, cache: SlabLayer) -> torch.Tensor:
@@ -347,9 +351,9 @@ class _Fused:
     the starter's batch-32 step took 2.34 against 2.50 ms (medians of 8).
     """
 
-    def __init__(self, *linears: nn.Linear) -> None:
+    def __init__(self, *linears: nn.Linear, transposed: bool) -> None:
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [out, in]
-        self.transposed = weight.device.type == "cpu"
+        self.transposed = transposed
         if self.transposed:
             self.weight = weight.t().contiguous()  # [in, out]
             weight = self.weight.t()
