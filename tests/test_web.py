@@ -359,6 +359,7 @@ async def test_dashboard_json(server, http):
         k: v["exchanges"] for k, v in stats["by_version"].items()}
     assert data["corrections"] and {"prompt", "reply", "correction", "user"} <= set(data["corrections"][0])
     assert {"queued", "active", "tokens_per_s"} <= set(data["engine"])
+    assert data["engine"]["decode_step"] == "fused"  # the tiny model is a Llama
     async with http.get(base + "/api/dashboard?bucket=300") as r:
         assert (await r.json())["bucket_s"] == 300
 

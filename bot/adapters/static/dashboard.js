@@ -121,6 +121,7 @@ function render(data) {
   figures(document.getElementById("engine"), [
     ["queued", e.queued ?? 0], ["active", e.active ?? 0], ["tokens/s", e.tokens_per_s ?? 0],
     ["requests", e.total_requests ?? "–"], ["backend", e.backend || "?"],
+    ...(e.decode_step ? [["decode step", e.decode_step]] : []),
   ]);
 
   const bucket = data.bucket_s;
