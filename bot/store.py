@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +104,23 @@ def _m3_training_runs(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _m4_reply_parts(db: sqlite_utils.Database) -> None:
+    # A reply longer than a platform message is posted as several; people
+    # react to whichever part they read. ``exchanges.reply_ref`` keeps naming
+    # the part the bot hints its reactions on; every other part is here.
+    db.execute("""
+        CREATE TABLE reply_parts (
+            platform TEXT NOT NULL,
+            ref TEXT NOT NULL,
+            exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+            PRIMARY KEY (platform, ref)
+        )""")
+    db.execute("CREATE INDEX reply_parts_exchange ON reply_parts(exchange_id)")
+
+
 #: migration N brings the schema from version N-1 to N. Append, never edit.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_platform_refs,
-                                                             _m3_training_runs]
+                                                             _m3_training_runs, _m4_reply_parts]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -277,16 +291,24 @@ class Store:
         return Exchange.from_row(rows[0])
 
     def exchange_by_ref(self, platform: str, reply_ref: str) -> Exchange | None:
+        """The exchange whose reply is (or includes) the platform message ``reply_ref``."""
         rows = self.query("SELECT * FROM exchanges WHERE platform = ? AND reply_ref = ? "
                           "ORDER BY id DESC LIMIT 1", [platform, reply_ref])
+        if not rows:
+            rows = self.query("SELECT e.* FROM reply_parts p JOIN exchanges e ON e.id = p.exchange_id "
+                              "WHERE p.platform = ? AND p.ref = ?", [platform, reply_ref])
         return Exchange.from_row(rows[0]) if rows else None
 
-    def set_reply_ref(self, exchange_id: int, reply_ref: str) -> None:
+    def set_reply_ref(self, exchange_id: int, reply_ref: str, parts: Sequence[str] = ()) -> None:
+        """Name the platform message of a reply, and ``parts``: the others it was split into."""
         with self.transaction():
             cur = self.db.execute("UPDATE exchanges SET reply_ref = ? WHERE id = ?",
                                   [reply_ref, exchange_id])
             if cur.rowcount == 0:
                 raise NotFoundError(f"exchange {exchange_id} not found")
+            for ref in parts:
+                self.db.execute("INSERT OR REPLACE INTO reply_parts (platform, ref, exchange_id) "
+                                "SELECT platform, ?, id FROM exchanges WHERE id = ?", [ref, exchange_id])
 
     def conversation(self, conversation_id: str, limit: int = 50) -> list[Exchange]:
         """The latest ``limit`` exchanges of a conversation, oldest first."""

@@ -391,7 +391,9 @@ async def test_a_5000_character_reply_arrives_as_three_messages(world):
     for times in (fake.edits.get(p["id"], [])[:-1] for p in parts):
         assert all(b - a >= 0.9 for a, b in zip(times[:-1], times[1:], strict=True))
     assert sum(len(fake.edits.get(p["id"], [])) for p in parts) >= 1
-    # A rating on an earlier part rates the same exchange.
+    # A rating on an earlier part rates the same exchange; the store knows every
+    # part, so this holds after a restart too.
+    assert all(world.store.exchange_by_ref("discord", str(p["id"])).id == ex.id for p in parts)
     await fake.react(BOB, parts[0]["id"], "👍")
     await wait_until(lambda: world.store.ratings(ex.id) == {BOB.id: "up"})
 

@@ -262,6 +262,10 @@ async def test_long_reply_is_split_and_huge_message_refused_politely(make_bot, f
     assert all(len(r["text"]) <= 6 for r in replies)
     assert "".join("".join(r["text"] for r in replies).split()) == "".join(escape(ex.reply).split())
     assert ex.reply_ref == replies[0]["ts"]
+    # People react to whichever part they read: a later part rates the same exchange.
+    await bot.event(reaction_event("reaction_added", BOB, "-1", GENERAL, replies[-1]["ts"]))
+    await bot.settle()
+    assert bot.svc.store.ratings(ex.id) == {BOB: "down"}
 
     huge = fake.user_message(DM, ALICE, "word " * 2000, channel_type="im")
     status, _ = await bot.event(huge)

@@ -98,6 +98,21 @@ def test_forget_user_deletes_everything_of_theirs_and_opts_out(store):
     assert store.exchange(other.id).user == "erin"
 
 
+def test_every_part_of_a_split_reply_finds_its_exchange(store):
+    ex = add(store, user="dave", platform="slack")
+    store.set_reply_ref(ex.id, "1.0001", parts=["1.0002", "1.0003"])
+    assert [store.exchange_by_ref("slack", ref).id for ref in ("1.0001", "1.0002", "1.0003")] == [ex.id] * 3
+    assert store.exchange(ex.id).reply_ref == "1.0001"
+    assert store.exchange_by_ref("discord", "1.0002") is None  # refs are per platform
+    assert store.exchange_by_ref("slack", "9.9999") is None
+    with pytest.raises(NotFoundError):
+        store.set_reply_ref(ex.id + 100, "2.0001", parts=["2.0002"])
+    assert store.query("SELECT COUNT(*) AS n FROM reply_parts")[0]["n"] == 2
+    store.forget_user("dave")  # nothing of theirs stays, part ids included
+    assert store.exchange_by_ref("slack", "1.0002") is None
+    assert store.query("SELECT COUNT(*) AS n FROM reply_parts")[0]["n"] == 0
+
+
 def test_first_sight_survives_reopening(tmp_path):
     s = Store(tmp_path / "t.db")
     assert s.first_sight("Ev1") is True

@@ -105,6 +105,10 @@ class Recipe:
     system_prompts_zh: tuple[str, ...] = SYSTEM_PROMPTS_ZH
     #: train on corpus.EXTRA_CONVERSATIONS too (name, greetings, farewells)
     extras: bool = True
+    #: times each extra is shown per SFT epoch: they are what a bot hears
+    #: first, and shown once a 1.2M model recalled them unreliably (the
+    #: one-key/value-head build answered "good morning" with a farewell)
+    extras_weight: int = 3
     #: also ask in a casual spelling ("hello" for "Hello.") under system prompts
     casual_prompts: bool = True
     #: categories SFT shows only every ``sft_light_every``-th epoch (none by
@@ -147,6 +151,7 @@ STARTER = Recipe()
 #: English only keeps it fast; it still learns the corpus's commonest replies.
 TINY = Recipe(
     casual_prompts=False,  # keeps the tiny model the learning-loop tests were tuned on
+    extras_weight=1,  # likewise
     name="tiny",
     languages=("english",),
     vocab_size=512,
@@ -231,7 +236,7 @@ def _train(recipe: Recipe, progress: bool) -> tuple[object, object, dict]:
     train_pairs, held_out = corpus.split_pairs(pairs, recipe.holdout_fraction, recipe.split_seed)
     held_prompts = {(p.language, corpus.normalize(p.message)) for p in held_out}
     extras = corpus.extra_pairs(recipe.languages, pairs) if recipe.extras else []
-    train_pairs = train_pairs + extras
+    train_pairs = train_pairs + extras * recipe.extras_weight
     # Pretraining text: whole conversations, minus any that contain a held-out prompt.
     documents = [
         "\n".join(lines)

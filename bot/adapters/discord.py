@@ -18,13 +18,13 @@ A message that is neither starts a new conversation.
 The reply streams: the first text is posted at once, then the message is
 edited at most once a second; text past 2,000 characters continues in a new
 message. The exchange's ``reply_ref`` is the id of the last message of the
-reply, where 👍 and 👎 are added.
+reply, where 👍 and 👎 are added; the store knows the other parts too, so a
+reaction or a ``!fix`` on any of them reaches the exchange.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import re
 import shlex
@@ -224,7 +224,6 @@ class DiscordAdapter:
         self.client = _Client(self)
         self._task: asyncio.Task | None = None
         # Parts of a split reply other than the last map to its exchange for this process's life.
-        self._parts: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._build_commands()
 
     # ------------------------------------------------------------------ life cycle
@@ -326,9 +325,7 @@ class DiscordAdapter:
             return
         await stream.flush(final=True)
         last = stream.sent[-1]
-        self.services.store.set_reply_ref(ex.id, str(last.id))
-        for part in stream.sent[:-1]:
-            self._remember_part(part.id, ex.id)
+        self.services.store.set_reply_ref(ex.id, str(last.id), parts=[str(p.id) for p in stream.sent[:-1]])
         log.info("discord reply: %s reply=%s parts=%d exchange=%d conversation=%s", ids, last.id,
                  len(stream.sent), ex.id, ex.conversation_id)
         if self.config.add_reactions:
@@ -429,15 +426,8 @@ class DiscordAdapter:
         return history[::-1]
 
     def _exchange_id(self, message_id: int) -> int | None:
-        if message_id in self._parts:
-            return self._parts[message_id]
         ex = self.services.store.exchange_by_ref(PLATFORM, str(message_id))
         return ex.id if ex is not None else None
-
-    def _remember_part(self, message_id: int, exchange_id: int) -> None:
-        self._parts[message_id] = exchange_id
-        while len(self._parts) > 10_000:
-            self._parts.popitem(last=False)
 
     # ------------------------------------------------------------------ feedback
 

@@ -328,7 +328,7 @@ class SlackAdapter:
                 log.error("slack: reply failed: %s: %s", type(e).__name__, e)
                 await stream.finish("Sorry, something went wrong while I was answering.")
                 return self._done(body, event, "failed", why=type(e).__name__)
-            self.svc.store.set_reply_ref(ex.id, refs[0])
+            self.svc.store.set_reply_ref(ex.id, refs[0], parts=refs[1:])
         if self.config.add_reactions:
             for names in (self.config.up_reactions, self.config.down_reactions):
                 if names:
