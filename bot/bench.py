@@ -171,30 +171,28 @@ def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int, d
         "batch": len(prompts),
         "step": "fused" if decoder is not None else "transformers",
         "tokens": produced,
-        "seconds": round(wall, 3),
+        "seconds": wall,
         "tokens_per_s": round(produced / wall, 1),
     }
 
 
-async def _engine_run(
-    engine, convs: list, concurrency: int, per_client: int, new_tokens: int
-) -> dict[str, Any]:
-    from bot.engine.base import SamplingParams
-
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    results = []
-
-    async def client(k: int) -> None:
-        for j in range(per_client):
-            results.append(await engine.complete(convs[(k * per_client + j) % len(convs)], params))
-
+async def _wave(engine, convs: list, clients: int, first: int, params) -> tuple[float, list]:
+    """``clients`` requests sent at once (conversations from ``first`` on); wall time and completions."""
     start = time.perf_counter()
-    await asyncio.gather(*(client(k) for k in range(concurrency)))
-    wall = time.perf_counter() - start
-    ttfts = [r.time_to_first_token if r.time_to_first_token is not None else r.total_time for r in results]
-    out = _summary(sum(r.completion_tokens for r in results), wall, ttfts, [r.total_time for r in results])
-    out["concurrency"] = concurrency
-    return out
+    done = await asyncio.gather(
+        *(engine.complete(convs[(first + k) % len(convs)], params) for k in range(clients))
+    )
+    return time.perf_counter() - start, list(done)
+
+
+def _loops_summary(loops: list[dict[str, Any]]) -> dict[str, Any]:
+    tokens, seconds = sum(t["tokens"] for t in loops), sum(t["seconds"] for t in loops)
+    return {**loops[0], "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def _completions_summary(wall: float, done: list) -> dict[str, Any]:
+    ttfts = [c.time_to_first_token if c.time_to_first_token is not None else c.total_time for c in done]
+    return _summary(sum(c.completion_tokens for c in done), wall, ttfts, [c.total_time for c in done])
 
 
 def run_bench(
@@ -204,8 +202,7 @@ def run_bench(
     new_tokens: int = 64,
     prompts: tuple[str, ...] | list[str] = PROMPTS,
     device: str = "auto",
-    naive_requests: int = 16,
-    rounds: int = 4,
+    rounds: int = 16,
     progress: bool = True,
     threads: int | None = None,
     fused_decode: bool = True,
@@ -218,7 +215,6 @@ def run_bench(
             new_tokens=new_tokens,
             prompts=list(prompts),
             device=device,
-            naive_requests=naive_requests,
             rounds=rounds,
             progress=progress,
             threads=threads,
@@ -234,7 +230,6 @@ async def _bench(
     new_tokens,
     prompts,
     device,
-    naive_requests,
     rounds,
     progress,
     threads,
@@ -270,30 +265,36 @@ async def _bench(
         )
         _naive_one(model, encoded[0], 4, pad)
 
-        # On the engine's own thread, as the engine runs its steps (torch's
-        # thread settings and OpenMP workers belong to a thread). The best of
-        # three: the loop stands for what the model allows.
-        batch = max(concurrencies)
-        say(f"tight batched loop, batch {batch}")
-        batch_prompts = [encoded[i % len(encoded)] for i in range(batch)]
-
-        def best_loop(decoder) -> dict[str, Any]:
-            loops = [_tight_loop(model, batch_prompts, new_tokens, pad, decoder) for _ in range(3)]
-            return max(loops, key=lambda t: t["tokens_per_s"])
-
-        tight = await engine.run_exclusive(lambda: best_loop(engine._decoder))
-        tight_hf = tight
-        if engine._decoder is not None:
-            tight_hf = await engine.run_exclusive(lambda: best_loop(None))
-
-        # Naive and the engine alone alternate request by request, so that a
-        # neighbour's load on the machine falls on both alike.
-        say(f"naive generate and engine alone, {naive_requests} requests each x {new_tokens} tokens")
+        # Round after round: one naive generate, one engine request alone, then
+        # one request from each of c clients at once for every c. Every way is
+        # timed in every round, so a neighbour's load on the machine falls on
+        # all of them alike and the ratios hold even when the machine is noisy.
+        multi = [c for c in concurrencies if c > 1]
+        say(f"{rounds} rounds of: naive generate, engine alone" + "".join(f", {c} clients" for c in multi)
+            + f", tight loops of batch {max(concurrencies)}; {new_tokens} tokens per request")
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         naive_runs, alone = [], []
-        for i in range(naive_requests):
+        waves: dict[int, list[tuple[float, list]]] = {c: [] for c in multi}
+        # The tight loops run on the engine's own thread, as the engine runs its
+        # steps: torch's thread settings and OpenMP workers belong to a thread.
+        batch = max(concurrencies)
+        batch_prompts = [encoded[i % len(encoded)] for i in range(batch)]
+        decoder = engine._decoder
+        tights: dict[str, list[dict]] = {"engine": [], "transformers": []}
+        for i in range(rounds):
             naive_runs.append(_naive_one(model, encoded[i % len(encoded)], new_tokens, pad))
             alone.append(await engine.complete(convs[i % len(convs)], params))
+            for c in multi:
+                waves[c].append(await _wave(engine, convs, c, i * c, params))
+            tights["engine"].append(
+                await engine.run_exclusive(lambda: _tight_loop(model, batch_prompts, new_tokens, pad, decoder))
+            )
+            if decoder is not None:
+                tights["transformers"].append(
+                    await engine.run_exclusive(lambda: _tight_loop(model, batch_prompts, new_tokens, pad))
+                )
+        tight = _loops_summary(tights["engine"])
+        tight_hf = _loops_summary(tights["transformers"]) if decoder is not None else tight
         naive = _summary(
             sum(n for n, _, _ in naive_runs),
             sum(t for _, _, t in naive_runs),
@@ -303,16 +304,10 @@ async def _bench(
         runs = []
         for c in concurrencies:
             if c == 1:
-                r = _summary(
-                    sum(a.completion_tokens for a in alone),
-                    sum(a.total_time for a in alone),
-                    [a.time_to_first_token or a.total_time for a in alone],
-                    [a.total_time for a in alone],
-                )
-                r["concurrency"] = 1
+                r = _completions_summary(sum(a.total_time for a in alone), alone)
             else:
-                say(f"engine, concurrency {c}, {rounds} requests per client")
-                r = await _engine_run(engine, convs, c, rounds, new_tokens)
+                r = _completions_summary(sum(w for w, _ in waves[c]), [x for _, done in waves[c] for x in done])
+            r["concurrency"] = c
             r["vs_naive"] = round(r["tokens_per_s"] / naive["tokens_per_s"], 2)
             runs.append(r)
         at_batch = next(r for r in runs if r["concurrency"] == batch)
@@ -329,6 +324,7 @@ async def _bench(
         # intra-op threads the fused step and prefill take when measured faster
         "wide_threads": engine._decoder.wide_threads if engine._decoder is not None else None,
         "new_tokens": new_tokens,
+        "rounds": rounds,
         "naive": naive,
         "engine": runs,
         "tight_loop": tight,

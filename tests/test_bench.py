@@ -10,7 +10,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_bench_reports_every_figure(tiny_model):
-    result = run_bench(str(tiny_model), concurrencies=(1, 4), new_tokens=8, naive_requests=2, rounds=2, progress=False)
+    result = run_bench(str(tiny_model), concurrencies=(1, 4), new_tokens=8, rounds=2, progress=False)
     figures = ("tokens_per_s", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95", "requests")
     for key in figures:
         assert result["naive"][key] >= 0

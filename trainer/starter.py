@@ -107,7 +107,10 @@ class Recipe:
     extras: bool = True
     #: times each extra is shown per SFT epoch: they are what a bot hears
     #: first, and shown once a 1.2M model recalled them unreliably (the
-    #: one-key/value-head build answered "good morning" with a farewell)
+    #: one-key/value-head build answered "good morning" with a farewell).
+    #: 1 -> 3: 11 everyday prompts (hello, good morning, bye, thanks, 再见...)
+    #: answered right 6 -> 8; held-out ROUGE-L 0.077 -> 0.072, training-sample
+    #: exact match 0.789 -> 0.727 (the corpus pairs get a little less budget)
     extras_weight: int = 3
     #: also ask in a casual spelling ("hello" for "Hello.") under system prompts
     casual_prompts: bool = True
