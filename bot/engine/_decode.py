@@ -5,11 +5,11 @@ generation, every cache and attention back end); for one new token per row it
 spends more time in its own Python and small operations than in arithmetic.
 The decode step is nearly all of the engine's cost at batch 32, so it decides
 how far the engine gets past naive ``generate``. ``tuneloop bench`` on the
-starter, 2 CPU cores, one run, a bare loop of batch-32 decoding (prefill
-included) on 1 thread, 2 where faster: 10,197 tok/s with transformers'
-forward (17.5x naive ``generate``), 15,133 with this (26.0x); the engine at
-32 clients made 13,969 (24.0x).
-Greedy tokens are the same; logits agree to ~1e-5.
+starter, 2 CPU cores, one run, bare loops of batch-32 decoding (prefill
+included) on 1 thread, 2 where faster: 9,996 tok/s with transformers'
+forward (17.6x naive ``generate``), 14,672 with this (25.8x); the engine at
+32 clients made 12,474 (21.9x). Greedy tokens are the same; logits agree to
+~1e-5.
 
 What it does differently: q/k/v and gate/up are each one matrix multiply on
 fused weights (stored ``[in, out]`` on a CPU, see ``_Fused``); norms are one
