@@ -50,17 +50,14 @@ class Decoder:
     """The fused weights of one model and its decoding step over a ``Batch``."""
 
     def __init__(self, model: nn.Module, transposed: bool | None = None) -> None:
-        cfg = model.config
         if transposed is None:  # the layout MKL reads fastest; GPUs take either
             transposed = model.lm_head.weight.device.type == "cpu"
-
         inner = model.model
         self.model = model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = _rms_norm(inner.norm)
         self.lm_head = model.lm_head
-        self.hidden = cfg.hidden_size
         self.layers = [_Layer(layer, transposed) for layer in inner.layers]
         self._steps = self._packed = _direct
 
