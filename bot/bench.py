@@ -121,7 +121,7 @@ def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int, d
     import torch
     from transformers import DynamicCache
 
-    from bot.engine._batch import Batch, left_pad
+    from bot.engine._batch import Batch, last_logits, left_pad
     from bot.engine._decode import greedy
 
     with torch.inference_mode():
@@ -140,23 +140,13 @@ def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int, d
             cache = DynamicCache(config=model.config)
             ones = mask.new_ones(len(prompts), 1)
 
-            def forward(ids: torch.Tensor) -> torch.Tensor:
-                return model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1]
-
-            logits = forward(ids)
+            logits = last_logits(model, ids, mask, pos, cache)
             pos = pos[:, -1:] + 1
 
             def step(nxt: torch.Tensor) -> torch.Tensor:
                 nonlocal mask, pos
                 mask = torch.cat([mask, ones], dim=1)
-                logits = forward(nxt)
+                logits = last_logits(model, nxt, mask, pos, cache)
                 pos = pos + 1
                 return logits
 

@@ -185,18 +185,23 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0)
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Batch, torch.Tensor]:
-    """Run the prompts (left-padded) through the model; the batch and each row's last logits."""
-    ids, mask, pos = left_pad(prompts, pad_id, device)
-    cache = new_cache()
-    out = model(
+def last_logits(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """transformers' forward over ``ids`` [B, T] with ``cache``; the logits of each row's last token."""
+    return model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
-    )
+    ).logits[:, -1]
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Batch, torch.Tensor]:
+    """Run the prompts (left-padded) through the model; the batch and each row's last logits."""
+    ids, mask, pos = left_pad(prompts, pad_id, device)
+    cache = new_cache()
+    logits = last_logits(model, ids, mask, pos, cache)
     if not bool(mask.all()):
         # Padded positions can hold NaN (a query that sees no key); zero them so
         # that masked columns contribute exactly nothing later (0 * NaN is NaN).
@@ -205,4 +210,4 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Batch
             layer.kbuf.masked_fill_(hole, 0)
             layer.vbuf.masked_fill_(hole, 0)
     batch = Batch(cache, mask, pos[:, -1] + 1, ids.shape[1])
-    return batch, out.logits[:, -1]
+    return batch, logits

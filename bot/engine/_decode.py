@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from bot.engine._batch import Batch, SlabLayer, prefill
+from bot.engine._batch import Batch, SlabLayer, last_logits, prefill
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +193,7 @@ class Decoder:
             a = self.step(ids, ours)
             ours.advance()
             mask, pos = theirs.step_inputs()
-            b = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=theirs.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            b = last_logits(self.model, ids, mask, pos, theirs.cache)
             theirs.advance()
             problem = differs(a, b)
             if problem:

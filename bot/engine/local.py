@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from tokenizers.decoders import DecodeStream
 
-from bot.engine._batch import Batch, prefill
+from bot.engine._batch import Batch, last_logits, prefill
 from bot.engine._decode import Decoder, greedy
 from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
 from bot.errors import BusyError, EngineError, ModelError
@@ -406,14 +406,7 @@ class LocalEngine(Engine):
                 logits = self._decoder.step(self._next, self._batch)
             else:
                 mask, pos = self._batch.step_inputs()
-                logits = self.model(
-                    input_ids=self._next,
-                    attention_mask=mask,
-                    position_ids=pos,
-                    past_key_values=self._batch.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1]
+                logits = last_logits(self.model, self._next, mask, pos, self._batch.cache)
             self._batch.advance()
             self._next = self._postprocess(self._rows, logits, out)
         self._compact()
