@@ -40,6 +40,10 @@ CASES = {
         "llama",
         {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
     ),
+    "llama, dynamic rope (no table)": (
+        "llama",
+        {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+    ),
     "qwen2, q/k/v biases, one kv head": ("qwen2", {"num_key_value_heads": 1}),
     "mistral": ("mistral", {"num_key_value_heads": 2, "sliding_window": None}),
 }

@@ -289,6 +289,7 @@ def test_streaming_never_splits_a_character(tiny_model):
     out: list = []
     for tok in ids:
         eng._advance(req, tok, 1.0, out)
+        eng._flush(req, out)  # what each step's flush tick does with stream_interval=0
     deltas = [d for _, d in out if isinstance(d, str)]
     assert "".join(deltas) == text and len(deltas) > 3
     assert not any("\ufffd" in d for d in deltas)

@@ -54,6 +54,18 @@ class SlabLayer(DynamicLayer):
         self.values = self.vbuf[:, :, :end]
         return self.keys, self.values
 
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` for one new column, ``[B, H, D]`` each, without its checks (the fused step)."""
+        end = self.length + 1
+        if end > self.kbuf.shape[2]:
+            self._grow(key.unsqueeze(2), value.unsqueeze(2), end)
+        self.kbuf[:, :, self.length] = key
+        self.vbuf[:, :, self.length] = value
+        self.length = end
+        self.keys = self.kbuf[:, :, :end]
+        self.values = self.vbuf[:, :, :end]
+        return self.keys, self.values
+
     def _grow(self, k: torch.Tensor, v: torch.Tensor, end: int) -> None:
         # Only reached by a prefill (sized exactly) or a batch whose budget was
         # underestimated; doubling keeps the latter amortised.
