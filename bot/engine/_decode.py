@@ -6,19 +6,22 @@ spends more time in its own Python and small operations than in arithmetic.
 The decode step is nearly all of the engine's cost at batch 32, so it decides
 how far the engine gets past naive ``generate``. ``tuneloop bench`` on the
 starter, 2 CPU cores, one run, bare loops of batch-32 decoding (prefill
-included) on 1 thread, 2 where faster: 9,996 tok/s with transformers'
-forward (17.6x naive ``generate``), 14,672 with this (25.8x); the engine at
-32 clients made 12,474 (21.9x). Greedy tokens are the same; logits agree to
+included) on 1 thread, 2 where faster: 9,646 tok/s with transformers'
+forward (16.8x naive ``generate``), 15,675 with this (27.4x); the engine at
+32 clients made 13,446 (23.5x). Greedy tokens are the same; logits agree to
 ~1e-5.
 
-What it does differently: q/k/v and gate/up are each one matrix multiply on
-fused weights (stored ``[in, out]`` on a CPU, see ``_Fused``); norms are one
-``F.rms_norm``; rotary tables come from the model's own ``rotary_emb`` (every
-rope variant transformers knows) and queries and keys turn together; the one
-new query per row meets its keys in a batched matmul against the
-``_batch.SlabLayer`` buffers, query heads grouped under the key/value head they
-share, nothing copied. A prefill packs every prompt's tokens into one matrix
-instead of left-padding them.
+What it does differently, each for fewer operations per step (at this size
+a step is ~180 small operations more than it is arithmetic): q/k/v and
+gate/up are each one matrix multiply on fused weights (stored ``[in, out]`` on
+a CPU, see ``_Fused``), residuals are multiply-adds; norms are one
+``F.rms_norm``; cos/sin come from a table the model's own ``rotary_emb``
+filled (every rope type transformers knows; per step for those that change
+with length) and queries and keys turn together in three operations; the one
+new query per row meets its keys in one ``baddbmm`` against the
+``_batch.SlabLayer`` buffers, with the padding bias folded in and query heads
+grouped under the key/value head they share, nothing copied. A prefill packs
+every prompt's tokens into one matrix instead of left-padding them.
 
 It covers the architectures in ``SUPPORTED``, whose layers are the same up to
 biases; anything else, or a model whose prefill or first steps disagree with
