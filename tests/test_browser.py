@@ -6,11 +6,10 @@ import os
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
-from bot.adapters.web import create_app
 from bot.config import parse
 from bot.runtime import services
+from tests.serving import serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,13 +27,8 @@ async def server(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("browser")
     config = parse({"model": {"base": str(tiny_model), "device": "cpu", "max_new_tokens": 40},
                     "storage": {"path": str(d / "tuneloop.db")}, "trainer": {"enabled": False}}, d)
-    async with services(config) as svc:
-        app, _ = create_app(svc)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", svc
-        await runner.cleanup()
+    async with services(config) as svc, serving(svc) as base:
+        yield base, svc
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -278,11 +278,14 @@ async def test_stats(engine):
     assert s["tokens_per_s"] > 0 and s["active"] == 0 and s["queued"] == 0 and s["max_batch"] == 8
 
 
-def test_streaming_never_splits_a_character(tiny_model):
+@pytest.mark.parametrize("rust_backend", [True, False], ids=["DecodeStream", "decode-all fallback"])
+def test_streaming_never_splits_a_character(tiny_model, rust_backend):
     from bot.engine.local import LocalEngine, _Request
 
     eng = LocalEngine(str(tiny_model), version="base", stream_interval=0)
     eng.load()
+    if not rust_backend:
+        eng._fast = None  # as load() leaves it for a tokenizer without tokenizers' backend
     text = "你好，世界！ café — 🙂 done"
     ids = eng.tokenizer(text, add_special_tokens=False)["input_ids"]
     req = _Request("x", [1], fixed(len(ids) + 1), len(ids) + 1, None, None, 0.0)

@@ -7,9 +7,7 @@ import socket
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
-from bot.adapters.web import create_app
 from bot.chat import Chat, Turn
 from bot.config import parse
 from bot.engine import SamplingParams, create_engine
@@ -17,6 +15,7 @@ from bot.engine.openai import OpenAIEngine
 from bot.errors import EngineError
 from bot.runtime import services
 from bot.store import Store
+from tests.serving import serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -32,13 +31,8 @@ async def remote(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("remote")
     config = parse({"model": {"base": str(tiny_model), "device": "cpu", "max_new_tokens": 32},
                     "storage": {"path": str(d / "remote.db")}, "trainer": {"enabled": False}}, d)
-    async with services(config) as svc:
-        app, _ = create_app(svc)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1", svc
-        await runner.cleanup()
+    async with services(config) as svc, serving(svc) as base:
+        yield f"{base}/v1", svc
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -12,13 +12,13 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from bot import cli
-from bot.adapters.web import STATIC, create_app
+from bot.adapters.web import STATIC
 from bot.config import load
 from bot.engine import SamplingParams
 from bot.runtime import services
+from tests.serving import serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -57,15 +57,8 @@ enabled = false
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(config_file):
     config = load(config_file)
-    async with services(config) as svc:
-        app, _ = create_app(svc)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        yield f"http://127.0.0.1:{port}", svc
-        await runner.cleanup()
+    async with services(config) as svc, serving(svc) as base:
+        yield base, svc
 
 
 @pytest_asyncio.fixture(loop_scope="module")

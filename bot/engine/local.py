@@ -20,11 +20,12 @@ greedy, 2 CPU threads, same machine, same minutes:
 
 The paged manager's per-step bookkeeping dominates a model this small on
 CPU. Left padding + attention mask + per-row position ids let any causal LM
-in transformers decode a ragged batch through its ordinary ``forward``; the
-engine's own per-step work (sampling, incremental detokenizing, stops) is
-~2% of a step at batch 32 (cProfile: 2,048 ``_advance`` calls 23 ms of
-1.86 s). For Llama, Qwen2 and Mistral models the prefill and the step itself
-are tuneloop's own (``_decode.Decoder``, checked against ``forward`` at load).
+in transformers decode a ragged batch through its ordinary ``forward``. For
+Llama, Qwen2 and Mistral models the prefill and the step itself are
+tuneloop's own (``_decode.Decoder``, checked against ``forward`` at load).
+The engine's own per-step work (sampling, incremental detokenizing, stops)
+is ~6% of the engine thread's time at 32 clients on the starter (0.13 of
+2.22 s over 16 waves of 32 requests, timed around ``_postprocess``).
 ``bot/bench.py`` measures the rest.
 """
 
@@ -74,7 +75,8 @@ class _Request:
     text: str = ""  # stable decoded text, stop strings cut
     sent: int = 0  # characters of ``text`` released to the stream (pending or delivered)
     pending: str = ""  # released text not yet handed to the loop
-    detok: Any = None  # tokenizers.decoders.DecodeStream, or the text decoded so far
+    stream: DecodeStream | None = None  # incremental detokenizer (tokenizers with a Rust backend)
+    decoded: str = ""  # the text decoded so far (tokenizers without one)
     first_delta: float | None = None
     cancelled: bool = False
     done: bool = False
@@ -105,7 +107,6 @@ class LocalEngine(Engine):
         self.threads = threads
         self.fused_decode = fused_decode
         self._decoder: Decoder | None = None
-        self.decode_step = "transformers"  # or "fused", once loaded
         # Deltas are coalesced for this long, every request's on one engine-wide
         # tick (a first delta or a finished request goes at once, and takes
         # the others' text along): each wake-up of the event loop costs the
@@ -207,13 +208,15 @@ class LocalEngine(Engine):
         if self.fused_decode:
             self._decoder, why = Decoder.for_model(self.model)
             if self._decoder is not None and self.device == "cpu":
-                self._decoder.widen(self._torch_threads, _usable_cores())
+                self._decoder.widen(self._torch_threads, os.cpu_count() or 1)
         else:
             why = "[model] fused_decode = false"
-        step = "fused" if self._decoder is not None else "transformers"
-        if step != self.decode_step or self._decoder is None:
-            log.info("decode step: %s (%s)", step, why)
-        self.decode_step = step
+        log.info("decode step: %s (%s)", self.decode_step, why)
+
+    @property
+    def decode_step(self) -> str:
+        """``fused`` (``_decode.Decoder``) or ``transformers`` (the model's ``forward``)."""
+        return "fused" if self._decoder is not None else "transformers"
 
     async def start(self) -> None:
         if self._running:
@@ -521,16 +524,15 @@ class LocalEngine(Engine):
         if self._fast is not None:
             # tokenizers' own incremental decoder: one call per token, and it
             # holds back bytes of a character split across tokens.
-            if req.detok is None:
-                req.detok = DecodeStream(skip_special_tokens=True)
-            return req.detok.step(self._fast, tok) or ""
+            if req.stream is None:
+                req.stream = DecodeStream(skip_special_tokens=True)
+            return req.stream.step(self._fast, tok) or ""
         # A tokenizer without a Rust backend: decode everything, emit what is new.
         full = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
-        done = req.detok or ""
-        if full.endswith(_REPLACEMENT) or len(full) <= len(done):
+        if full.endswith(_REPLACEMENT) or len(full) <= len(req.decoded):
             return ""
-        req.detok = full
-        return full[len(done) :]
+        piece, req.decoded = full[len(req.decoded) :], full
+        return piece
 
     @staticmethod
     def _cut_stop(req: _Request) -> bool:
@@ -686,13 +688,6 @@ class LocalEngine(Engine):
 
                 full = AutoModelForCausalLM.from_pretrained(adapter_path, dtype=self.model.dtype)
                 self.model.load_state_dict(full.state_dict())
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _held(text: str, stops: tuple[str, ...]) -> int:
