@@ -6,7 +6,7 @@ back ephemerally). Who is an admin comes from ``[admin]``: per platform user
 ids, and Discord role ids. A refusal is logged with the caller's id.
 
 The learning actions (retrain, models, promote, rollback, status of runs)
-go to a ``LearningControl`` — ``trainer.control.Control`` in the serving
+go to a ``LearningControl`` — ``tuneloop.learning.control.Control`` in the serving
 process. Without one, they answer that training is not available.
 """
 
@@ -17,9 +17,9 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bot.config import Config
-from bot.errors import InputError, PermissionDenied
-from bot.store import Store
+from tuneloop.config import Config
+from tuneloop.errors import InputError, PermissionDenied
+from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
 

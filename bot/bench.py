@@ -6,7 +6,7 @@ Three ways to produce the same greedy tokens (a fixed count, eos ignored):
 - engine: ``LocalEngine`` with 1, 8, 32 concurrent clients;
 - tight loop: the model's own batched forward pass, prefill a batch then
   decode step after step, no engine around it: once with the decode step the
-  engine uses (the fused step of ``bot/engine/_decode.py`` where it applies)
+  engine uses (the fused step of ``tuneloop/engine/_decode.py`` where it applies)
   and once with transformers' ``forward`` and its ``DynamicCache``.
 
 It reports generated tokens/s, time to first token and end-to-end latency
@@ -121,8 +121,8 @@ def _tight_loop(model, prompts: list[list[int]], new_tokens: int, pad_id: int, d
     import torch
     from transformers import DynamicCache
 
-    from bot.engine._batch import Batch, last_logits, left_pad
-    from bot.engine._decode import greedy
+    from tuneloop.engine._batch import Batch, last_logits, left_pad
+    from tuneloop.engine._decode import greedy
 
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -227,8 +227,8 @@ async def _bench(
 ) -> dict[str, Any]:
     import torch
 
-    from bot.engine.base import SamplingParams
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.base import SamplingParams
+    from tuneloop.engine.local import LocalEngine
 
     def say(msg: str) -> None:
         if progress:
@@ -379,7 +379,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def bench_main(config, json_out: bool = False) -> int:
     """``tuneloop bench``: resolve ``[model] base`` and print the table (or JSON)."""
-    from bot.models import resolve_base
+    from trainer.models import resolve_base
 
     path = resolve_base(config.model.base, progress=not json_out)
     result = run_bench(

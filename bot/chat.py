@@ -14,10 +14,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from bot.config import Config
-from bot.engine import Engine, Message, SamplingParams
-from bot.errors import InputError
-from bot.store import Exchange, Store
+from tuneloop.config import Config
+from tuneloop.engine import Engine, Message, SamplingParams
+from tuneloop.errors import InputError
+from tuneloop.store import Exchange, Store
 
 log = logging.getLogger(__name__)
 

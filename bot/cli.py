@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bot import __version__
-from bot.config import Config, load
-from bot.errors import InputError, TuneloopError
+from tuneloop.config import Config, load
+from tuneloop.errors import InputError, TuneloopError
 
 log = logging.getLogger("tuneloop")
 
@@ -243,7 +243,7 @@ def setup_logging(verbose: bool, default: int = logging.WARNING) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # The starter build and model downloads report progress at INFO.
     logging.getLogger("trainer").setLevel(logging.INFO)
-    logging.getLogger("bot.models").setLevel(logging.INFO)
+    logging.getLogger("trainer.models").setLevel(logging.INFO)
     # APScheduler narrates every job it adds; bot.learning logs the schedule once.
     logging.getLogger("apscheduler").setLevel(logging.INFO if verbose else logging.WARNING)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from bot.cli import command
-from bot.config import Config
+from tuneloop.config import Config
 
 
 def _run_args(p) -> None:

@@ -13,18 +13,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from bot.cli import _print_json, command
-from bot.config import Config
-from bot.errors import InputError
+from tuneloop.config import Config
+from tuneloop.errors import InputError
 
 if TYPE_CHECKING:
-    from trainer.control import Control
+    from tuneloop.learning.control import Control
 
 
 @contextmanager
 def _control(config: Config) -> Iterator[Control]:
     """The learning control over a store that is closed on exit."""
     from bot.runtime import open_store
-    from trainer.control import Control
+    from tuneloop.learning.control import Control
 
     with open_store(config) as store:
         yield Control(config, store)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bot.store import Store
+from tuneloop.store import Store
 
 _MIN, _HOUR, _DAY = 60, 3600, 86400
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 from bot.chat import check_text
-from bot.errors import InputError
-from bot.store import Store
+from tuneloop.errors import InputError
+from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The learning loop inside ``tuneloop run``: scheduled runs and hot-swapping versions.
 
-Boundary: it starts training processes (through ``trainer.control.Control``)
+Boundary: it starts training processes (through ``tuneloop.learning.control.Control``)
 and follows the registry's ``LIVE`` pointer; it never trains or evaluates in
 this process, so serving goes on while a run trains.
 
@@ -21,32 +21,10 @@ import asyncio
 import logging
 from typing import Any
 
-from bot.errors import ConfigError, TrainingError, TuneloopError
+from tuneloop.config import parse_schedule
+from tuneloop.errors import TrainingError, TuneloopError
 
 log = logging.getLogger(__name__)
-
-
-def parse_schedule(text: str) -> tuple[str, Any]:
-    """``("interval", seconds)`` or ``("cron", expression)``; ``ConfigError`` naming ``trainer.schedule``."""
-    s = (text or "").strip()
-    if s.startswith("interval:"):
-        try:
-            seconds = float(s.split(":", 1)[1])
-        except ValueError:
-            seconds = 0
-        if seconds <= 0:
-            raise ConfigError(f"trainer.schedule: interval must be a positive number of seconds, got {text!r}")
-        return "interval", seconds
-    if len(s.split()) != 5:
-        raise ConfigError(f'trainer.schedule: must be "interval:SECONDS" or a 5-field cron expression, '
-                          f"got {text!r}")
-    try:
-        from apscheduler.triggers.cron import CronTrigger
-
-        CronTrigger.from_crontab(s)
-    except ValueError as e:
-        raise ConfigError(f"trainer.schedule: not a valid cron expression ({e}): {text!r}") from None
-    return "cron", s
 
 
 def make_trigger(text: str):
@@ -64,7 +42,7 @@ class LearningService:
     """Scheduler + live-pointer watcher + the admins' ``control``, for one serving process."""
 
     def __init__(self, services, poll: float = 1.0):
-        from trainer.control import Control
+        from tuneloop.learning.control import Control
 
         self.services = services
         self.config = services.config

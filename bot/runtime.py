@@ -1,19 +1,23 @@
-"""Opening the parts a command needs: config, store, engine, core services."""
+"""Opening the parts a command needs: config, store, engine, core services.
+
+The commands' layer: it resolves the base model (``trainer.models``, which may
+build the starter or convert a GGUF file) before the engine sees a folder.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from bot.admin import Admin
 from bot.chat import Chat
-from bot.config import Config
-from bot.engine import Engine, create_engine
-from bot.errors import TuneloopError
 from bot.feedback import Feedback
-from bot.store import Store
+from bot.services import Services
+from tuneloop.config import Config
+from tuneloop.engine import Engine, create_engine
+from tuneloop.errors import TuneloopError
+from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +26,9 @@ def open_store(config: Config) -> Store:
     return Store(config.storage.path)
 
 
-@dataclass
-class Services:
-    config: Config
-    store: Store
-    engine: Engine
-    chat: Chat
-    feedback: Feedback
-    admin: Admin
-
-
 async def serve_live_version(config: Config, engine: Engine) -> None:
     """Swap in the registry's live version when it is not the base model (after promote / rollback)."""
-    from trainer.registry import Registry
+    from tuneloop.learning.registry import Registry
 
     registry = Registry(config.trainer.registry)
     live = registry.live()
@@ -53,7 +47,13 @@ async def serve_live_version(config: Config, engine: Engine) -> None:
 async def services(config: Config, *, engine: Engine | None = None) -> AsyncIterator[Services]:
     """Store + started engine + core services; everything closed on exit."""
     store = open_store(config)
-    engine = engine or create_engine(config)
+    if engine is None:
+        model_path = None
+        if config.model.backend == "local":
+            from trainer.models import resolve_base
+
+            model_path = resolve_base(config.model.base)
+        engine = create_engine(config, model_path)
     try:
         await engine.start()
         await serve_live_version(config, engine)

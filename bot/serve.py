@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from bot.config import Config
-from bot.errors import ConfigError
+from tuneloop.config import Config
+from tuneloop.errors import ConfigError
 
 log = logging.getLogger("tuneloop.run")
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from bot.adapters.web import create_app
-from bot.runtime import Services
+from bot.services import Services
 
 
 @asynccontextmanager

@@ -7,9 +7,9 @@ import os
 import pytest
 import pytest_asyncio
 
-from bot.config import parse
 from bot.runtime import services
 from tests.serving import serving
+from tuneloop.config import parse
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

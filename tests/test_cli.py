@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from bot.store import Store
+from tuneloop.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from bot.config import load, parse
-from bot.errors import ConfigError
+from tuneloop.config import load, parse
+from tuneloop.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

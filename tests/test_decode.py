@@ -7,9 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from bot.engine._batch import Batch, prefill
-from bot.engine._decode import Decoder
-from bot.engine.base import SamplingParams
+from tuneloop.engine._batch import Batch, prefill
+from tuneloop.engine._decode import Decoder
+from tuneloop.engine.base import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,7 +148,7 @@ def test_fused_weights_stay_the_models_weights():
 
 @pytest.mark.asyncio
 async def test_engine_replies_are_the_same_with_either_step(tiny_model):
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.local import LocalEngine
 
     convs = [
         [{"role": "user", "content": text}]
@@ -173,7 +173,7 @@ def test_widen_keeps_the_thread_count_that_measured_faster(slow):
     """The choice follows measurement, both ways, and the caller's thread count is restored."""
     import time
 
-    from bot.engine._decode import _Widen
+    from tuneloop.engine._decode import _Widen
 
     before = torch.get_num_threads()
     narrow, wide = 1, 2

@@ -19,13 +19,13 @@ import pytest_asyncio
 from bot.adapters.discord import CONTEXT_MENU_NAME, DiscordAdapter, split_text
 from bot.admin import Admin
 from bot.chat import Chat
-from bot.config import load
-from bot.engine.base import SamplingParams
 from bot.feedback import Feedback
-from bot.runtime import Services
-from bot.store import Store
+from bot.services import Services
 from tests.fake_discord import FakeDiscord, FakeUser, wait_until
-from trainer.control import Control
+from tuneloop.config import load
+from tuneloop.engine.base import SamplingParams
+from tuneloop.learning.control import Control
+from tuneloop.store import Store
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -48,7 +48,7 @@ def long_model(tiny_model: Path, tmp_path_factory) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(long_model: Path, tiny_model: Path, tmp_path_factory):
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.local import LocalEngine
 
     fake = FakeDiscord()
     await fake.start()

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from bot.engine.base import SamplingParams
-from bot.errors import BusyError, EngineError
+from tuneloop.engine.base import SamplingParams
+from tuneloop.errors import BusyError, EngineError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,7 +32,7 @@ def fixed(n: int, **kw) -> SamplingParams:
 
 @pytest.fixture
 async def engine(tiny_model):
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.local import LocalEngine
 
     eng = LocalEngine(str(tiny_model), version="base", max_batch=8, max_queue=4)
     await eng.start()
@@ -131,7 +131,7 @@ async def test_eos_ends_a_reply_unless_ignored(engine):
 
 @pytest.mark.asyncio
 async def test_cancel_running_and_queued(tiny_model):
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.local import LocalEngine
 
     eng = LocalEngine(str(tiny_model), version="base", max_batch=1, max_queue=4)
     await eng.start()
@@ -155,7 +155,7 @@ async def test_cancel_running_and_queued(tiny_model):
 
 @pytest.mark.asyncio
 async def test_full_queue_refuses(tiny_model):
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.local import LocalEngine
 
     eng = LocalEngine(str(tiny_model), version="base", max_batch=1, max_queue=1)
     await eng.start()
@@ -175,7 +175,7 @@ async def test_full_queue_refuses(tiny_model):
 
 @pytest.mark.asyncio
 async def test_graceful_stop(tiny_model):
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.local import LocalEngine
 
     eng = LocalEngine(str(tiny_model), version="base")
     await eng.start()
@@ -280,7 +280,7 @@ async def test_stats(engine):
 
 @pytest.mark.parametrize("rust_backend", [True, False], ids=["DecodeStream", "decode-all fallback"])
 def test_streaming_never_splits_a_character(tiny_model, rust_backend):
-    from bot.engine.local import LocalEngine, _Request
+    from tuneloop.engine.local import LocalEngine, _Request
 
     eng = LocalEngine(str(tiny_model), version="base", stream_interval=0)
     eng.load()
@@ -299,7 +299,7 @@ def test_streaming_never_splits_a_character(tiny_model, rust_backend):
 
 
 def test_held_back_stop_prefix():
-    from bot.engine.local import _held
+    from tuneloop.engine.local import _held
 
     assert _held("hello wor", ("world",)) == 3
     assert _held("hello", ("xyz",)) == 0

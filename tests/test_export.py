@@ -9,7 +9,7 @@ from datasets import load_dataset
 from trl.data_utils import is_conversational
 
 from bot.cli import main
-from bot.store import Store
+from tuneloop.store import Store
 
 SYSTEM = {"role": "system", "content": "be nice"}
 

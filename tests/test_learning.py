@@ -12,12 +12,12 @@ import time
 import pytest
 
 from bot.cli import main
-from bot.errors import ConfigError, InputError, NotFoundError
-from bot.learning import parse_schedule
-from bot.store import Store
 from trainer import data
-from trainer.registry import Registry
-from trainer.runs import Runs
+from tuneloop.config import parse_schedule
+from tuneloop.errors import ConfigError, InputError, NotFoundError
+from tuneloop.learning.registry import Registry
+from tuneloop.learning.runs import Runs
+from tuneloop.store import Store
 
 
 def make_version(reg: Registry, tmp_path, parent=None, verdict="passed") -> str:
@@ -69,7 +69,7 @@ def test_live_pointer_survives_a_crash_mid_write(tmp_path):
 
 def test_run_lock_is_exclusive_and_dies_with_its_process(tmp_path):
     reg = Registry(tmp_path / "models")
-    code = ("import sys, time; from trainer.registry import RunLock; "
+    code = ("import sys, time; from tuneloop.learning.registry import RunLock; "
             "l = RunLock(sys.argv[1]); assert l.acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(reg.root / "train.lock")], stdout=subprocess.PIPE,
                             text=True)
@@ -117,13 +117,13 @@ def feedback_store(tmp_path) -> Store:
 
 def test_new_feedback_counts_and_opt_outs(tmp_path):
     store = feedback_store(tmp_path)
-    assert data.new_feedback(store, None) == 20
+    assert store.count_feedback_since(None) == 20
     cutoff = time.time()
-    assert data.new_feedback(store, cutoff) == 0
+    assert store.count_feedback_since(cutoff) == 0
     store.rate(1, "someone", "up")
-    assert data.new_feedback(store, cutoff) == 1
+    assert store.count_feedback_since(cutoff) == 1
     store.forget_user("someone")
-    assert data.new_feedback(store, cutoff) == 0
+    assert store.count_feedback_since(cutoff) == 0
 
 
 def test_holdout_is_a_floor_and_rotates_between_runs(tmp_path):

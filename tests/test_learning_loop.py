@@ -27,9 +27,9 @@ import pytest
 
 from bot.chat import Turn
 from bot.cli import main
-from bot.config import load
 from bot.runtime import services
-from trainer.registry import Registry
+from tuneloop.config import load
+from tuneloop.learning.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ def test_learning_loop_targets(loop_model, tmp_path, capsys):
 
 
 def _touch_feedback(config) -> None:
-    from bot.store import Store
+    from tuneloop.store import Store
 
     store = Store(config.storage.path)
     try:
@@ -192,8 +192,8 @@ def _touch_feedback(config) -> None:
 
 
 def _kill_when_training(config, started: dict) -> None:
-    from bot.store import Store
-    from trainer.runs import Runs, parse_run
+    from tuneloop.learning.runs import Runs, parse_run
+    from tuneloop.store import Store
 
     store = Store(config.storage.path)
     try:
@@ -207,7 +207,7 @@ def _kill_when_training(config, started: dict) -> None:
             time.sleep(0.05)
         os.kill(row["pid"], signal.SIGKILL)
         time.sleep(0.5)
-        from trainer.control import Control
+        from tuneloop.learning.control import Control
 
         Control(config, store).reap()
         assert runs.get(parse_run(started["run_id"]))["status"] == "failed"

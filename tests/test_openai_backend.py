@@ -9,13 +9,13 @@ import pytest
 import pytest_asyncio
 
 from bot.chat import Chat, Turn
-from bot.config import parse
-from bot.engine import SamplingParams, create_engine
-from bot.engine.openai import OpenAIEngine
-from bot.errors import EngineError
 from bot.runtime import services
-from bot.store import Store
 from tests.serving import serving
+from tuneloop.config import parse
+from tuneloop.engine import SamplingParams, create_engine
+from tuneloop.engine.openai import OpenAIEngine
+from tuneloop.errors import EngineError
+from tuneloop.store import Store
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -18,12 +18,8 @@ from bot.adapters.slack_text import ReplyStream, escape, plain_text, split_text
 from bot.adapters.slack_views import SUGGEST_SHORTCUT
 from bot.admin import Admin
 from bot.chat import Chat
-from bot.config import load
-from bot.engine.local import LocalEngine
-from bot.errors import ConfigError
 from bot.feedback import Feedback
-from bot.runtime import Services
-from bot.store import Store
+from bot.services import Services
 from tests.fake_slack import (
     FakeSlack,
     block_action_body,
@@ -35,7 +31,11 @@ from tests.fake_slack import (
     sign,
     view_submission_body,
 )
-from trainer.control import Control
+from tuneloop.config import load
+from tuneloop.engine.local import LocalEngine
+from tuneloop.errors import ConfigError
+from tuneloop.learning.control import Control
+from tuneloop.store import Store
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from bot.errors import InputError, NotFoundError, StoreError
-from bot.store import MIGRATIONS, SCHEMA_VERSION, Store
+from tuneloop.errors import InputError, NotFoundError, StoreError
+from tuneloop.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 
 def add(store: Store, user="alice", prompt="hi", reply="hello", conversation="c1", **kw):

@@ -15,10 +15,10 @@ import pytest_asyncio
 
 from bot import cli
 from bot.adapters.web import STATIC
-from bot.config import load
-from bot.engine import SamplingParams
 from bot.runtime import services
 from tests.serving import serving
+from tuneloop.config import load
+from tuneloop.engine import SamplingParams
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -17,8 +17,7 @@ down, and is dropped (as rated) on a tie. A reply that has a correction is
 never used as desirable unless its majority is 👍. Users who opted out
 (``tuneloop forget``) are excluded, as authors of exchanges and as raters.
 
-What a training run reads besides (``trainer.run``): ``new_feedback`` counts
-ratings and corrections stored after a run's data cutoff; ``split_holdout``
+What a training run reads besides (``trainer.run``): ``split_holdout``
 keeps a rotating share of feedback items out of training for the gate; and
 ``replay_prompts`` gives the replay set against forgetting: earlier prompts
 from the store (exchanges without feedback, opted-out users excluded), then
@@ -37,8 +36,8 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from bot.errors import InputError
-from bot.store import Store
+from tuneloop.errors import InputError
+from tuneloop.store import Store
 
 FORMATS = ("sft", "kto", "dpo")
 
@@ -112,22 +111,6 @@ def dataset_hash(rows: list[dict[str, Any]]) -> str:
 
 
 # --- what a training run reads: new feedback, a held-out split, a replay set ----------
-
-
-def new_feedback(store: Store, since: float | None) -> int:
-    """Ratings and corrections stored after ``since`` (a run's data cutoff), opt-outs excluded.
-
-    ``since=None`` counts everything: no run has read the store yet.
-    """
-    cutoff = -1.0 if since is None else since
-    opted = "(SELECT user FROM opt_outs)"
-    rated = store.query(
-        f"SELECT COUNT(*) AS n FROM ratings r JOIN exchanges e ON e.id = r.exchange_id "
-        f"WHERE r.created_at > ? AND r.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
-    corrected = store.query(
-        f"SELECT COUNT(*) AS n FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
-        f"WHERE c.created_at > ? AND c.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
-    return rated + corrected
 
 
 def _bucket(key: str) -> float:

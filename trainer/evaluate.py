@@ -2,7 +2,7 @@
 
 Boundary: two models (live and candidate), the evaluation data of a run, and
 the thresholds of ``[trainer]`` in; figures, checks and a verdict out. Greedy
-replies come from the engine the bot serves with (``bot.engine.local``), so
+replies come from the engine the bot serves with (``tuneloop.engine.local``), so
 "the same reply" here means the same reply users get.
 
 The checks, each against the live version:

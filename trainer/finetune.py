@@ -54,8 +54,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bot.errors import TrainingError
 from trainer.pretrain import IGNORE, collate, sft_example
+from tuneloop.errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bot.config import Config, load
-from bot.errors import TrainingError, TuneloopError
 from trainer import data
-from trainer.registry import ADAPTER, Registry
-from trainer.runs import Runs, run_name
+from tuneloop.config import Config, load
+from tuneloop.errors import TrainingError, TuneloopError
+from tuneloop.learning.registry import ADAPTER, Registry
+from tuneloop.learning.runs import Runs, run_name
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def base_languages(base_path: str) -> tuple[str, ...]:
 async def greedy(config: Config, base_path: str, adapter: str | Path | None, prompts: list,
                  version: str = "eval") -> list[str]:
     """Greedy replies of base+adapter, decoded by the engine the bot serves with."""
-    from bot.engine.base import SamplingParams
-    from bot.engine.local import LocalEngine
+    from tuneloop.engine.base import SamplingParams
+    from tuneloop.engine.local import LocalEngine
 
     if not prompts:
         return []
@@ -177,9 +177,9 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
-    from bot.models import resolve_base
-    from bot.store import Store
     from trainer.finetune import Finetuner, config_dict
+    from trainer.models import resolve_base
+    from tuneloop.store import Store
 
     cuda = torch.cuda.is_available()
     acc = Accelerator(cpu=not cuda)

@@ -7,8 +7,8 @@ import getpass
 import sys
 
 from bot.chat import Turn, new_conversation_id
-from bot.errors import TuneloopError
-from bot.runtime import Services
+from bot.services import Services
+from tuneloop.errors import TuneloopError
 
 HELP = "commands: /good  /bad  /fix TEXT  /new  /quit"
 

@@ -37,9 +37,9 @@ from discord import app_commands
 
 from bot.admin import Caller
 from bot.chat import Turn
-from bot.engine import Message
-from bot.errors import ConfigError, NotFoundError, PermissionDenied, TuneloopError
-from bot.runtime import Services
+from bot.services import Services
+from tuneloop.engine import Message
+from tuneloop.errors import ConfigError, NotFoundError, PermissionDenied, TuneloopError
 
 log = logging.getLogger(__name__)
 

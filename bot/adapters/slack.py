@@ -57,9 +57,9 @@ from bot.adapters.slack_views import (
 )
 from bot.admin import Caller
 from bot.chat import Turn
-from bot.engine import Message
-from bot.errors import BusyError, ConfigError, InputError, NotFoundError, TuneloopError
-from bot.runtime import Services
+from bot.services import Services
+from tuneloop.engine import Message
+from tuneloop.errors import BusyError, ConfigError, InputError, NotFoundError, TuneloopError
 
 log = logging.getLogger(__name__)
 

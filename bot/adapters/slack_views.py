@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bot.store import Exchange
+from tuneloop.store import Exchange
 
 #: callback id of the message shortcut (slack-manifest.yml names it too)
 SUGGEST_SHORTCUT = "tuneloop_suggest_reply"

@@ -36,10 +36,10 @@ from typing import Any
 
 from aiohttp import web
 
-from bot import errors
 from bot.chat import Turn, check_text, new_conversation_id
 from bot.feedback import parse_rating
 from bot.metrics import CONTENT_TYPE, Metrics
+from tuneloop import errors
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.errors import ConfigError
+from tuneloop.errors import ConfigError
 
 ENV_VAR = "TUNELOOP_CONFIG"
 DEFAULT_NAME = "config.toml"
@@ -167,9 +167,31 @@ class TrainerConfig:
     processes: int = field(default=1, metadata=_meta("training processes for accelerate/torchrun", min=1))
 
     def __post_init__(self) -> None:
-        from bot.learning import parse_schedule
-
         parse_schedule(self.schedule)  # raises ConfigError naming trainer.schedule
+
+
+def parse_schedule(text: str) -> tuple[str, Any]:
+    """``("interval", seconds)`` or ``("cron", expression)``; ``ConfigError`` naming ``trainer.schedule``."""
+    s = (text or "").strip()
+    if s.startswith("interval:"):
+        try:
+            seconds = float(s.split(":", 1)[1])
+        except ValueError:
+            seconds = 0
+        if seconds <= 0:
+            raise ConfigError(f"trainer.schedule: interval must be a positive number of seconds, got {text!r}")
+        return "interval", seconds
+    if len(s.split()) != 5:
+        raise ConfigError(f'trainer.schedule: must be "interval:SECONDS" or a 5-field cron expression, '
+                          f"got {text!r}")
+    try:
+        from apscheduler.triggers.cron import CronTrigger
+
+        CronTrigger.from_crontab(s)
+    except ValueError as e:
+        raise ConfigError(f"trainer.schedule: not a valid cron expression ({e}): {text!r}") from None
+    return "cron", s
+
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Where the base model comes from: the offline starter, a local folder or a hub id.
 
-This module only resolves a name to something ``from_pretrained`` can load
-and picks device and dtype; the engine and the trainer do the loading.
+This module only resolves a name to a folder ``from_pretrained`` can load;
+the engine and the trainer do the loading. The serving process resolves the
+base here and hands the engine a folder, so the engine never imports the
+trainer.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from bot.errors import ModelError
+from tuneloop.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +46,3 @@ def resolve_base(base: str, progress: bool = True) -> str:
         raise ModelError(
             f"model.base: cannot download {base!r} ({why}); set model.base = \"starter\" "
             f"to use the offline starter model") from None
-
-
-def pick_device(device: str) -> str:
-    """``auto`` means CUDA when present, else CPU."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"model.device: {device!r} asked for but no CUDA device is available")
-    return device
-
-
-def pick_dtype(dtype: str, device: str):
-    """``auto`` means bfloat16 on CUDA, float32 elsewhere (CPU bf16 is slow)."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

@@ -15,8 +15,8 @@ import os
 import time
 from typing import Any
 
-from bot.errors import NotFoundError
-from bot.store import Store
+from tuneloop.errors import NotFoundError
+from tuneloop.store import Store
 
 ACTIVE = ("queued", "running")
 

@@ -46,10 +46,10 @@ from typing import Any
 import torch
 from tokenizers.decoders import DecodeStream
 
-from bot.engine._batch import Batch, last_logits, prefill
-from bot.engine._decode import Decoder, greedy
-from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
-from bot.errors import BusyError, EngineError, ModelError
+from tuneloop.engine._batch import Batch, last_logits, prefill
+from tuneloop.engine._decode import Decoder, greedy
+from tuneloop.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
+from tuneloop.errors import BusyError, EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,11 @@ class LocalEngine(Engine):
         self._ids = itertools.count()
 
     @classmethod
-    def from_config(cls, config) -> LocalEngine:
-        """The engine ``[model]`` describes (the base model, for now)."""
-        from bot.models import resolve_base
-
+    def from_config(cls, config, model_path: str) -> LocalEngine:
+        """The engine ``[model]`` describes, on the base model already resolved to ``model_path``."""
         m = config.model
         return cls(
-            resolve_base(m.base),
+            model_path,
             version=m.base,
             device=m.device,
             dtype=m.dtype,
@@ -158,7 +156,7 @@ class LocalEngine(Engine):
         """Load tokenizer and model (blocking); ``start`` calls it in an executor."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from bot.models import pick_device, pick_dtype
+        from tuneloop.engine.device import pick_device, pick_dtype
 
         self.device = pick_device(self.device_name)
         threads = self.threads

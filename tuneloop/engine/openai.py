@@ -39,8 +39,8 @@ from typing import Any
 
 import openai
 
-from bot.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
-from bot.errors import BusyError, EngineError
+from tuneloop.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
+from tuneloop.errors import BusyError, EngineError
 
 log = logging.getLogger(__name__)
 

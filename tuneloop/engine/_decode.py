@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from bot.engine._batch import Batch, SlabLayer, last_logits, prefill
+from tuneloop.engine._batch import Batch, SlabLayer, last_logits, prefill
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot.config import Config
-from bot.errors import NotFoundError, TrainingError
-from bot.store import Store
-from trainer import data
-from trainer.registry import BASE, Registry
-from trainer.runs import Runs, parse_run, run_name
+from tuneloop.config import Config
+from tuneloop.errors import NotFoundError, TrainingError
+from tuneloop.learning.registry import BASE, Registry
+from tuneloop.learning.runs import Runs, parse_run, run_name
+from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class Control:
     def new_feedback(self) -> int:
         """Feedback stored since the last finished run read the store."""
         last = self.runs.last_done()
-        return data.new_feedback(self.store, last["data_cutoff"] if last else None)
+        return self.store.count_feedback_since(last["data_cutoff"] if last else None)
 
     def untrained_feedback(self) -> int:
         """Feedback the live version has not trained on (all of it when the base model is live).
@@ -58,7 +57,7 @@ class Control:
         """
         live = self.registry.live()
         cutoff = self.registry.meta(live).get("data_cutoff") if live else None
-        return data.new_feedback(self.store, cutoff)
+        return self.store.count_feedback_since(cutoff)
 
     def running(self) -> dict[str, Any] | None:
         self.reap()

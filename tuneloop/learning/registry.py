@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bot.errors import InputError, NotFoundError, TrainingError
+from tuneloop.errors import InputError, NotFoundError, TrainingError
 
 log = logging.getLogger(__name__)
 

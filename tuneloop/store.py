@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-from bot.errors import InputError, NotFoundError, StoreError
+from tuneloop.errors import InputError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,21 @@ class Store:
         return self.query("SELECT * FROM corrections WHERE exchange_id = ? ORDER BY id", [exchange_id])
 
     # -- users --------------------------------------------------------------------
+
+    def count_feedback_since(self, since: float | None) -> int:
+        """Ratings and corrections stored after ``since`` (a run's data cutoff), opt-outs excluded.
+
+        ``since=None`` counts everything: no run has read the store yet.
+        """
+        cutoff = -1.0 if since is None else since
+        opted = "(SELECT user FROM opt_outs)"
+        rated = self.query(
+            f"SELECT COUNT(*) AS n FROM ratings r JOIN exchanges e ON e.id = r.exchange_id "
+            f"WHERE r.created_at > ? AND r.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
+        corrected = self.query(
+            f"SELECT COUNT(*) AS n FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
+            f"WHERE c.created_at > ? AND c.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
+        return rated + corrected
 
     def forget_user(self, user: str) -> dict[str, int]:
         """Delete a user's exchanges, ratings and corrections; opt them out of training."""
