@@ -187,6 +187,8 @@ def cmd_stats(args, config: Config) -> int:
     for title, key in (("platform", "by_platform"), ("version", "by_version")):
         for name, s in stats[key].items():
             print(line(f"{title} {name}", s))
+    if stats["pending"]:
+        print(f"not counted: {stats['pending']} exchanges pending (a reply still streaming, or cut by a crash)")
     return 0
 
 

@@ -48,12 +48,18 @@ def cmd_retrain(args, config: Config) -> int:
             return 0
         if not args.json:
             print(f"{started['run_id']} started; waiting (log: {started['log']})", file=sys.stderr)
-        control.wait(started["run_id"], timeout=args.timeout)
+        try:
+            control.wait(started["run_id"], timeout=args.timeout)
+        except KeyboardInterrupt:
+            # The run is its own process in its own session: Ctrl-C stops the waiting only.
+            print(f"tuneloop: interrupted; {started['run_id']} goes on in the background (pid "
+                  f"{started['pid']}, log {started['log']}); `tuneloop status` follows it", file=sys.stderr)
+            return 130
         out = control.outcome(started["run_id"])
     if args.json:
         _print_json(out)
-    elif out["status"] == "failed":
-        print(f"{out['run_id']} failed: {out['error']}")
+    elif out["status"] in ("failed", "cancelled"):
+        print(f"{out['run_id']} {out['status']}: {out['error']}")
     else:
         m = out["metrics"]
         print(f"{out['run_id']}: {out['version']} {'promoted' if out['promoted'] else 'rejected'}; "

@@ -4,10 +4,14 @@ Boundary: it starts training processes (through ``tuneloop.learning.control.Cont
 and follows the registry's ``LIVE`` pointer; it never trains or evaluates in
 this process, so serving goes on while a run trains.
 
-- A watcher polls ``LIVE`` every ``poll`` seconds. When it names a version
-  other than the one the engine serves (a run promoted one, or an admin
-  promoted or rolled back from the CLI or another process), it calls
-  ``engine.swap_adapter``; replies record the version that produced them.
+- ``LiveFollower`` is the one place that makes an engine serve the version
+  ``LIVE`` names: every command that serves calls it once at start
+  (``bot.runtime.services``), and ``tuneloop run`` polls it every ``poll``
+  seconds, so a version a run promoted, or one an admin promoted or rolled
+  back from the CLI or another process, is swapped in; replies record the
+  version that produced them. A version that cannot be served is logged in
+  one line, the engine keeps the weights it has, and it is not tried again
+  until ``LIVE`` names another.
 - An APScheduler 3.x ``AsyncIOScheduler`` fires on ``[trainer] schedule``
   (``interval:SECONDS`` or a 5-field cron expression); a firing starts a run
   only when ``min_feedback`` new items arrived since the last run and no
@@ -21,8 +25,9 @@ import asyncio
 import logging
 from typing import Any
 
-from tuneloop.config import parse_schedule
+from tuneloop.config import Config, parse_schedule
 from tuneloop.errors import TrainingError, TuneloopError
+from tuneloop.learning.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,46 @@ def make_trigger(text: str):
     return CronTrigger.from_crontab(value)
 
 
+class LiveFollower:
+    """Keeps an engine serving the registry's live version (the base model when none is)."""
+
+    def __init__(self, config: Config, engine, registry: Registry | None = None):
+        self.engine = engine
+        self.registry = registry or Registry(config.trainer.registry)
+        self.base_name = config.model.base
+        self._failed: str | None = None
+
+    async def follow(self) -> bool:
+        """Serve the live version if the engine does not already; True when it swapped."""
+        engine = self.engine
+        want = "the LIVE pointer"
+        try:
+            live = self.registry.live()
+            want = live or self.base_name
+            if engine.model_version == want:
+                self._failed = None
+                return False
+            if want == self._failed:
+                return False
+            why = self.registry.base_mismatch(live, getattr(engine, "model_path", None))
+            if why:
+                raise TrainingError(f"a version for another base model: {why}")
+            adapter = self.registry.adapter(live)
+            await engine.swap_adapter(None if adapter is None else str(adapter), want)
+        # What a broken version can raise: the engine's ModelError, a version folder,
+        # meta.json or LIVE file missing or unreadable, a back end that cannot swap.
+        except (TuneloopError, NotImplementedError, OSError, ValueError) as e:
+            if want != self._failed:  # tried again when LIVE names another version, not every poll
+                first = str(e).splitlines()[0] if str(e) else ""
+                log.error("cannot serve %s: %s: %s; still serving %s", want, type(e).__name__, first,
+                          engine.model_version)
+            self._failed = want
+            return False
+        self._failed = None
+        log.info("now serving %s", want)
+        return True
+
+
 class LearningService:
     """Scheduler + live-pointer watcher + the admins' ``control``, for one serving process."""
 
@@ -49,12 +94,10 @@ class LearningService:
         self.poll = poll
         self.scheduler = None
         self.control = Control(self.config, services.store, next_run=self.next_run)
+        self.follower = LiveFollower(self.config, services.engine, self.control.registry)
         self._watcher: asyncio.Task | None = None
-        self._failed: str | None = None
-
-    @property
-    def base_name(self) -> str:
-        return self.config.model.base
+        #: the runs this service started that its ``stop`` cancelled (``Control.stop_children``)
+        self.cancelled: list[dict[str, Any]] = []
 
     async def start(self) -> None:
         await self.follow_live()
@@ -69,7 +112,11 @@ class LearningService:
             log.info("training scheduled: %s, at least %d new feedback items", self.config.trainer.schedule,
                      self.config.trainer.min_feedback)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> list[dict[str, Any]]:
+        """Stop scheduling and following; stop the training runs this process started.
+
+        Returns (and keeps in ``cancelled``) one entry per run stopped.
+        """
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
@@ -80,6 +127,9 @@ class LearningService:
             except asyncio.CancelledError:
                 pass
             self._watcher = None
+        stopped = await asyncio.to_thread(self.control.stop_children, grace)
+        self.cancelled += stopped
+        return stopped
 
     def next_run(self) -> str | None:
         if self.scheduler is None:
@@ -98,25 +148,7 @@ class LearningService:
 
     async def follow_live(self) -> bool:
         """Serve the registry's live version if the engine does not already; True when it swapped."""
-        registry = self.control.registry
-        live = registry.live()
-        want = live or self.base_name
-        engine = self.services.engine
-        if engine.model_version == want or want == self._failed:
-            return False
-        try:
-            why = registry.base_mismatch(live, getattr(engine, "model_path", None))
-            if why:
-                raise TrainingError(f"a version for another base model: {why}")
-            adapter = registry.adapter(live)
-            await engine.swap_adapter(None if adapter is None else str(adapter), want)
-        except (TuneloopError, NotImplementedError) as e:
-            self._failed = want  # retried when LIVE changes again, not every second
-            log.error("cannot serve %s: %s; still serving %s", want, e, engine.model_version)
-            return False
-        self._failed = None
-        log.info("now serving %s", want)
-        return True
+        return await self.follower.follow()
 
     async def _watch(self) -> None:
         while True:

@@ -6,7 +6,10 @@ routes to the one aiohttp app, start the app, the adapters and the learning
 loop. Stop order on Ctrl-C or SIGTERM: refuse new requests, let in-flight
 replies finish within ``grace`` seconds (the engine cancels what is left;
 a cancelled reply is still logged with ``finish_reason = "cancelled"``),
-stop the adapters and the learning loop, close the store.
+stop the adapters and the learning loop, close the store. A training run
+this process started (the schedule, an admin's ``retrain``) stops with it
+and is marked ``cancelled``; the last line names it. Runs started from the
+CLI (``tuneloop retrain``) are not this process's and go on.
 
 An adapter is any object built as ``Adapter(services)`` with::
 
@@ -94,15 +97,10 @@ def platform_adapters(services) -> list[tuple[str, Any]]:
     return out
 
 
-def learning_service(services) -> Any | None:
-    """The learning loop when ``bot.learning`` exists, its control handed to admins."""
-    try:
-        from bot.learning import LearningService
-    except ModuleNotFoundError as e:
-        if e.name != "bot.learning":
-            raise
-        log.info("learning: not available in this build (no bot.learning)")
-        return None
+def learning_service(services) -> Any:
+    """The learning loop, its control handed to admins."""
+    from bot.learning import LearningService
+
     learning = LearningService(services)
     services.admin.control = learning.control
     return learning
@@ -128,7 +126,8 @@ async def serve(config: Config, *, grace: float = GRACE_S, ready: asyncio.Event 
     try:
         log.info("engine: loading %s (backend %s)", config.model.base if config.model.backend == "local"
                  else config.model.api_base, config.model.backend)
-        async with open_services(config) as svc:
+        # The learning loop's follower serves the live version: one follower per process.
+        async with open_services(config, follow_live=False) as svc:
             engine_stop = svc.engine.stop
             app = web.Application(client_max_size=config.server.max_body_bytes)
             web_adapter = WebAdapter(svc)
@@ -136,6 +135,7 @@ async def serve(config: Config, *, grace: float = GRACE_S, ready: asyncio.Event 
             for _, adapter in adapters:
                 adapter.attach(app)
             learning = learning_service(svc)
+            await learning.follow_live()  # before the first request
             # Backstop only: the engine's own grace settles replies first.
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace + 2,
                                    access_log=None)
@@ -167,15 +167,19 @@ async def serve(config: Config, *, grace: float = GRACE_S, ready: asyncio.Event 
                 web_adapter.draining.set()
                 # The web server waits for its handlers while the engine finishes or
                 # cancels their replies; adapters stop taking events meanwhile.
+                # The learning loop stops at once too: no run may start during the grace.
                 results = await asyncio.gather(
-                    runner.cleanup(), engine_stop(grace),
+                    runner.cleanup(), engine_stop(grace), learning.stop(),
                     *(a.stop() for n, a in started if n != "web"), return_exceptions=True)
-                if learning is not None:
-                    results.append(await _quiet(learning.stop()))
                 for r in results:
                     if isinstance(r, BaseException):
                         log.error("while stopping: %s: %s", type(r).__name__, r)
-        log.info("stopped cleanly")
+        runs = [r for r in learning.cancelled if r["cancelled"]]
+        if runs:
+            log.info("stopped cleanly; cancelled training %s", ", ".join(
+                f"{r['run_id']} (pid {r['pid']} stopped; log {r['log']})" for r in runs))
+        else:
+            log.info("stopped cleanly")
         return 0
     finally:
         sock.close()
@@ -189,11 +193,3 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
         sys.exit(130)
     log.info("%s received", sig.name)
     stop.set()
-
-
-async def _quiet(coro) -> BaseException | None:
-    try:
-        await coro
-    except Exception as e:  # noqa: BLE001 — reported by the caller
-        return e
-    return None

@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 RATING_VALUES = {"up": 1, "down": -1}
 
+#: The one definition of an answered exchange (alias ``e``). A reply still
+#: streaming, or left half-written by a crash, is ``pending``: never context,
+#: never counted in figures (only as ``pending``), never trained on.
+ANSWERED = "e.finish_reason IS NOT 'pending'"
+
+#: training_runs.status values; the first two are a run still going.
+RUN_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE_RUN = RUN_STATUSES[:2]
+_RUN_COLUMNS = frozenset({"reason", "status", "stage", "pid", "started_at", "finished_at", "data_cutoff",
+                          "dataset_hash", "version", "promoted", "metrics", "error"})
+
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
     db.execute("""
@@ -312,8 +323,8 @@ class Store:
 
     def conversation(self, conversation_id: str, limit: int = 50) -> list[Exchange]:
         """The latest ``limit`` exchanges of a conversation, oldest first."""
-        rows = self.query("SELECT * FROM exchanges WHERE conversation_id = ? "
-                          "AND finish_reason IS NOT 'pending' ORDER BY id DESC LIMIT ?",
+        rows = self.query(f"SELECT * FROM exchanges e WHERE conversation_id = ? "
+                          f"AND {ANSWERED} ORDER BY id DESC LIMIT ?",
                           [conversation_id, limit])
         return [Exchange.from_row(r) for r in reversed(rows)]
 
@@ -390,6 +401,29 @@ class Store:
     def opted_out(self) -> set[str]:
         return {r["user"] for r in self.query("SELECT user FROM opt_outs")}
 
+    # -- what a training run reads (trainer.data) -----------------------------------
+
+    def feedback_exchanges(self, since_id: int = 0) -> list[dict[str, Any]]:
+        """Exchanges after ``since_id`` that carry a rating or a correction, oldest first.
+
+        ``score`` is the sum of their ratings (+1/-1), opted-out raters left out.
+        """
+        return self.query(
+            "SELECT e.id, e.user, e.messages, e.reply, "
+            "  COALESCE((SELECT SUM(CASE WHEN r.user IN (SELECT user FROM opt_outs) THEN 0 ELSE r.rating END)"
+            "            FROM ratings r WHERE r.exchange_id = e.id), 0) AS score "
+            "FROM exchanges e WHERE e.id > ? AND (EXISTS (SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) "
+            "  OR EXISTS (SELECT 1 FROM corrections c WHERE c.exchange_id = e.id)) ORDER BY e.id",
+            [since_id])
+
+    def exchanges_without_feedback(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` exchanges nobody rated or corrected (``id, user, prompt, messages``)."""
+        return self.query(
+            "SELECT id, user, prompt, messages FROM exchanges e WHERE NOT EXISTS "
+            "(SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) AND NOT EXISTS "
+            "(SELECT 1 FROM corrections c WHERE c.exchange_id = e.id) ORDER BY id DESC LIMIT ?",
+            [limit])
+
     # -- platform events ------------------------------------------------------------
 
     def prune_seen_events(self, older_than_s: float = 7 * 86400) -> None:
@@ -419,8 +453,9 @@ class Store:
             return {"exchanges": ex, "ratings": {"up": up, "down": down}, "corrections": c,
                     "approval_rate": round(up / (up + down), 4) if up + down else None}
 
-        done = "e.finish_reason IS NOT 'pending'"
+        done = ANSWERED
         out = block(f"WHERE {done}")
+        out["pending"] = self.pending_exchanges()
         out["by_platform"] = {
             p["platform"]: block(f"WHERE {done} AND e.platform = ?", (p["platform"],))
             for p in self.query(f"SELECT DISTINCT platform FROM exchanges e WHERE {done} ORDER BY 1")}
@@ -428,3 +463,90 @@ class Store:
             v["model_version"]: block(f"WHERE {done} AND e.model_version = ?", (v["model_version"],))
             for v in self.query(f"SELECT DISTINCT model_version FROM exchanges e WHERE {done} ORDER BY 1")}
         return out
+
+    def pending_exchanges(self) -> int:
+        """Exchanges whose reply is still streaming or was cut by a crash (not ``ANSWERED``)."""
+        return self.query(f"SELECT COUNT(*) AS n FROM exchanges e WHERE NOT ({ANSWERED})")[0]["n"]
+
+    def first_exchange_at(self) -> float | None:
+        """When the first answered exchange was stored; ``None`` before any."""
+        return self.query(f"SELECT MIN(created_at) AS t FROM exchanges e WHERE {ANSWERED}")[0]["t"]
+
+    def timeline(self, bucket_s: int) -> list[dict[str, Any]]:
+        """Answered exchanges and their ratings per ``bucket_s``-wide time bucket, oldest first.
+
+        Ratings count in the bucket of the exchange they rate, so a bucket's
+        approval is that of the replies given then.
+        """
+        return self.query(
+            "SELECT CAST(e.created_at / :b AS INTEGER) * :b AS t, COUNT(DISTINCT e.id) AS exchanges, "
+            "COALESCE(SUM(r.rating > 0), 0) AS up, COALESCE(SUM(r.rating < 0), 0) AS down "
+            f"FROM exchanges e LEFT JOIN ratings r ON r.exchange_id = e.id WHERE {ANSWERED} "
+            "GROUP BY 1 ORDER BY 1", {"b": bucket_s})
+
+    def version_figures(self) -> list[dict[str, Any]]:
+        """Per model version: answered exchanges, first and last seen, ratings; oldest version first."""
+        return self.query(
+            "SELECT e.model_version AS version, COUNT(DISTINCT e.id) AS exchanges, "
+            "MIN(e.created_at) AS first_seen, MAX(e.created_at) AS last_seen, "
+            "COALESCE(SUM(r.rating > 0), 0) AS up, COALESCE(SUM(r.rating < 0), 0) AS down "
+            f"FROM exchanges e LEFT JOIN ratings r ON r.exchange_id = e.id WHERE {ANSWERED} "
+            "GROUP BY e.model_version ORDER BY first_seen")
+
+    def latest_corrections(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest corrections with the exchange they correct, newest first."""
+        return self.query(
+            "SELECT c.id, c.exchange_id, c.user, c.text AS correction, c.created_at, e.prompt, e.reply, "
+            "e.model_version, e.platform FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
+            "ORDER BY c.id DESC LIMIT ?", [limit])
+
+    # -- training runs ------------------------------------------------------------------
+    # Rows as stored; ``tuneloop.learning.runs`` gives them their meaning.
+
+    def add_training_run(self, reason: str, pid: int | None = None) -> int:
+        with self.transaction():
+            return self.db.execute(
+                "INSERT INTO training_runs (reason, status, pid, created_at) VALUES (?, 'queued', ?, ?)",
+                [reason, pid, time.time()]).lastrowid
+
+    def update_training_run(self, run_id: int, **fields: Any) -> None:
+        unknown = set(fields) - _RUN_COLUMNS
+        if unknown:
+            raise InputError(f"training_runs has no column {', '.join(sorted(unknown))}")
+        if fields.get("status", "queued") not in RUN_STATUSES:
+            raise InputError(f"training run status must be one of {', '.join(RUN_STATUSES)}, "
+                             f"got {fields['status']!r}")
+        if not fields:
+            return
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction():
+            cur = self.db.execute(f"UPDATE training_runs SET {cols} WHERE id = ?", [*fields.values(), run_id])
+            if cur.rowcount == 0:
+                raise NotFoundError(f"training run {run_id} not found")
+
+    def end_active_training_run(self, run_id: int, status: str, error: str) -> bool:
+        """Mark a run that is still queued or running ``status`` (failed, cancelled); False if it had ended.
+
+        Conditional, so a run that finished on its own a moment before keeps its outcome.
+        """
+        if status not in RUN_STATUSES[2:]:
+            raise InputError(f"a run ends done, failed or cancelled, not {status!r}")
+        with self.transaction():
+            cur = self.db.execute(
+                "UPDATE training_runs SET status = ?, finished_at = ?, error = ? "
+                f"WHERE id = ? AND status IN ({', '.join('?' * len(ACTIVE_RUN))})",
+                [status, time.time(), error, run_id, *ACTIVE_RUN])
+            return cur.rowcount == 1
+
+    def training_run(self, run_id: int) -> dict[str, Any]:
+        rows = self.query("SELECT * FROM training_runs WHERE id = ?", [run_id])
+        if not rows:
+            raise NotFoundError(f"training run {run_id} not found")
+        return rows[0]
+
+    def training_runs(self, statuses: Sequence[str] = RUN_STATUSES, *, newest_first: bool = False,
+                      limit: int = -1) -> list[dict[str, Any]]:
+        """Runs whose status is one of ``statuses``, in order of creation."""
+        order = "DESC" if newest_first else "ASC"
+        return self.query(f"SELECT * FROM training_runs WHERE status IN ({', '.join('?' * len(statuses))}) "
+                          f"ORDER BY id {order} LIMIT ?", [*statuses, limit])

@@ -8,13 +8,16 @@ follows what either did through the registry's ``LIVE`` pointer.
 A run is a separate process (``python -m trainer.run``, or under
 ``torchrun`` / ``accelerate launch``), started in its own session so that it
 neither blocks nor dies with the caller; its log goes to
-``<registry>/logs/run-N.log``.
+``<registry>/logs/run-N.log``. Its own session also keeps the terminal's
+Ctrl-C from reaching it: the serving process stops the runs it started
+itself (``stop_children``) and marks them ``cancelled``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +28,7 @@ from typing import Any
 from tuneloop.config import Config
 from tuneloop.errors import NotFoundError, TrainingError
 from tuneloop.learning.registry import BASE, Registry
-from tuneloop.learning.runs import Runs, parse_run, run_name
+from tuneloop.learning.runs import FINISHED, Runs, parse_run, run_name
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,9 @@ class Control:
         self.registry = Registry(config.trainer.registry)
         self.runs = Runs(store)
         self.next_run = next_run or (lambda: None)
-        self._children: dict[int, subprocess.Popen] = {}
+        self._children: dict[int, subprocess.Popen] = {}  # pid -> the run processes this object started
+        self._child_runs: dict[int, int] = {}  # pid -> run id (a torchrun worker records its own pid)
+        self._closed = False
 
     # -- runs --------------------------------------------------------------------------
 
@@ -69,6 +74,7 @@ class Control:
         for pid, proc in list(self._children.items()):
             if proc.poll() is not None:
                 del self._children[pid]
+                self._child_runs.pop(pid, None)
         self.runs.reap(lock_held=self.registry.lock().held_elsewhere())
 
     def command(self, run_id: int, reason: str) -> list[str]:
@@ -90,6 +96,8 @@ class Control:
         on; a scheduled one needs ``min_feedback`` items stored since the last
         finished run (so a rejected run is not retried on the same data).
         """
+        if self._closed:
+            raise TrainingError("the server is stopping; start the run once it is back")
         going = self.running()
         if going is not None or self.registry.lock().held_elsewhere():
             which = going["run_id"] if going else "a run"
@@ -119,6 +127,7 @@ class Control:
         finally:
             out.close()
         self._children[proc.pid] = proc
+        self._child_runs[proc.pid] = run_id
         self.runs.update(run_id, pid=proc.pid)
         log.info("training run started: run=%s reason=%s pid=%d new_feedback=%d", run_name(run_id), reason,
                  proc.pid, new)
@@ -132,7 +141,7 @@ class Control:
         while True:
             self.reap()
             row = self.runs.get(rid)
-            if row["status"] in ("done", "failed"):
+            if row["status"] in FINISHED:
                 return row
             if deadline is not None and time.monotonic() > deadline:
                 raise TrainingError(f"{run_name(rid)} has not finished after {timeout:.0f} s")
@@ -149,11 +158,47 @@ class Control:
                 "seconds": None if not row["finished_at"] or not row["started_at"]
                 else round(row["finished_at"] - row["started_at"], 1)}
 
+    def stop_children(self, grace: float = 10.0) -> list[dict[str, Any]]:
+        """Stop the runs this object started that are still going, and refuse new ones.
+
+        Each run's process group gets SIGTERM, then SIGKILL after ``grace``
+        seconds; the run is then marked ``cancelled`` unless it ended on its
+        own first. Blocking: call it from a thread in async code. One entry per
+        run it stopped: ``run_id``, ``pid``, ``log``, ``cancelled`` (False: it
+        had recorded its end just before).
+        """
+        self._closed = True
+        out = []
+        for pid, proc in list(self._children.items()):
+            run_id = self._child_runs.pop(pid, None)
+            del self._children[pid]
+            if proc.poll() is not None:
+                continue  # it ended on its own (a crash is left to ``reap``: failed)
+            _signal_group(pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("training run %s did not stop within %.0f s of SIGTERM: killing pid=%d",
+                            run_name(run_id) if run_id else "?", grace, pid)
+                _signal_group(pid, signal.SIGKILL)
+                proc.wait()
+            # Workers of a torchrun/accelerate launch share the group: none may outlive it.
+            _signal_group(pid, signal.SIGKILL)
+            if run_id is None:
+                continue
+            cancelled = self.runs.end(run_id, "cancelled", "cancelled: the server that started it stopped")
+            entry = {"run_id": run_name(run_id), "pid": pid, "cancelled": cancelled,
+                     "log": str(self.registry.root / "logs" / f"{run_name(run_id)}.log")}
+            if cancelled:
+                log.info("training run cancelled: run=%s pid=%d", entry["run_id"], pid)
+            out.append(entry)
+        return out
+
     # -- LearningControl ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         going = self.running()
-        last = self.runs.latest("WHERE status IN ('done', 'failed')")
+        last = self.runs.last_finished()
         return {
             "live_version": self.registry.live() or BASE,
             "last_run": None if last is None else {
@@ -193,3 +238,10 @@ class Control:
         if version == BASE:
             raise NotFoundError("the base model has no training report")
         return {"meta": self.registry.meta(version), "report": self.registry.report(version)}
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the whole group is gone already
+        pass

@@ -1,24 +1,24 @@
-"""Training-run records in the store (``training_runs``): queued, running, done or failed.
+"""Training-run records in the store (``training_runs``): queued, running, done, failed or cancelled.
 
 The launcher writes ``queued`` with the pid of the process it started; that
 process writes ``running`` and its stages, then ``done`` (with the version and
 whether it went live) or ``failed``. A run killed mid-way cannot say so: a
 ``running`` row whose process no longer holds the run lock, or a ``queued`` row
 whose process is gone, is marked ``failed`` ("interrupted") by whoever looks
-next. No torch here: the CLI's ``models`` and ``status`` stay fast.
+next. A run the server started and stopped with itself (Ctrl-C) is
+``cancelled``. No torch here: the CLI's ``models`` and ``status`` stay fast.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
-from tuneloop.errors import NotFoundError
-from tuneloop.store import Store
+from tuneloop.store import ACTIVE_RUN, RUN_STATUSES, Store
 
-ACTIVE = ("queued", "running")
+ACTIVE = ACTIVE_RUN
+FINISHED = tuple(s for s in RUN_STATUSES if s not in ACTIVE_RUN)
 
 
 def run_name(run_id: int) -> str:
@@ -51,37 +51,35 @@ class Runs:
         self.store = store
 
     def create(self, reason: str, pid: int | None = None) -> int:
-        with self.store.transaction():
-            cur = self.store.db.execute(
-                "INSERT INTO training_runs (reason, status, pid, created_at) VALUES (?, 'queued', ?, ?)",
-                [reason, pid, time.time()])
-            return cur.lastrowid
+        return self.store.add_training_run(reason, pid)
 
     def update(self, run_id: int, **fields: Any) -> None:
         if "metrics" in fields and not isinstance(fields["metrics"], (str, type(None))):
             fields["metrics"] = json.dumps(fields["metrics"])
         if "promoted" in fields and fields["promoted"] is not None:
             fields["promoted"] = int(bool(fields["promoted"]))
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        with self.store.transaction():
-            self.store.db.execute(f"UPDATE training_runs SET {cols} WHERE id = ?", [*fields.values(), run_id])
+        self.store.update_training_run(run_id, **fields)
 
     def get(self, run_id: int) -> dict[str, Any]:
-        rows = self.store.query("SELECT * FROM training_runs WHERE id = ?", [run_id])
-        if not rows:
-            raise NotFoundError(f"training run {run_id} not found")
-        return _row(rows[0])
+        return _row(self.store.training_run(run_id))
 
-    def latest(self, where: str = "", params: tuple = ()) -> dict[str, Any] | None:
-        rows = self.store.query(f"SELECT * FROM training_runs {where} ORDER BY id DESC LIMIT 1", params)
+    def latest(self, statuses: tuple[str, ...] = RUN_STATUSES) -> dict[str, Any] | None:
+        rows = self.store.training_runs(statuses, newest_first=True, limit=1)
         return _row(rows[0]) if rows else None
 
     def last_done(self) -> dict[str, Any] | None:
-        return self.latest("WHERE status = 'done'")
+        return self.latest(("done",))
+
+    def last_finished(self) -> dict[str, Any] | None:
+        """The newest run that ended, whichever way."""
+        return self.latest(FINISHED)
 
     def active(self) -> list[dict[str, Any]]:
-        return [_row(r) for r in self.store.query(
-            "SELECT * FROM training_runs WHERE status IN ('queued', 'running') ORDER BY id")]
+        return [_row(r) for r in self.store.training_runs(ACTIVE)]
+
+    def end(self, run_id: int, status: str, error: str) -> bool:
+        """Mark a run still going ``failed`` or ``cancelled``; False when it had already ended."""
+        return self.store.end_active_training_run(run_id, status, error)
 
     def reap(self, lock_held: bool, keep: int | None = None) -> None:
         """Mark runs whose process died without saying so as failed."""
@@ -90,8 +88,8 @@ class Runs:
                 continue
             dead = not _alive(r["pid"])
             if (r["status"] == "running" and (not lock_held or dead)) or (r["status"] == "queued" and dead):
-                self.update(r["id"], status="failed", finished_at=time.time(),
-                            error=f"interrupted during {r['stage'] or 'start-up'} (process {r['pid']} gone)")
+                self.end(r["id"], "failed",
+                         f"interrupted during {r['stage'] or 'start-up'} (process {r['pid']} gone)")
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
