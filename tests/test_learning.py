@@ -1,4 +1,5 @@
-"""The learning loop's parts that need no model: registry, run lock, runs, datasets, schedule, CLI."""
+"""The learning loop's parts that need no model (registry, run lock, runs, datasets, schedule, CLI), and the
+LIVE follower on the tiny model."""
 
 from __future__ import annotations
 
@@ -126,15 +127,14 @@ def test_new_feedback_counts_and_opt_outs(tmp_path):
     assert store.count_feedback_since(cutoff) == 0
 
 
-def test_holdout_is_a_floor_and_rotates_between_runs(tmp_path):
-    items = data.feedback_items(feedback_store(tmp_path))
-    train, held = data.split_holdout(items, 0.2, "0:1")
-    assert len(held) == 2 and len(train) == 8
-    assert {i["exchange_id"] for i in train} | {i["exchange_id"] for i in held} == set(range(1, 11))
-    assert data.split_holdout(items, 0.2, "0:1") == (train, held)  # deterministic
-    helds = {tuple(i["exchange_id"] for i in data.split_holdout(items, 0.2, f"0:{r}")[1]) for r in range(6)}
-    assert len(helds) > 1  # a later run trains on what an earlier one held out
-    assert len(data.split_holdout(items[:4], 0.2, "x")[1]) == 0
+def test_controls_are_held_out_of_replay_and_stay_controls(tmp_path):
+    pool = [[{"role": "user", "content": f"prompt {i}"}] for i in range(20)]
+    controls, replay = data.split_controls(pool, 5)
+    assert len(controls) == 5 and len(replay) == 15
+    assert not {c[-1]["content"] for c in controls} & {r[-1]["content"] for r in replay}
+    # A control stays a control when the pool around it changes (a later run never trains on it).
+    again, _ = data.split_controls(list(reversed(pool)) + [[{"role": "user", "content": "new"}]], 5)
+    assert len({c[-1]["content"] for c in controls} & {c[-1]["content"] for c in again}) >= 4
 
 
 def test_replay_prompts_skip_feedback_and_opted_out_users(tmp_path):
@@ -178,3 +178,91 @@ def test_cli_models_promote_rollback_forget_without_a_server(tmp_path, capsys):
     assert main(["--config", str(cfg), "forget", "u"]) == 0
     assert "10 exchanges" in capsys.readouterr().out
     assert main(["--config", str(cfg), "promote", "v5"]) == 1
+
+
+# -- the one LIVE follower ----------------------------------------------------------------------------
+
+
+def _lora(model_folder, out) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_folder))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
+                                     init_lora_weights=False)).save_pretrained(str(out))
+
+
+def _version(reg: Registry, tmp_path, name: str, *, lora_of=None, base_path=None) -> str:
+    work = tmp_path / f"work-{name}"
+    if lora_of is not None:
+        _lora(lora_of, work / "adapter")
+    else:  # a version whose weights do not load
+        (work / "adapter").mkdir(parents=True)
+        (work / "adapter" / "adapter_config.json").write_text("{}")
+        (work / "adapter" / "adapter_model.safetensors").write_bytes(b"not weights")
+    meta = {"parent": None, "verdict": "passed", "metrics": {}}
+    if base_path is not None:
+        meta["base_path"] = str(base_path)
+    return reg.add(work, meta, {})
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_one_live_follower_one_error_policy(tiny_model, tmp_path, caplog):
+    """Start-up (``services``) and the watcher follow LIVE alike; a broken version: one line, old weights."""
+    from bot.chat import Turn
+    from bot.learning import LearningService
+    from bot.runtime import services
+    from tuneloop.config import load
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[model]\nbase = "{tiny_model}"\nmax_new_tokens = 8\n[storage]\npath = "{tmp_path / "t.db"}"\n'
+                   f'[trainer]\nregistry = "{tmp_path / "models"}"\n')
+    config = load(cfg)
+    reg = Registry(tmp_path / "models")
+    broken = _version(reg, tmp_path, "broken")
+    other_base = _version(reg, tmp_path, "other", lora_of=tiny_model, base_path=tmp_path / "another-model")
+    good = _version(reg, tmp_path, "good", lora_of=tiny_model, base_path=tiny_model)
+    reg.promote(broken)
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "bot.learning" and r.levelname == "ERROR"]
+
+    caplog.set_level("INFO")
+    async with services(config) as svc:
+        # Start-up met the broken version: one line, and the base model serves.
+        assert svc.engine.model_version == str(tiny_model)
+        assert len(errors()) == 1 and errors()[0].startswith(f"cannot serve {broken}: ModelError")
+        assert "\n" not in errors()[0] and errors()[0].endswith(f"still serving {tiny_model}")
+        base = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
+        assert base.model_version == str(tiny_model)
+
+        learning = LearningService(svc)
+        follower = learning.follower
+        assert await follower.follow() is False  # a new follower (a new process) tries it once more
+        assert len(errors()) == 2 and svc.engine.model_version == str(tiny_model)
+        caplog.clear()
+        assert await follower.follow() is False and errors() == []  # not retried every poll
+
+        reg.promote(other_base)
+        assert await follower.follow() is False
+        assert len(errors()) == 1 and "another base model" in errors()[0]
+        assert svc.engine.model_version == str(tiny_model)
+
+        reg.promote(good)
+        assert await follower.follow() is True
+        tuned = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
+        assert tuned.model_version == good and tuned.reply != base.reply
+
+        caplog.clear()
+        reg.promote(broken)  # a broken version after a good one: the good weights keep serving
+        assert await follower.follow() is False and len(errors()) == 1
+        again = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
+        assert (again.model_version, again.reply) == (good, tuned.reply)
+
+        reg.rollback("base")
+        assert await follower.follow() is True
+        back = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
+        assert (back.model_version, back.reply) == (base.model_version, base.reply)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import sqlite3
@@ -27,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(folder: Path, model: Path, port: int) -> Path:
+def write_config(folder: Path, model: Path, port: int, trainer: str = "enabled = false") -> Path:
     path = folder / "config.toml"
     path.write_text(f"""
 [model]
@@ -46,7 +47,7 @@ host = "127.0.0.1"
 port = {port}
 
 [trainer]
-enabled = false
+{trainer}
 registry = "{folder / 'models'}"
 """)
     return path
@@ -182,3 +183,39 @@ def test_port_in_use_is_one_line(setup):
     assert errors == [f"tuneloop: error: server.port: 127.0.0.1:{port} is already in use; stop the other "
                       "process or choose another port (server.port = 0 picks a free one)"], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_stops_and_cancels_the_training_run_it_started(tiny_model, tmp_path):
+    """A run the server started (here: its schedule) stops with it, is marked cancelled, and the last line says so."""
+    from tuneloop.store import Store
+
+    port = free_port()
+    config = write_config(tmp_path, tiny_model, port,
+                          'enabled = true\nschedule = "interval:1"\nmin_feedback = 1')
+    with Store(tmp_path / "tuneloop.db") as store:  # one feedback item: the schedule's first firing starts a run
+        ex = store.add_exchange(platform="cli", user="ann", conversation_id="c1", prompt="hi", reply="yo",
+                                messages=[{"role": "user", "content": "hi"}], model_version="base")
+        store.rate(ex.id, "bob", "down")
+    run = Run(config, tmp_path)
+    try:
+        run.wait_for("tuneloop is running", READY_TIMEOUT)
+        line = run.wait_for("training run started: run=run-1", 60)
+        pid = int(re.search(r"pid=(\d+)", line).group(1))
+        os.kill(pid, 0)  # the training process is there to be seen
+        run.proc.send_signal(signal.SIGINT)
+        code = run.proc.wait(timeout=60)
+    finally:
+        run.kill()
+    output = "".join(run.output)
+    assert code == 0, output
+    assert f"stopped cleanly; cancelled training run-1 (pid {pid} stopped; log " in output, output
+    assert "Traceback" not in output, output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # neither the run nor any process of its group outlived the server
+    db = sqlite3.connect(tmp_path / "tuneloop.db")
+    try:
+        status, error, finished = db.execute(
+            "SELECT status, error, finished_at FROM training_runs WHERE id = 1").fetchone()
+    finally:
+        db.close()
+    assert (status, error) == ("cancelled", "cancelled: the server that started it stopped") and finished
