@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tuneloop.config import Config
 from tuneloop.engine import Engine, Message, SamplingParams
 from tuneloop.errors import InputError
+from tuneloop.memory import Memory
 from tuneloop.store import Exchange, Store
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Chat:
         self.config = config
         self.store = store
         self.engine = engine
+        self.memory = Memory(config.memory, store)
 
     def sampling(self, **overrides) -> SamplingParams:
         m = self.config.model
@@ -104,12 +106,14 @@ class Chat:
         if turn.conversation_id is None:
             turn.conversation_id = new_conversation_id(turn.platform)
         params = self.sampling(**turn.params)
-        messages = self.engine.fit_context(self.context(turn), params.max_new_tokens)
+        hits = await self.memory.arecall(turn.text)  # corrections this reply must use
+        messages = self.engine.fit_context(self.memory.apply(self.context(turn), hits), params.max_new_tokens)
         gen = self.engine.submit(messages, params)  # BusyError here logs nothing
         exchange_id = self.store.begin_exchange(
             platform=turn.platform, channel=turn.channel, thread=turn.thread, user=turn.user,
             conversation_id=turn.conversation_id, messages=messages, prompt=turn.text,
             model_version=self.engine.model_version)
+        self.memory.record(exchange_id, hits)
         try:
             if on_start is not None:
                 await _maybe_await(on_start(exchange_id))

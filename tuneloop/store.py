@@ -129,9 +129,65 @@ def _m4_reply_parts(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX reply_parts_exchange ON reply_parts(exchange_id)")
 
 
+def _m5_memory(db: sqlite_utils.Database) -> None:
+    # The fast memory of corrections (tuneloop.memory). A trigger makes every
+    # correction an item in the same transaction that stores it, whichever
+    # code path stores it; cascades delete it with its correction or exchange.
+    # ``memory_generation`` counts changes so a serving process knows when its
+    # cached matrix is stale with one tiny read per message.
+    db.execute("""
+        CREATE TABLE memory_items (
+            id INTEGER PRIMARY KEY,
+            correction_id INTEGER NOT NULL UNIQUE REFERENCES corrections(id) ON DELETE CASCADE,
+            exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+            prompt TEXT NOT NULL,            -- the corrected exchange's user message
+            reply TEXT NOT NULL,             -- the correction
+            user TEXT NOT NULL,              -- who corrected
+            platform TEXT NOT NULL,
+            community TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            status TEXT NOT NULL DEFAULT 'fast' CHECK (status IN ('fast', 'consolidated')),
+            status_version TEXT,             -- the model version whose check set the status
+            status_at REAL
+        )""")
+    db.execute("CREATE INDEX memory_items_exchange ON memory_items(exchange_id)")
+    db.execute("""
+        CREATE TABLE memory_vectors (
+            item_id INTEGER PRIMARY KEY REFERENCES memory_items(id) ON DELETE CASCADE,
+            encoder TEXT NOT NULL,
+            vector BLOB NOT NULL             -- float32, little-endian
+        )""")
+    db.execute("""
+        CREATE TABLE memory_uses (
+            exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+            item_id INTEGER NOT NULL REFERENCES memory_items(id) ON DELETE CASCADE,
+            score REAL,
+            PRIMARY KEY (exchange_id, item_id)
+        )""")
+    db.execute("CREATE INDEX memory_uses_item ON memory_uses(item_id)")
+    db.execute("CREATE TABLE memory_generation (n INTEGER NOT NULL)")
+    db.execute("INSERT INTO memory_generation VALUES (0)")
+    item_from_correction = """
+        INSERT INTO memory_items (correction_id, exchange_id, prompt, reply, user, platform, created_at)
+        SELECT c.id, c.exchange_id, e.prompt, c.text, c.user, e.platform, c.created_at
+        FROM corrections c JOIN exchanges e ON e.id = c.exchange_id"""
+    db.execute(item_from_correction)
+    db.execute(f"""
+        CREATE TRIGGER memory_from_correction AFTER INSERT ON corrections BEGIN
+            {item_from_correction} WHERE c.id = NEW.id;
+        END""")
+    for event in ("INSERT", "DELETE", "UPDATE OF status"):
+        name = event.split()[0].lower()
+        db.execute(f"""
+            CREATE TRIGGER memory_generation_{name} AFTER {event} ON memory_items BEGIN
+                UPDATE memory_generation SET n = n + 1;
+            END""")
+
+
 #: migration N brings the schema from version N-1 to N. Append, never edit.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_platform_refs,
-                                                             _m3_training_runs, _m4_reply_parts]
+                                                             _m3_training_runs, _m4_reply_parts,
+                                                             _m5_memory]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -550,3 +606,92 @@ class Store:
         order = "DESC" if newest_first else "ASC"
         return self.query(f"SELECT * FROM training_runs WHERE status IN ({', '.join('?' * len(statuses))}) "
                           f"ORDER BY id {order} LIMIT ?", [*statuses, limit])
+
+    # -- memory of corrections (tuneloop.memory) ------------------------------------
+
+    def memory_generation(self) -> int:
+        """A counter that changes whenever a memory item is added, deleted or changes status."""
+        return self.query("SELECT n FROM memory_generation")[0]["n"]
+
+    def memory_index_rows(self, encoder: str, status: str = "fast") -> list[dict[str, Any]]:
+        """Items of ``status`` with their vector under ``encoder`` (None where not encoded yet)."""
+        return self.query(
+            "SELECT m.id, m.prompt, m.community, v.vector FROM memory_items m "
+            "LEFT JOIN memory_vectors v ON v.item_id = m.id AND v.encoder = ? "
+            "WHERE m.status = ? ORDER BY m.id", [encoder, status])
+
+    def set_memory_vectors(self, encoder: str, vectors: Sequence[tuple[int, bytes]]) -> None:
+        with self.transaction():
+            for item_id, blob in vectors:
+                # An item deleted since it was read has nothing to attach to.
+                self.db.execute("INSERT OR REPLACE INTO memory_vectors (item_id, encoder, vector) "
+                                "SELECT id, ?, ? FROM memory_items WHERE id = ?", [encoder, blob, item_id])
+
+    _MEMORY_FIGURES = (
+        "(SELECT COUNT(*) FROM memory_uses u WHERE u.item_id = m.id) AS hits, "
+        "(SELECT COUNT(*) FROM memory_uses u JOIN ratings r ON r.exchange_id = u.exchange_id "
+        " WHERE u.item_id = m.id AND r.rating > 0) AS rated_up, "
+        "(SELECT COUNT(*) FROM memory_uses u JOIN ratings r ON r.exchange_id = u.exchange_id "
+        " WHERE u.item_id = m.id AND r.rating < 0) AS rated_down")
+
+    def memory_items(self, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Items, newest first, with ``hits`` (replies that used them) and the ratings of those replies."""
+        if status is not None and status not in ("fast", "consolidated"):
+            raise InputError(f"memory status must be fast or consolidated, got {status!r}")
+        where, params = ("WHERE m.status = ?", [status]) if status else ("", [])
+        return self.query(f"SELECT m.*, {self._MEMORY_FIGURES} FROM memory_items m {where} "
+                          f"ORDER BY m.id DESC LIMIT ?", [*params, limit])
+
+    def memory_item(self, item_id: int) -> dict[str, Any]:
+        rows = self.query(f"SELECT m.*, {self._MEMORY_FIGURES} FROM memory_items m WHERE m.id = ?", [item_id])
+        if not rows:
+            raise NotFoundError(f"memory item {item_id} not found")
+        return rows[0]
+
+    def record_memory_use(self, exchange_id: int, uses: Sequence[tuple[int, float]]) -> None:
+        """Which memory items (and at what match score) the reply of ``exchange_id`` used."""
+        with self.transaction():
+            for item_id, score in uses:
+                self.db.execute("INSERT OR REPLACE INTO memory_uses (exchange_id, item_id, score) "
+                                "SELECT ?, id, ? FROM memory_items WHERE id = ?", [exchange_id, score, item_id])
+
+    def memory_uses(self, exchange_id: int) -> list[int]:
+        return [r["item_id"] for r in self.query(
+            "SELECT item_id FROM memory_uses WHERE exchange_id = ? ORDER BY item_id", [exchange_id])]
+
+    def memory_training_rows(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Items as training rows, oldest first: ``item_id, exchange_id, messages`` (the corrected
+        exchange's context, JSON), ``prompt``, ``reply`` (the correction), ``status``; opt-outs left out."""
+        where, params = ("AND m.status = ?", [status]) if status else ("", [])
+        return self.query(
+            "SELECT m.id AS item_id, m.exchange_id, e.messages, m.prompt, m.reply, m.status "
+            "FROM memory_items m JOIN exchanges e ON e.id = m.exchange_id "
+            "WHERE m.user NOT IN (SELECT user FROM opt_outs) AND e.user NOT IN (SELECT user FROM opt_outs) "
+            f"{where} ORDER BY m.id", params)
+
+    def set_memory_status(self, answered: dict[int, bool], version: str) -> dict[str, int]:
+        """After ``version`` was checked item by item: answered items become ``consolidated`` (the
+        weights alone answer them), the others go back to ``fast``. Unknown ids are skipped."""
+        counts = {"consolidated": 0, "fast": 0}
+        now = time.time()
+        with self.transaction():
+            for item_id, ok in answered.items():
+                status = "consolidated" if ok else "fast"
+                cur = self.db.execute("UPDATE memory_items SET status = ?, status_version = ?, status_at = ? "
+                                      "WHERE id = ?", [status, version, now, item_id])
+                counts[status] += cur.rowcount
+        return counts
+
+    def memory_stats(self) -> dict[str, Any]:
+        """Memory size, hits and consolidated share (the dashboard's figures)."""
+        row = self.query(
+            "SELECT COUNT(*) AS items, COALESCE(SUM(status = 'consolidated'), 0) AS consolidated, "
+            "(SELECT COUNT(*) FROM memory_uses) AS hits, "
+            "(SELECT COUNT(DISTINCT exchange_id) FROM memory_uses) AS replies FROM memory_items")[0]
+        rated = self.query("SELECT SUM(r.rating > 0) AS up, SUM(r.rating < 0) AS down FROM ratings r "
+                           "WHERE r.exchange_id IN (SELECT exchange_id FROM memory_uses)")[0]
+        n = row["items"]
+        return {"items": n, "fast": n - row["consolidated"], "consolidated": row["consolidated"],
+                "consolidated_share": round(row["consolidated"] / n, 4) if n else None,
+                "hits": row["hits"], "replies_using_memory": row["replies"],
+                "rated_up": rated["up"] or 0, "rated_down": rated["down"] or 0}
