@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every machine runs the suite in the same precision: [model] dtype = "auto"
+# measures whether this CPU is faster in bfloat16 (tuneloop/engine/device.py).
+os.environ.setdefault("TUNELOOP_CPU_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,9 @@ def _model(kind: str, **kw):
     import transformers as tf
 
     cls = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[kind]
-    config = getattr(tf, f"{cls}Config")(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        **kw,
-    )
+    shape = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 128}
+    config = getattr(tf, f"{cls}Config")(**{**shape, **kw})
     torch.manual_seed(0)
     return getattr(tf, f"{cls}ForCausalLM")(config).eval()
 
@@ -43,6 +37,12 @@ CASES = {
     "llama, dynamic rope (no table)": (
         "llama",
         {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+    ),
+    # SmolLM2's shape in small: 3 query heads per key/value head, tied embeddings, many layers.
+    "llama, tied embeddings, 9/3 heads, 8 layers": (
+        "llama",
+        {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 72, "num_hidden_layers": 8,
+         "tie_word_embeddings": True},
     ),
     "qwen2, q/k/v biases, one kv head": ("qwen2", {"num_key_value_heads": 1}),
     "mistral": ("mistral", {"num_key_value_heads": 2, "sliding_window": None}),
@@ -193,3 +193,32 @@ def test_widen_keeps_the_thread_count_that_measured_faster(slow):
     fast = narrow if slow == "wide" else wide
     assert widen.choice == fast and set(seen[12:]) == {fast}
     assert torch.get_num_threads() == before
+
+
+def test_bfloat16_step_is_checked_against_float32():
+    """Half precision: checked in float32 on a copy, then no further from float32 than transformers' own."""
+    model = _model("llama", num_attention_heads=9, num_key_value_heads=3, hidden_size=72, num_hidden_layers=8,
+                   tie_word_embeddings=True).to(torch.bfloat16)
+    decoder, why = Decoder.for_model(model)
+    assert decoder is not None, why
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the check left the model as it was
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    decoder.layers[3].in_norm = lambda x: x  # a defect of this instance only, far above bfloat16's rounding
+    problem = decoder.verify()
+    assert problem.startswith("its logits differ from transformers' by") and "bfloat16 forward" in problem
+
+
+def test_auto_dtype(monkeypatch):
+    from tuneloop.engine.device import cpu_bf16_speedup, pick_dtype
+    from tuneloop.errors import ModelError
+
+    assert pick_dtype("auto", "cuda") == torch.bfloat16 and pick_dtype("float16", "cpu") == torch.float16
+    monkeypatch.setenv("TUNELOOP_CPU_DTYPE", "bfloat16")
+    assert pick_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setenv("TUNELOOP_CPU_DTYPE", "int8")
+    with pytest.raises(ModelError, match="TUNELOOP_CPU_DTYPE: must be one of float32, bfloat16, float16"):
+        pick_dtype("auto", "cpu")
+    monkeypatch.delenv("TUNELOOP_CPU_DTYPE")
+    speedup = cpu_bf16_speedup()
+    assert speedup > 0
+    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if speedup >= 1.3 else torch.float32)
