@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class LearningControl(Protocol):
-    """What the learning loop offers admins (implemented in ``trainer/``)."""
+    """What the learning loop offers admins (``tuneloop.learning.control.Control``)."""
 
     def start_run(self, reason: str) -> dict[str, Any]: ...  # {"run_id": ..., ...}; raises TrainingError
     def status(self) -> dict[str, Any]: ...  # live version, last run, feedback since, next run

@@ -46,9 +46,9 @@ def cmd_retrain(args, config: Config) -> int:
             else:
                 print(f"{started['run_id']} started (log: {started['log']})")
             return 0
-        if not args.json:
-            print(f"{started['run_id']} started; waiting (log: {started['log']})", file=sys.stderr)
-        try:
+        try:  # from the first word about the run on: a Ctrl-C before the wait is one too
+            if not args.json:
+                print(f"{started['run_id']} started; waiting (log: {started['log']})", file=sys.stderr)
             control.wait(started["run_id"], timeout=args.timeout)
         except KeyboardInterrupt:
             # The run is its own process in its own session: Ctrl-C stops the waiting only.

@@ -184,3 +184,33 @@ def test_terminal_chat_rates_corrects_and_starts_over(cfg, tmp_path):
     assert store.ratings(1) == {"tess": "up"} and store.ratings(2) == {"tess": "down"}
     assert [c["text"] for c in store.corrections(1)] == ["Hello! Nice to meet you."]
     store.close()
+
+
+def test_ctrl_c_while_waiting_for_a_run_says_it_goes_on(cfg, tmp_path):
+    """``retrain --wait`` stops waiting on Ctrl-C; the run is its own process and the message says how to follow it."""
+    import re
+    import signal
+
+    with Store(tmp_path / "data" / "t.db") as store:
+        ex = store.add_exchange(platform="cli", user="ann", conversation_id="c1", prompt="hi", reply="yo",
+                                messages=[{"role": "user", "content": "hi"}], model_version="base")
+        store.rate(ex.id, "bob", "down")
+    proc = subprocess.Popen([sys.executable, "-m", "bot", "--config", str(cfg), "retrain", "--wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    pid = None
+    try:
+        started = proc.stderr.readline()  # blocks until the run has started and the wait begins
+        assert started.startswith("run-1 started; waiting (log: "), started
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        match = re.search(r"tuneloop: interrupted; run-1 goes on in the background \(pid (\d+), log (\S+)\); "
+                          r"`tuneloop status` follows it", err)
+        assert match, err
+        pid = int(match.group(1))
+        os.kill(pid, 0)  # it does go on
+        assert Path(match.group(2)).exists()
+    finally:
+        proc.kill()
+        if pid is not None:
+            os.killpg(pid, signal.SIGKILL)
