@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bot.metrics import Metrics
 from tuneloop.config import Config
 from tuneloop.engine import Engine, Message, SamplingParams
 from tuneloop.errors import InputError
@@ -66,10 +67,12 @@ def check_text(text: str, limit: int, what: str = "message") -> str:
 class Chat:
     """The conversation core: one per process, shared by every adapter."""
 
-    def __init__(self, config: Config, store: Store, engine: Engine):
+    def __init__(self, config: Config, store: Store, engine: Engine, metrics: Metrics | None = None):
         self.config = config
         self.store = store
         self.engine = engine
+        #: every platform's exchanges and refusals are counted here, once
+        self.metrics = metrics if metrics is not None else Metrics(engine.stats)
         self.memory = Memory(config.memory, store)
 
     def sampling(self, **overrides) -> SamplingParams:
@@ -102,13 +105,17 @@ class Chat:
         ``on_start(exchange_id)`` runs once the request is accepted, before the
         first delta, for streams that show the exchange id from the start.
         """
-        check_text(turn.text, self.config.model.max_input_chars)
-        if turn.conversation_id is None:
-            turn.conversation_id = new_conversation_id(turn.platform)
-        params = self.sampling(**turn.params)
-        hits = await self.memory.arecall(turn.text)  # corrections this reply must use
-        messages = self.engine.fit_context(self.memory.apply(self.context(turn), hits), params.max_new_tokens)
-        gen = self.engine.submit(messages, params)  # BusyError here logs nothing
+        try:
+            check_text(turn.text, self.config.model.max_input_chars)
+            if turn.conversation_id is None:
+                turn.conversation_id = new_conversation_id(turn.platform)
+            params = self.sampling(**turn.params)
+            hits = await self.memory.arecall(turn.text)  # corrections this reply must use
+            messages = self.engine.fit_context(self.memory.apply(self.context(turn), hits), params.max_new_tokens)
+            gen = self.engine.submit(messages, params)  # BusyError here logs nothing
+        except BaseException as e:
+            self.metrics.refused(turn.platform, e)
+            raise
         exchange_id = self.store.begin_exchange(
             platform=turn.platform, channel=turn.channel, thread=turn.thread, user=turn.user,
             conversation_id=turn.conversation_id, messages=messages, prompt=turn.text,
@@ -120,9 +127,10 @@ class Chat:
             async for delta in gen:
                 if on_delta is not None:
                     await _maybe_await(on_delta(delta))
-        except BaseException:
+        except BaseException as e:
             self.engine.cancel(gen.request_id)
             self.store.discard_exchange(exchange_id)
+            self.metrics.refused(turn.platform, e)
             raise
         done = gen.result
         assert done is not None
@@ -132,6 +140,8 @@ class Chat:
             completion_tokens=done.completion_tokens,
             ttft_ms=None if done.time_to_first_token is None else done.time_to_first_token * 1000,
             total_ms=done.total_time * 1000)
+        self.metrics.exchange(ex.platform, prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
+                              ttft_ms=ex.ttft_ms, total_ms=ex.total_ms, finish_reason=ex.finish_reason)
         log.info("exchange logged: id=%d platform=%s channel=%s user=%s conversation=%s "
                  "version=%s tokens=%d+%d ms=%.0f finish=%s", ex.id, ex.platform, ex.channel, ex.user,
                  ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,

@@ -1,8 +1,11 @@
 """Ratings and corrections, for every platform alike.
 
 A rating is one per user per exchange: a later rating replaces it, ``none``
-removes it. A correction is a better reply written by a user; it becomes the
-training target for the corrected exchange's context.
+removes it. A reaction (👍/👎 on Slack or Discord) is a rating, and removing
+it removes the rating only if it still is the current one. A correction is
+a better reply written by a user; it becomes the training target for the
+corrected exchange's context. Every one is counted in the process's metrics
+under the platform it came from.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from bot.chat import check_text
+from bot.metrics import Metrics
 from tuneloop.errors import InputError
 from tuneloop.store import Store
 
@@ -28,17 +32,44 @@ def parse_rating(word: str | None) -> str | None:
 
 
 class Feedback:
-    def __init__(self, store: Store, max_chars: int = 4000):
+    def __init__(self, store: Store, max_chars: int = 4000, metrics: Metrics | None = None):
         self.store = store
         self.max_chars = max_chars
+        #: None in one-shot commands, which serve no /metrics
+        self.metrics = metrics
 
-    def rate(self, exchange_id: int, user: str, rating: str | None) -> None:
+    def rate(self, exchange_id: int, user: str, rating: str | None, *, platform: str | None = None) -> None:
+        """Store ``user``'s rating; ``platform`` (where it was given) defaults to the exchange's."""
         value = parse_rating(rating)
+        if platform is None:
+            platform = self.store.exchange(exchange_id).platform
         self.store.rate(exchange_id, user, value)
-        log.info("rating stored: exchange=%d user=%s rating=%s", exchange_id, user, value or "none")
+        if self.metrics is not None:
+            self.metrics.rating(platform, value)
+        log.info("rating stored: exchange=%d user=%s rating=%s platform=%s", exchange_id, user,
+                 value or "none", platform)
 
-    def correct(self, exchange_id: int, user: str, text: str) -> int:
+    def react(self, exchange_id: int, user: str, rating: str, *, added: bool, platform: str) -> str:
+        """A rating reaction added or removed; what came of it: ``rated``, ``unrated`` or ``ignored``.
+
+        Removing a reaction removes the rating only if it is the current one:
+        removing 👍 after switching to 👎 keeps the 👎.
+        """
+        if added:
+            self.rate(exchange_id, user, rating, platform=platform)
+            return "rated"
+        if self.store.ratings(exchange_id).get(user) != parse_rating(rating):
+            return "ignored"
+        self.rate(exchange_id, user, None, platform=platform)
+        return "unrated"
+
+    def correct(self, exchange_id: int, user: str, text: str, *, platform: str | None = None) -> int:
         check_text(text, self.max_chars, what="correction")
+        if platform is None:
+            platform = self.store.exchange(exchange_id).platform
         cid = self.store.add_correction(exchange_id, user, text.strip())
-        log.info("correction stored: exchange=%d user=%s correction=%d", exchange_id, user, cid)
+        if self.metrics is not None:
+            self.metrics.correction(platform)
+        log.info("correction stored: exchange=%d user=%s correction=%d platform=%s", exchange_id, user, cid,
+                 platform)
         return cid

@@ -1,13 +1,16 @@
 """Prometheus metrics of one serving process, in a registry of its own.
 
-Boundary: adapters report what happened (an exchange answered, a request
-refused, a rating stored); the engine's load is read from ``engine.stats()``
-at scrape time. Each ``Metrics`` owns a ``CollectorRegistry`` rather than the
-global one, so several apps (tests) can live in one process.
+Boundary: the core reports what happened, for every platform alike (an
+exchange answered or refused in ``Chat.respond``, a rating or correction
+stored in ``Feedback``); the web adapter adds its HTTP errors and serves the
+exposition; the engine's load is read from ``engine.stats()`` at scrape time.
+Each ``Metrics`` owns a ``CollectorRegistry`` rather than the global one, so
+several apps (tests) can live in one process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +24,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from tuneloop import errors
+
 log = logging.getLogger(__name__)
 
 # Seconds: a small model on CPU answers in tens of ms, a remote one in seconds.
@@ -28,6 +33,26 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _TOTAL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: the ``outcome`` label of a request that got no reply, by error class; the most specific wins
+_REFUSALS: list[tuple[type[BaseException], str]] = [
+    (errors.BusyError, "busy"),
+    (errors.InputError, "invalid"),
+    (errors.CancelledError, "cancelled"),
+    (errors.EngineError, "engine_error"),
+    (errors.TuneloopError, "error"),
+    # The client went away (a closed HTTP stream, a cancelled handler).
+    (ConnectionResetError, "abandoned"),
+    (asyncio.CancelledError, "abandoned"),
+]
+
+
+def refusal(error: BaseException) -> str:
+    """The ``outcome`` label of a request that ``error`` ended before its reply: busy, invalid, ..."""
+    for cls, label in _REFUSALS:
+        if isinstance(error, cls):
+            return label
+    return "failed"  # the platform could not take the reply (a Slack or Discord API error)
 
 
 class Metrics:
@@ -82,8 +107,8 @@ class Metrics:
         if total_ms is not None:
             self.latency.labels(platform).observe(total_ms / 1000)
 
-    def refused(self, platform: str, error_type: str) -> None:
-        self.requests.labels(platform, error_type).inc()
+    def refused(self, platform: str, error: BaseException | str) -> None:
+        self.requests.labels(platform, error if isinstance(error, str) else refusal(error)).inc()
 
     def rating(self, platform: str, rating: str | None) -> None:
         self.ratings.labels(platform, rating or "none").inc()

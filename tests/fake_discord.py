@@ -387,6 +387,7 @@ class FakeDiscord:
             ("GET", ["channels", "*", "messages"], self._history),
             ("GET", ["channels", "*", "messages", "*"], self._get_message),
             ("PATCH", ["channels", "*", "messages", "*"], self._edit_message),
+            ("DELETE", ["channels", "*", "messages", "*"], self._delete_message),
             ("PUT", ["channels", "*", "messages", "*", "reactions", "*", "@me"], self._add_reaction),
             ("GET", ["channels", "*"], self._get_channel),
             ("POST", ["interactions", "*", "*", "callback"], self._callback),
@@ -472,6 +473,15 @@ class FakeDiscord:
         msg["edited_timestamp"] = _now_iso()
         self.edits.setdefault(msg["id"], []).append(time.monotonic())
         return _json(msg)
+
+    async def _delete_message(self, request, p, body):
+        msg = self.messages.get(p[3])
+        if msg is None or msg["channel_id"] != p[1]:
+            return self._error(404, 10008, "Unknown Message")
+        if msg["author"]["id"] != self.bot.id:
+            return self._error(403, 50013, "Missing Permissions")
+        del self.messages[p[3]]
+        return web.Response(status=204)
 
     async def _add_reaction(self, request, p, body):
         msg = self.messages.get(p[3])

@@ -12,13 +12,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from bot.adapters.slack import SlackAdapter, conversation_id
-from bot.adapters.slack_text import ReplyStream, escape, plain_text, split_text
+from bot.adapters.slack_text import ENTITY, SlackPoster, escape, plain_text, split_text
 from bot.adapters.slack_views import SUGGEST_SHORTCUT
 from bot.admin import Admin
 from bot.chat import Chat
 from bot.feedback import Feedback
+from bot.replies import ReplyStream
 from bot.services import Services
 from tests.fake_slack import (
     FakeSlack,
@@ -31,6 +33,7 @@ from tests.fake_slack import (
     sign,
     view_submission_body,
 )
+from tests.serving import HeldEngine, StepClock, serving
 from tuneloop.config import load
 from tuneloop.engine.local import LocalEngine
 from tuneloop.errors import ConfigError
@@ -65,16 +68,23 @@ class Bot:
     def __init__(self, fake: FakeSlack, svc: Services, adapter: SlackAdapter, url: str | None):
         self.fake, self.svc, self.adapter, self.url = fake, svc, adapter, url
         self.http = aiohttp.ClientSession()
+        #: requests sent to the adapter; each ends in one ``handled`` signal
+        self.sent = 0
 
     async def post(self, body: str, content_type: str, *, headers=None, secret=SECRET, timestamp=None):
         h = {"Content-Type": content_type, **sign(secret, body, timestamp), **(headers or {})}
+        self.sent += 1
         async with self.http.post(self.url, data=body.encode(), headers=h) as r:
             return r.status, await r.text()
+
+    async def socket_send(self, kind: str, payload: dict, **kwargs) -> dict:
+        self.sent += 1
+        return await self.fake.socket_send(kind, payload, **kwargs)
 
     async def event(self, event: dict, *, event_id: str | None = None, retry: int | None = None):
         body = event_body(event, event_id)
         if self.url is None:
-            await self.fake.socket_send("events_api", body, retry_attempt=retry or 0)
+            await self.socket_send("events_api", body, retry_attempt=retry or 0)
             return 200, body["event_id"]
         headers = {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"} if retry else None
         status, _ = await self.post(json.dumps(body), "application/json", headers=headers)
@@ -84,21 +94,20 @@ class Bot:
         body = command_body(text, user, GENERAL, self.fake.response_url())
         start = time.monotonic()
         if self.url is None:
-            await self.fake.socket_send("slash_commands", body)
+            await self.socket_send("slash_commands", body)
             return 200, time.monotonic() - start
         status, _ = await self.post(form(body), "application/x-www-form-urlencoded")
         return status, time.monotonic() - start
 
     async def interactive(self, payload: dict) -> tuple[int, str]:
         if self.url is None:
-            ack = await self.fake.socket_send("interactive", payload)
+            ack = await self.socket_send("interactive", payload)
             return 200, json.dumps(ack.get("payload") or {})
         return await self.post(form({"payload": json.dumps(payload)}), "application/x-www-form-urlencoded")
 
     async def settle(self) -> None:
-        """Wait until every handler the adapter started has finished."""
-        await asyncio.sleep(0.05)
-        await self.fake.wait_for(lambda: not self.adapter._tasks, what="handlers to finish")
+        """Wait until the adapter has finished with every request sent to it, ignored ones too."""
+        await self.adapter.handled.wait(count=self.sent)
 
     async def mention(self, text: str, user: str = ALICE, channel: str = GENERAL, thread_ts: str | None = None):
         """A message mentioning the bot: Slack sends both events; the answer's exchange."""
@@ -138,7 +147,7 @@ async def make_bot(tmp_path, engine, fake, tiny_model, monkeypatch):
     monkeypatch.setenv("SLACK_SIGNING_SECRET", SECRET)
     running: list[tuple[Bot, web.AppRunner | None]] = []
 
-    async def make(mode: str = "http", **adapter_kwargs) -> Bot:
+    async def make(mode: str = "http", *, engine=engine, **adapter_kwargs) -> Bot:
         path = tmp_path / f"tuneloop-{mode}.toml"
         write_config(path, {
             "storage": {"path": "db/tuneloop.db"},
@@ -151,8 +160,9 @@ async def make_bot(tmp_path, engine, fake, tiny_model, monkeypatch):
         assert config.source == path.resolve()
         store = Store(config.storage.path)
         control = Control(config, store)
-        svc = Services(config, store, engine, Chat(config, store, engine),
-                       Feedback(store, config.model.max_input_chars), Admin(config, store, control))
+        chat = Chat(config, store, engine)
+        svc = Services(config, store, engine, chat, Feedback(store, config.model.max_input_chars, chat.metrics),
+                       Admin(config, store, control))
         adapter_kwargs.setdefault("edit_interval", 0.0)
         adapter = SlackAdapter(svc, ping_interval=2, **adapter_kwargs)
         runner, url = None, None
@@ -284,17 +294,20 @@ async def test_rate_limited_reply_is_waited_out(make_bot, fake):
     assert reply["text"] == escape(ex.reply)
 
 
-async def test_edits_at_most_once_per_interval(fake):
-    stream = ReplyStream(_client(fake), GENERAL, fake.new_ts(), interval=0.25)
-    start = time.monotonic()
-    while time.monotonic() - start < 1.0:
+async def test_edits_at_most_once_per_interval(fake, tmp_path):
+    clock = StepClock(step=0.25)
+    store = Store(tmp_path / "t.db")
+    stream = ReplyStream(SlackPoster(_client(fake), GENERAL, fake.new_ts()), store, max_chars=3900,
+                         interval=1.0, clock=clock, render=escape, keep_whole=ENTITY)
+    for _ in range(40):
         await stream.add("word ")
-        await asyncio.sleep(0.02)
-    await stream.finish(stream.text + "end")
-    times = [c.at for c in fake.calls if c.method in ("chat.postMessage", "chat.update")]
-    assert 3 <= len(times) <= 6
-    assert all(b - a >= 0.24 for a, b in zip(times, times[1:], strict=False))
-    assert fake.messages[GENERAL][stream.first_ts]["text"].endswith("end")
+    await stream.finish(stream.text + "end & co")
+    store.close()
+    shown = fake.calls_to("chat.postMessage") + fake.calls_to("chat.update")
+    # Once at once, then once per interval of the stream's clock at most, the final text included.
+    assert 3 <= len(shown) <= clock.t / 1.0 + 1
+    assert all(0 < s <= 1.0 for s in clock.sleeps)
+    assert fake.messages[GENERAL][stream.refs[0]]["text"].endswith("end &amp; co")
 
 
 def _client(fake):
@@ -339,6 +352,51 @@ async def test_reactions_add_replace_and_remove_ratings(make_bot, fake):
     await react("reaction_added", BOB, "+1", ts=msg["ts"])  # the user's message, not a bot reply
     assert ratings() == {ALICE: "up"}
     assert bot.svc.store.query("SELECT COUNT(*) AS n FROM ratings")[0]["n"] == 1
+
+
+async def test_reaction_while_the_reply_streams_rates_it(make_bot, fake, engine):
+    held = HeldEngine(engine)
+    bot = await make_bot(engine=held)
+    msg = fake.user_message(DM, ALICE, "hello, are you there", channel_type="im")
+    await bot.event(msg)
+    await asyncio.wait_for(held.held.wait(), 30)  # the first part is posted; the rest waits
+    (part,) = fake.bot_replies(DM, msg["ts"])
+    _, rid = await bot.event(reaction_event("reaction_added", BOB, "+1", DM, part["ts"]))
+    assert await bot.adapter.handled.wait(f"event:{rid}") == ["rated"]
+    held.release.set()
+    await bot.settle()
+    (ex,) = bot.svc.store.conversation(conversation_id(DM, msg["ts"]))
+    assert ex.reply_ref == part["ts"] and bot.svc.store.ratings(ex.id) == {BOB: "up"}
+
+
+async def test_every_platform_reaches_metrics(make_bot, fake):
+    bot = await make_bot()
+    msg = fake.user_message(DM, ALICE, "count me", channel_type="im")
+    await bot.event(msg)
+    await bot.settle()
+    (ex,) = bot.svc.store.conversation(conversation_id(DM, msg["ts"]))
+    await bot.event(reaction_event("reaction_added", BOB, "+1", DM, ex.reply_ref))
+    await bot.event(reaction_event("reaction_removed", BOB, "+1", DM, ex.reply_ref))
+    await bot.settle()
+    async with serving(bot.svc) as base:
+        async with bot.http.post(base + "/v1/chat/completions",
+                                 json={"messages": [{"role": "user", "content": "and me"}]}) as r:
+            assert r.status == 200
+            api = await r.json()
+        async with bot.http.get(base + "/metrics") as r:
+            text = await r.text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("tuneloop_requests_total", platform="slack", outcome=ex.finish_reason) == 1
+    assert value("tuneloop_requests_total", platform="api", outcome=api["choices"][0]["finish_reason"]) == 1
+    assert value("tuneloop_completion_tokens_total", platform="slack") == ex.completion_tokens
+    assert value("tuneloop_ratings_total", platform="slack", rating="up") == 1
+    assert value("tuneloop_ratings_total", platform="slack", rating="none") == 1
+    assert value("tuneloop_request_duration_seconds_count", platform="slack") == 1
 
 
 async def test_correction_by_prefix_in_the_thread(make_bot, fake):

@@ -15,11 +15,15 @@ else read back from Discord); elsewhere a reply chain is (walked from the
 store where the bot's replies are known, fetched from Discord where not).
 A message that is neither starts a new conversation.
 
-The reply streams: the first text is posted at once, then the message is
-edited at most once a second; text past 2,000 characters continues in a new
-message. The exchange's ``reply_ref`` is the id of the last message of the
-reply, where 👍 and 👎 are added; the store knows the other parts too, so a
-reaction or a ``!fix`` on any of them reaches the exchange.
+The reply streams (``bot.replies.ReplyStream``): the first text is posted at
+once, then the message is edited at most once a second; text past 2,000
+characters continues in a new message. The exchange's ``reply_ref`` is the
+id of the last message of the reply so far, where 👍 and 👎 are added; the
+store knows every part from the moment it is posted, so a reaction or a
+``!fix`` on any of them reaches the exchange, also while the reply streams.
+
+Every incoming message and reaction ends in one ``handled`` signal
+(``bot.adapters.handled``), the ignored ones too.
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ import discord
 import yarl
 from discord import app_commands
 
+from bot import replies
+from bot.adapters.handled import HandledSignal
 from bot.admin import Caller
 from bot.chat import Turn
+from bot.replies import Clock, ReplyStream
 from bot.services import Services
 from tuneloop.engine import Message
 from tuneloop.errors import ConfigError, NotFoundError, PermissionDenied, TuneloopError
@@ -67,22 +74,8 @@ def intents() -> discord.Intents:
 
 
 def split_text(text: str, limit: int = MAX_CHARS) -> list[str]:
-    """``text`` in pieces of at most ``limit`` characters, cut at a line or word end when one is near.
-
-    A piece depends only on the text before its end, so a growing text never
-    changes the pieces already cut: a streaming reply can seal them.
-    """
-    parts = []
-    while len(text) > limit:
-        window = text[:limit]
-        cut = max(window.rfind("\n"), window.rfind(" "))
-        if cut < limit // 2:
-            cut = limit
-        parts.append(text[:cut])
-        text = text[cut:].lstrip("\n ") if cut < limit else text[cut:]
-    if text:
-        parts.append(text)
-    return parts
+    """``text`` in pieces of at most ``limit`` characters, cut at a line or word end when one is near."""
+    return replies.split_text(text, limit)
 
 
 def _emoji_key(emoji: Any) -> set[str]:
@@ -96,41 +89,26 @@ def _emoji_key(emoji: Any) -> set[str]:
     return keys
 
 
-class _ReplyStream:
-    """One streaming reply: posted, edited at most every ``EDIT_INTERVAL`` s, split at 2,000 characters."""
+class _Poster:
+    """One reply's messages: the first answers the user's message, the others follow in its channel."""
 
-    def __init__(self, source: discord.Message, interval: float = EDIT_INTERVAL):
+    def __init__(self, source: discord.Message):
         self.source = source
-        self.interval = interval
-        self.text = ""
-        self.sent: list[discord.Message] = []
-        self.shown: list[str] = []
-        self._last = 0.0
+        self.sent: dict[str, discord.Message] = {}
 
-    async def push(self, delta: str) -> None:
-        self.text += delta
-        if self.text.strip() and time.monotonic() - self._last >= self.interval:
-            await self.flush()
+    async def post(self, text: str) -> str:
+        if not self.sent:
+            msg = await self.source.reply(text, mention_author=False)
+        else:
+            msg = await self.source.channel.send(text)
+        self.sent[str(msg.id)] = msg
+        return str(msg.id)
 
-    async def flush(self, final: bool = False) -> None:
-        parts = split_text(self.text) if self.text.strip() else []
-        if not parts:
-            if not final:
-                return
-            parts = ["…"]  # the model said nothing; Discord refuses empty messages
-        for i, part in enumerate(parts):
-            if i < len(self.shown):
-                if self.shown[i] != part:
-                    await self.sent[i].edit(content=part)
-                    self.shown[i] = part
-                continue
-            if i == 0:
-                msg = await self.source.reply(part, mention_author=False)
-            else:
-                msg = await self.source.channel.send(part)
-            self.sent.append(msg)
-            self.shown.append(part)
-        self._last = time.monotonic()
+    async def edit(self, ref: str, text: str) -> None:
+        self.sent[ref] = await self.sent[ref].edit(content=text)
+
+    async def delete(self, ref: str) -> None:
+        await self.sent.pop(ref).delete()
 
 
 class _CorrectionModal(discord.ui.Modal, title=CONTEXT_MENU_NAME):
@@ -145,7 +123,8 @@ class _CorrectionModal(discord.ui.Modal, title=CONTEXT_MENU_NAME):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         user = str(interaction.user.id)
         try:
-            cid = self.adapter.services.feedback.correct(self.exchange_id, user, self.text.value or "")
+            cid = self.adapter.services.feedback.correct(self.exchange_id, user, self.text.value or "",
+                                                         platform=PLATFORM)
         except TuneloopError as e:
             await interaction.response.send_message(f"⚠️ {e}", ephemeral=True)
             return
@@ -216,14 +195,19 @@ class _Client(discord.Client):
 class DiscordAdapter:
     """Runs a discord.py client over the shared services; ``start`` returns at once."""
 
-    def __init__(self, services: Services, *, sampling: dict[str, Any] | None = None):
+    def __init__(self, services: Services, *, sampling: dict[str, Any] | None = None,
+                 edit_interval: float = EDIT_INTERVAL, clock: Clock | None = None):
         self.services = services
         self.config = services.config.discord
         #: sampling overrides for every reply (``Turn.params``); benchmarks and tests use it
         self.sampling = dict(sampling or {})
+        self.edit_interval = edit_interval
+        #: the reply streams' clock; tests drive it instead of sleeping
+        self.clock = clock
+        #: fired once per incoming message or reaction when it is fully processed, whatever came of it
+        self.handled = HandledSignal()
         self.client = _Client(self)
         self._task: asyncio.Task | None = None
-        # Parts of a split reply other than the last map to its exchange for this process's life.
         self._build_commands()
 
     # ------------------------------------------------------------------ life cycle
@@ -294,19 +278,25 @@ class DiscordAdapter:
     # ------------------------------------------------------------------ messages
 
     async def on_message(self, message: discord.Message) -> None:
+        outcome = "failed"
+        try:
+            outcome = await self._on_message(message)
+        finally:
+            self.handled.fire(f"message:{message.id}", outcome)
+
+    async def _on_message(self, message: discord.Message) -> str:
         me = self.client.user
         if me is None or message.author.bot or message.author.id == me.id or message.webhook_id:
-            return
+            return "ignored"
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
-            return
+            return "ignored"
         parent = await self._referenced(message)
         to_bot = parent is not None and (parent.author.id == me.id or self._exchange_id(parent.id) is not None)
         prefix = self.config.correction_prefix
         if to_bot and prefix and message.content.lstrip().startswith(prefix):
-            await self._correct(message, parent)
-            return
+            return await self._correct(message, parent)
         if not (to_bot or self._addressed(message)):
-            return
+            return "ignored"
         ids = _ids(message)
         text = self._clean(message.content)
         if not text:
@@ -314,26 +304,30 @@ class DiscordAdapter:
                 log.info("discord message ignored (attachments only): %s", ids)
                 await message.reply("I can only read text; please write your message out.",
                                     mention_author=False)
-            return
+                return "refused"
+            return "ignored"
         turn = await self._turn(message, text, parent)
-        stream = _ReplyStream(message)
+        # Each message is registered with the exchange as soon as it is posted;
+        # the last one is the reference, where the bot adds its 👍 / 👎.
+        stream = ReplyStream(_Poster(message), self.services.store, max_chars=MAX_CHARS,
+                             interval=self.edit_interval, anchor="last", clock=self.clock)
         try:
-            ex = await self.services.chat.respond(turn, on_delta=stream.push)
+            ex = await self.services.chat.respond(turn, on_delta=stream.add, on_start=stream.start)
         except TuneloopError as e:
             log.warning("discord reply refused: %s error=%s", ids, e)
-            await message.reply(f"⚠️ {e}", mention_author=False)
-            return
-        await stream.flush(final=True)
-        last = stream.sent[-1]
-        self.services.store.set_reply_ref(ex.id, str(last.id), parts=[str(p.id) for p in stream.sent[:-1]])
+            await stream.finish(f"⚠️ {e}", failed=True)
+            return "refused"
+        await stream.finish(ex.reply)
+        last = stream.poster.sent[stream.reply_ref]
         log.info("discord reply: %s reply=%s parts=%d exchange=%d conversation=%s", ids, last.id,
-                 len(stream.sent), ex.id, ex.conversation_id)
+                 len(stream.posted), ex.id, ex.conversation_id)
         if self.config.add_reactions:
             for emoji in (self.config.up_emoji[:1] + self.config.down_emoji[:1]):
                 try:
                     await last.add_reaction(emoji)
                 except discord.HTTPException as e:
                     log.warning("discord add reaction failed: message=%s emoji=%s error=%s", last.id, emoji, e)
+        return "replied"
 
     def _addressed(self, message: discord.Message) -> bool:
         if message.guild is None:
@@ -431,25 +425,26 @@ class DiscordAdapter:
 
     # ------------------------------------------------------------------ feedback
 
-    async def _correct(self, message: discord.Message, parent: discord.Message) -> None:
+    async def _correct(self, message: discord.Message, parent: discord.Message) -> str:
         ids = _ids(message)
         ex_id = self._exchange_id(parent.id)
         if ex_id is None:
             log.info("discord correction of an unknown reply: %s reply=%s", ids, parent.id)
             await message.reply("I have no record of that reply, so I can't store a correction for it.",
                                 mention_author=False)
-            return
+            return "ignored"
         text = message.content.lstrip()[len(self.config.correction_prefix):].strip()
         try:
-            cid = self.services.feedback.correct(ex_id, str(message.author.id), text)
+            cid = self.services.feedback.correct(ex_id, str(message.author.id), text, platform=PLATFORM)
         except TuneloopError as e:
             await message.reply(f"⚠️ {e}", mention_author=False)
-            return
+            return "refused"
         log.info("discord correction: %s exchange=%d correction=%d", ids, ex_id, cid)
         try:
             await message.add_reaction("✅")
         except discord.HTTPException:
             pass
+        return "corrected"
 
     def _rating(self, emoji: Any) -> str | None:
         keys = _emoji_key(emoji)
@@ -460,28 +455,33 @@ class DiscordAdapter:
         return None
 
     async def on_reaction(self, payload: discord.RawReactionActionEvent, *, added: bool) -> None:
+        outcome = "failed"
+        try:
+            outcome = self._on_reaction(payload, added=added)
+        finally:
+            self.handled.fire(f"reaction:{payload.message_id}:{payload.user_id}", outcome)
+
+    def _on_reaction(self, payload: discord.RawReactionActionEvent, *, added: bool) -> str:
         me = self.client.user
         if me is None or payload.user_id == me.id or (payload.member is not None and payload.member.bot):
-            return
+            return "ignored"
         rating = self._rating(payload.emoji)
         if rating is None:
-            return
+            return "ignored"
         ex_id = self._exchange_id(payload.message_id)
-        if ex_id is None:
-            return  # not one of the bot's replies
         user = str(payload.user_id)
-        if not added:
-            # Removing 👍 after switching to 👎 must not drop the 👎.
-            if self.services.store.ratings(ex_id).get(user) != rating:
-                return
-            rating = "none"
+        if ex_id is None:
+            log.info("discord reaction ignored (not a bot reply): message=%s user=%s", payload.message_id, user)
+            return "ignored"
         try:
-            self.services.feedback.rate(ex_id, user, rating)
+            outcome = self.services.feedback.react(ex_id, user, rating, added=added, platform=PLATFORM)
         except TuneloopError as e:  # the exchange was forgotten meanwhile
             log.info("discord rating not stored: message=%s user=%s error=%s", payload.message_id, user, e)
-            return
-        log.info("discord rating: guild=%s channel=%s message=%s user=%s exchange=%d rating=%s",
-                 payload.guild_id, payload.channel_id, payload.message_id, user, ex_id, rating)
+            return "ignored"
+        log.info("discord rating: guild=%s channel=%s message=%s user=%s exchange=%d reaction=%s %s outcome=%s",
+                 payload.guild_id, payload.channel_id, payload.message_id, user, ex_id,
+                 "added" if added else "removed", rating, outcome)
+        return outcome
 
     # ------------------------------------------------------------------ commands
 

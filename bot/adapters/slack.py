@@ -11,20 +11,23 @@ What arrives and where it goes:
 - ``app_mention``, a DM, a message in ``[slack] channels`` -> ``Chat.respond``,
   answered in the message's thread (conversation ``slack:{channel}:{thread_ts}``,
   context from the store, else from ``conversations.replies``), streamed by
-  editing one message (``ReplyStream``).
+  editing one message (``bot.replies.ReplyStream``); the first message is the
+  exchange's ``reply_ref`` from the moment it is posted.
 - a thread reply starting with ``[slack] correction_prefix``, and the message
   shortcut's modal -> ``Feedback.correct`` of the bot reply it follows.
-- ``reaction_added`` / ``reaction_removed`` on a bot reply -> ``Feedback.rate``.
+- ``reaction_added`` / ``reaction_removed`` on a bot reply -> ``Feedback.react``.
 - ``/tuneloop ...`` and the App Home buttons -> ``Admin.run``, answered ephemerally.
 
 Every event id is recorded in the store (``first_sight``) before anything
 runs, so a retried delivery does nothing, also after a restart. Every
-event ends in one log line with its ids and what came of it.
+event ends in one log line with its ids and what came of it, and in one
+``handled`` signal (``bot.adapters.handled``), duplicates and refusals too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import re
@@ -45,7 +48,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.adapters.slack_text import MAX_MESSAGE_CHARS, ReplyStream, plain_text
+from bot.adapters.handled import HandledSignal
+from bot.adapters.slack_text import ENTITY, MAX_MESSAGE_CHARS, SlackPoster, escape, plain_text
 from bot.adapters.slack_views import (
     HOME_ACTIONS,
     SUGGEST_SHORTCUT,
@@ -57,6 +61,7 @@ from bot.adapters.slack_views import (
 )
 from bot.admin import Caller
 from bot.chat import Turn
+from bot.replies import Clock, ReplyStream
 from bot.services import Services
 from tuneloop.engine import Message
 from tuneloop.errors import BusyError, ConfigError, InputError, NotFoundError, TuneloopError
@@ -71,6 +76,8 @@ _SPOKEN_SUBTYPES = (None, "file_share", "thread_broadcast")
 #: earlier thread messages read from Slack for a thread the store does not know
 _HISTORY_LIMIT = 40
 _CORRECTION_STORED = "white_check_mark"
+#: what the event being handled came to, as ``_done`` logs it; read when the handler ends
+_OUTCOME: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("slack_outcome", default=None)
 
 
 def conversation_id(channel: str, thread_ts: str) -> str:
@@ -89,11 +96,18 @@ class SlackAdapter:
 
     def __init__(self, services: Services, *, edit_interval: float = 1.0,
                  max_message_chars: int = MAX_MESSAGE_CHARS, rate_limit_retries: int = 10,
-                 ping_interval: float = 10.0):
+                 ping_interval: float = 10.0, clock: Clock | None = None,
+                 sampling: dict[str, Any] | None = None):
         self.svc = services
         self.config = services.config.slack
         cfg = self.config
         self.edit_interval = edit_interval
+        #: the reply streams' clock; tests drive it instead of sleeping
+        self.clock = clock
+        #: sampling overrides for every reply (``Turn.params``); benchmarks and tests use it
+        self.sampling = dict(sampling or {})
+        #: fired once per incoming request when it is fully processed, whatever came of it
+        self.handled = HandledSignal()
         self.max_message_chars = max_message_chars
         self.ping_interval = ping_interval
         self.bot_token = self._secret(cfg.bot_token_env, "bot_token_env", "the bot token, xoxb-...")
@@ -114,7 +128,10 @@ class SlackAdapter:
         try:
             self.app = AsyncApp(client=self.client, signing_secret=signing_secret or "",
                                 request_verification_enabled=cfg.mode == "http",
-                                process_before_response=False, logger=bolt_log)
+                                process_before_response=False, logger=bolt_log,
+                                # The handlers ignore the bot's own events themselves, so that
+                                # every event ends in one log line and one ``handled`` signal.
+                                ignoring_self_events_enabled=False)
         finally:
             bolt_log.removeFilter(quiet)
         self.bot_user_id: str | None = None
@@ -198,8 +215,12 @@ class SlackAdapter:
             bolt_req = await to_bolt_request(request)
         except ValueError:  # a body that is not JSON nor a form; its signature is not even checked
             log.warning("slack: unreadable request body on %s; refused", EVENTS_PATH)
+            self.handled.fire("http", "refused")
             return web.json_response({"error": "unreadable body"}, status=400)
-        return await to_aiohttp_response(await self.app.async_dispatch(bolt_req))
+        resp = await self.app.async_dispatch(bolt_req)
+        if resp.status >= 400:  # refused before any listener ran (a bad signature, nothing matched)
+            self.handled.fire("http", "refused")
+        return await to_aiohttp_response(resp)
 
     # ------------------------------------------------------------------ wiring
 
@@ -232,11 +253,18 @@ class SlackAdapter:
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.add(task)
+            outcome: list[str] = []
+            _OUTCOME.set(outcome)  # the task's own context: no other handler sees it
             try:
                 await handler(*args, **kwargs)
+            except BaseException:
+                outcome.append("failed")
+                raise
             finally:
                 if task is not None:
                     self._tasks.discard(task)
+                self.handled.fire(_key(kwargs.get("body") or {}, handler.__name__),
+                                  outcome[-1] if outcome else "done")
 
         return run
 
@@ -246,6 +274,7 @@ class SlackAdapter:
             event = body.get("event") or {}
             log.info("slack event: event_id=%s type=%s channel=%s ts=%s outcome=duplicate", event_id,
                      event.get("type"), _channel_of(event), event.get("ts") or event.get("event_ts"))
+            self.handled.fire(_key(body, "event"), "duplicate")
             return BoltResponse(status=200, body="")
         return await next()
 
@@ -257,6 +286,9 @@ class SlackAdapter:
     def _done(self, body: dict, event: dict, outcome: str, exchange: int | None = None, **extra: Any) -> None:
         """The one log line every event ends with."""
         more = "".join(f" {k}={v}" for k, v in extra.items())
+        box = _OUTCOME.get()
+        if box is not None:
+            box.append(outcome)
         log.info("slack event: event_id=%s type=%s channel=%s ts=%s user=%s exchange=%s outcome=%s%s",
                  body.get("event_id"), event.get("type"), _channel_of(event),
                  event.get("ts") or (event.get("item") or {}).get("ts") or event.get("event_ts"),
@@ -309,26 +341,28 @@ class SlackAdapter:
             if thread_ts != ts and not self.svc.store.conversation_exists(cid):
                 history = await self._thread_history(channel, thread_ts, ts, me)
             turn = Turn(text=text, user=user, platform=PLATFORM, channel=channel, thread=thread_ts,
-                        conversation_id=cid, history=history)
-            stream = ReplyStream(self.client, channel, thread_ts, interval=self.edit_interval,
-                                 max_chars=self.max_message_chars)
+                        conversation_id=cid, history=history, params=dict(self.sampling))
+            # The first message is the reply's reference as soon as it is posted:
+            # a reaction while the reply still streams rates it.
+            stream = ReplyStream(SlackPoster(self.client, channel, thread_ts), self.svc.store,
+                                 max_chars=self.max_message_chars, interval=self.edit_interval,
+                                 anchor="first", clock=self.clock, render=escape, keep_whole=ENTITY)
             try:
-                ex = await self.svc.chat.respond(turn, on_delta=stream.add)
+                ex = await self.svc.chat.respond(turn, on_delta=stream.add, on_start=stream.start)
                 refs = await stream.finish(ex.reply)
             except SlackApiError as e:  # the reply cannot be shown; the exchange may be stored
                 log.error("slack: cannot post the reply: %s", e.response.get("error"))
                 return self._done(body, event, "failed", why=e.response.get("error"))
             except InputError as e:
-                await stream.finish(f"Sorry, I can't answer that: {e}.")
+                await stream.finish(f"Sorry, I can't answer that: {e}.", failed=True)
                 return self._done(body, event, "refused", why=f'"{e}"')
             except BusyError:
-                await stream.finish("Sorry, I'm busy right now. Please ask again in a minute.")
+                await stream.finish("Sorry, I'm busy right now. Please ask again in a minute.", failed=True)
                 return self._done(body, event, "busy")
             except TuneloopError as e:
                 log.error("slack: reply failed: %s: %s", type(e).__name__, e)
-                await stream.finish("Sorry, something went wrong while I was answering.")
+                await stream.finish("Sorry, something went wrong while I was answering.", failed=True)
                 return self._done(body, event, "failed", why=type(e).__name__)
-            self.svc.store.set_reply_ref(ex.id, refs[0], parts=refs[1:])
         if self.config.add_reactions:
             for names in (self.config.up_reactions, self.config.down_reactions):
                 if names:
@@ -366,7 +400,7 @@ class SlackAdapter:
             return self._done(body, event, "ignored", why="no bot reply to correct")
         ex = earlier[-1]
         try:
-            cid = self.svc.feedback.correct(ex.id, user, text)
+            cid = self.svc.feedback.correct(ex.id, user, text, platform=PLATFORM)
         except InputError as e:
             await self._ephemeral(channel, user, f"Correction not stored: {e}.", thread_ts)
             return self._done(body, event, "refused", ex.id, why=f'"{e}"')
@@ -386,15 +420,14 @@ class SlackAdapter:
         ex = self.svc.store.exchange_by_ref(PLATFORM, str(item.get("ts")))
         if ex is None or ex.channel != item.get("channel"):
             return self._done(body, event, "ignored", why="not a bot reply")
-        if event.get("type") == "reaction_added":
-            self.svc.feedback.rate(ex.id, user, rating)
-            return self._done(body, event, "rated", ex.id, rating=rating)
-        # Removing the reaction that made the current rating removes the rating;
-        # removing one that was since replaced changes nothing.
-        if self.svc.store.ratings(ex.id).get(user) != rating:
-            return self._done(body, event, "ignored", ex.id, why="not the current rating")
-        self.svc.feedback.rate(ex.id, user, None)
-        self._done(body, event, "unrated", ex.id)
+        added = event.get("type") == "reaction_added"
+        try:
+            outcome = self.svc.feedback.react(ex.id, user, rating, added=added, platform=PLATFORM)
+        except NotFoundError:  # forgotten, or its reply failed, since it was posted
+            return self._done(body, event, "ignored", ex.id, why="exchange gone")
+        if outcome == "ignored":
+            return self._done(body, event, outcome, ex.id, why="not the current rating")
+        self._done(body, event, outcome, ex.id, **({"rating": rating} if added else {}))
 
     # ------------------------------------------------------------------ corrections by modal
 
@@ -417,7 +450,7 @@ class SlackAdapter:
         try:
             if ex_id is None:
                 raise NotFoundError("that reply is unknown")
-            cid = self.svc.feedback.correct(ex_id, user, text)
+            cid = self.svc.feedback.correct(ex_id, user, text, platform=PLATFORM)
         except (InputError, NotFoundError) as e:
             await ack(response_action="errors", errors={"correction": f"Not saved: {e}."})
             log.info("slack modal: user=%s exchange=%s outcome=refused why=%s", user, ex_id, e)
@@ -478,10 +511,12 @@ class SlackAdapter:
 
     async def _on_other_command(self, ack: Callable, command: dict) -> None:
         await ack(text=f"I only know `{COMMAND}`.")
+        self.handled.fire("command", "ignored")
 
     async def _ack_only(self, ack: Callable, body: dict) -> None:
         await ack()
         log.info("slack: ignored %s payload", body.get("type"))
+        self.handled.fire(_key(body, "payload"), "ignored")
 
     async def _react(self, channel: str, ts: str, name: str) -> None:
         try:
@@ -504,6 +539,13 @@ class _Drop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.text not in record.getMessage()
+
+
+def _key(body: dict, kind: str) -> str:
+    """What a handled request was: its event id, else its payload type."""
+    if body.get("event_id"):
+        return f"event:{body['event_id']}"
+    return str(body.get("type") or kind)
 
 
 def _channel_of(event: dict) -> str | None:

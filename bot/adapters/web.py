@@ -17,7 +17,10 @@ Routes
 Every completion is an exchange logged through ``Chat.respond``; the answer's
 ``id`` is the exchange id, in every chunk of a streamed reply too (the
 exchange is logged as pending when the engine accepts the request), and the
-final chunk(s) also carry it as ``exchange_id``.
+final chunk(s) also carry it as ``exchange_id``. ``finish_reason`` is the
+engine's, as it is: ``stop``, ``length``, or ``cancelled`` for a reply cut
+short (not one of OpenAI's own values, as vLLM's ``abort`` is not: a client
+must not take a cut reply for a whole one).
 
 Errors are JSON, ``{"error": {"message", "type"}}``: a ``TuneloopError`` maps
 to a 4xx/5xx by its class, aiohttp's own (413 body too large, 405, 404) keep
@@ -268,7 +271,8 @@ class WebAdapter:
 
     def __init__(self, services, metrics: Metrics | None = None) -> None:
         self.services = services
-        self.metrics = metrics or Metrics(services.engine.stats)
+        # The core counts every platform's traffic; this adapter serves it and adds its HTTP errors.
+        self.metrics = metrics or services.chat.metrics
         self.draining = asyncio.Event()
         self.url: str | None = None
 
@@ -328,21 +332,16 @@ class WebAdapter:
         turn = Turn(text=text, user=_user(body, f"{platform}-anonymous"), platform=platform,
                     conversation_id=_conversation_id(request, body, platform), history=history,
                     system_prompt=system, params=overrides)
-        try:
-            if stream:
-                return await self._stream(request, turn, include_usage)
-            ex = await self.services.chat.respond(turn)
-        except errors.TuneloopError as e:
-            self.metrics.refused(platform, _classify(e)[1])
-            raise
-        self._observe(ex)
+        if stream:
+            return await self._stream(request, turn, include_usage)
+        ex = await self.services.chat.respond(turn)
         return web.json_response({
             "id": str(ex.id),
             "object": "chat.completion",
             "created": int(ex.created_at),
             "model": ex.model_version,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": ex.reply},
-                         "finish_reason": _finish(ex.finish_reason), "logprobs": None}],
+                         "finish_reason": ex.finish_reason, "logprobs": None}],
             "usage": _usage(ex),
             "conversation_id": ex.conversation_id,
             "exchange_id": ex.id,
@@ -384,13 +383,11 @@ class WebAdapter:
             # The client went away: its request is cancelled in the engine and,
             # never seen, not logged as an exchange.
             log.info("stream abandoned by the client: conversation=%s", turn.conversation_id)
-            self.metrics.refused(turn.platform, "abandoned")
             return resp
         except errors.TuneloopError as e:
             if not resp.prepared:
                 raise
-            status, kind = _classify(e)
-            self.metrics.refused(turn.platform, kind)
+            _, kind = _classify(e)
             log.info("stream ended by an error: conversation=%s: %s", turn.conversation_id, e)
             try:
                 await resp.write(b"data: " + json.dumps(error_body(str(e), kind)).encode() + b"\n\n")
@@ -398,12 +395,11 @@ class WebAdapter:
             except ConnectionResetError:
                 pass
             return resp
-        self._observe(ex)
         model = ex.model_version  # the version that produced the reply, should a swap have happened
         ids = {"id_": str(ex.id), "exchange_id": ex.id, "conversation_id": ex.conversation_id}
         try:
             await begin()
-            await resp.write(chunk({}, _finish(ex.finish_reason), **ids))
+            await resp.write(chunk({}, ex.finish_reason, **ids))
             if include_usage:
                 obj = {"id": str(ex.id), "object": "chat.completion.chunk", "created": created,
                        "model": model, "choices": [], "usage": _usage(ex), "exchange_id": ex.id}
@@ -413,11 +409,6 @@ class WebAdapter:
         except ConnectionResetError:
             log.info("client left before the end of exchange %d", ex.id)
         return resp
-
-    def _observe(self, ex) -> None:
-        self.metrics.exchange(ex.platform, prompt_tokens=ex.prompt_tokens,
-                              completion_tokens=ex.completion_tokens, ttft_ms=ex.ttft_ms,
-                              total_ms=ex.total_ms, finish_reason=ex.finish_reason)
 
     # -- feedback ------------------------------------------------------------------
 
@@ -448,12 +439,10 @@ class WebAdapter:
             # Checked first so that a bad correction stores nothing at all.
             check_text(correction, svc.feedback.max_chars, what="correction")
         if has_rating:
-            svc.feedback.rate(exchange_id, user, rating)
-            self.metrics.rating(platform, rating)
+            svc.feedback.rate(exchange_id, user, rating, platform=platform)
             out["rating"] = rating
         if has_correction:
-            cid = svc.feedback.correct(exchange_id, user, correction)
-            self.metrics.correction(platform)
+            cid = svc.feedback.correct(exchange_id, user, correction, platform=platform)
             out["correction"] = {"id": cid, "text": correction.strip()}
         return web.json_response(out)
 
@@ -488,11 +477,6 @@ class WebAdapter:
         if self.draining.is_set():
             return web.json_response({"status": "shutting down"}, status=503)
         return web.json_response({"status": "ok", "model_version": self.services.engine.model_version})
-
-
-def _finish(reason: str | None) -> str:
-    # OpenAI knows stop and length; a cancelled reply ended early like a stop.
-    return reason if reason in ("stop", "length") else "stop"
 
 
 def _usage(ex) -> dict[str, int]:
