@@ -96,7 +96,7 @@ class LearningService:
         self.control = Control(self.config, services.store, next_run=self.next_run)
         self.follower = LiveFollower(self.config, services.engine, self.control.registry)
         self._watcher: asyncio.Task | None = None
-        #: the runs this service started that its ``stop`` cancelled (``Control.stop_children``)
+        #: the runs this service started that its ``stop`` stopped (``Control.stop_children``)
         self.cancelled: list[dict[str, Any]] = []
 
     async def start(self) -> None:

@@ -174,10 +174,10 @@ async def serve(config: Config, *, grace: float = GRACE_S, ready: asyncio.Event 
                 for r in results:
                     if isinstance(r, BaseException):
                         log.error("while stopping: %s: %s", type(r).__name__, r)
-        runs = [r for r in learning.cancelled if r["cancelled"]]
-        if runs:
-            log.info("stopped cleanly; cancelled training %s", ", ".join(
-                f"{r['run_id']} (pid {r['pid']} stopped; log {r['log']})" for r in runs))
+        if learning.cancelled:
+            log.info("stopped cleanly; training %s", ", ".join(
+                f"{r['run_id']} {r['status']} (pid {r['pid']} stopped; log {r['log']})"
+                for r in learning.cancelled))
         else:
             log.info("stopped cleanly")
         return 0

@@ -208,7 +208,7 @@ def test_ctrl_c_stops_and_cancels_the_training_run_it_started(tiny_model, tmp_pa
         run.kill()
     output = "".join(run.output)
     assert code == 0, output
-    assert f"stopped cleanly; cancelled training run-1 (pid {pid} stopped; log " in output, output
+    assert f"stopped cleanly; training run-1 cancelled (pid {pid} stopped; log " in output, output
     assert "Traceback" not in output, output
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # neither the run nor any process of its group outlived the server

@@ -164,8 +164,8 @@ class Control:
         Each run's process group gets SIGTERM, then SIGKILL after ``grace``
         seconds; the run is then marked ``cancelled`` unless it ended on its
         own first. Blocking: call it from a thread in async code. One entry per
-        run it stopped: ``run_id``, ``pid``, ``log``, ``cancelled`` (False: it
-        had recorded its end just before).
+        run it stopped: ``run_id``, ``pid``, ``log``, ``status`` (as recorded
+        now) and ``cancelled`` (False: the run had recorded its end itself).
         """
         self._closed = True
         out = []
@@ -188,9 +188,9 @@ class Control:
                 continue
             cancelled = self.runs.end(run_id, "cancelled", "cancelled: the server that started it stopped")
             entry = {"run_id": run_name(run_id), "pid": pid, "cancelled": cancelled,
+                     "status": "cancelled" if cancelled else self.runs.get(run_id)["status"],
                      "log": str(self.registry.root / "logs" / f"{run_name(run_id)}.log")}
-            if cancelled:
-                log.info("training run cancelled: run=%s pid=%d", entry["run_id"], pid)
+            log.info("training run stopped: run=%s pid=%d status=%s", entry["run_id"], pid, entry["status"])
             out.append(entry)
         return out
 
