@@ -180,6 +180,31 @@ def test_cli_models_promote_rollback_forget_without_a_server(tmp_path, capsys):
     assert main(["--config", str(cfg), "promote", "v5"]) == 1
 
 
+def test_a_cancelled_run_ends_waits_and_a_stopped_control_starts_none(tmp_path):
+    from bot.admin import format_status
+    from tuneloop.config import load
+    from tuneloop.errors import TrainingError
+    from tuneloop.learning.control import Control
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[storage]\npath = "t.db"\n[trainer]\nregistry = "models"\n')
+    store = feedback_store(tmp_path)
+    control = Control(load(cfg), store)
+    rid = control.runs.create("discord:admin")
+    control.runs.update(rid, status="running", stage="train")
+    assert control.runs.end(rid, "cancelled", "cancelled: the server that started it stopped")
+    assert control.wait(rid, timeout=5)["status"] == "cancelled"  # an end like done and failed
+    status = control.status()
+    assert status["last_run"]["status"] == "cancelled" and status["running"] is None
+    assert "last run: run-1 cancelled" in format_status(status)
+    assert control.outcome(rid)["status"] == "cancelled"
+    assert control.stop_children() == []  # nothing of its own was running
+    with pytest.raises(TrainingError, match="server is stopping"):
+        control.start_run("discord:admin")  # an admin's retrain during shutdown starts nothing
+    assert [r["id"] for r in control.runs.active()] == []
+    store.close()
+
+
 # -- the one LIVE follower ----------------------------------------------------------------------------
 
 
