@@ -97,7 +97,7 @@ class LearningService:
         self.follower = LiveFollower(self.config, services.engine, self.control.registry)
         self._watcher: asyncio.Task | None = None
         #: the runs this service started that its ``stop`` stopped (``Control.stop_children``)
-        self.cancelled: list[dict[str, Any]] = []
+        self.stopped_runs: list[dict[str, Any]] = []
 
     async def start(self) -> None:
         await self.follow_live()
@@ -115,7 +115,7 @@ class LearningService:
     async def stop(self, grace: float = 10.0) -> list[dict[str, Any]]:
         """Stop scheduling and following; stop the training runs this process started.
 
-        Returns (and keeps in ``cancelled``) one entry per run stopped.
+        Returns (and keeps in ``stopped_runs``) one entry per run stopped.
         """
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
@@ -128,7 +128,7 @@ class LearningService:
                 pass
             self._watcher = None
         stopped = await asyncio.to_thread(self.control.stop_children, grace)
-        self.cancelled += stopped
+        self.stopped_runs += stopped
         return stopped
 
     def next_run(self) -> str | None:

@@ -174,10 +174,10 @@ async def serve(config: Config, *, grace: float = GRACE_S, ready: asyncio.Event 
                 for r in results:
                     if isinstance(r, BaseException):
                         log.error("while stopping: %s: %s", type(r).__name__, r)
-        if learning.cancelled:
+        if learning.stopped_runs:
             log.info("stopped cleanly; training %s", ", ".join(
                 f"{r['run_id']} {r['status']} (pid {r['pid']} stopped; log {r['log']})"
-                for r in learning.cancelled))
+                for r in learning.stopped_runs))
         else:
             log.info("stopped cleanly")
         return 0
