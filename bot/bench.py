@@ -95,6 +95,8 @@ def _naive_one(model, prompt: list[int], new_tokens: int, pad_id: int) -> tuple[
     """One ``model.generate``: tokens made, time to first token, total time."""
     import torch
 
+    from tuneloop.engine.policy import generate_kwargs
+
     with torch.inference_mode():
         ids = torch.tensor([prompt], device=model.device)
         streamer = _FirstToken()
@@ -102,11 +104,9 @@ def _naive_one(model, prompt: list[int], new_tokens: int, pad_id: int) -> tuple[
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
             streamer=streamer,
+            # the engine's decoding policy, whatever the model's generation_config adds
+            **generate_kwargs(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id),
         )
         t1 = time.perf_counter()
     return out.shape[1] - ids.shape[1], (streamer.first or t1) - t0, t1 - t0

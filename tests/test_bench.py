@@ -29,3 +29,51 @@ def test_bench_reports_every_figure(tiny_model):
     assert "engine >= 70% of tight loop" in result["targets"]
     table = format_table(result)
     assert "naive generate" in table and "engine c=4" in table and "tight loop b=4 (fused)" in table
+
+
+@pytest.fixture(scope="module")
+def banning_model(tiny_model, tmp_path_factory):
+    """The tiny model with a generation_config that bans repeats, as the starter's once did."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    folder = tmp_path_factory.mktemp("banning") / "model"
+    shutil.copytree(tiny_model, folder)
+    config = GenerationConfig.from_pretrained(folder)
+    config.no_repeat_ngram_size, config.repetition_penalty = 2, 1.5
+    config.save_pretrained(folder)
+    return folder
+
+
+async def test_baseline_and_starter_eval_decode_as_the_engine_does(banning_model):
+    """One decoding policy: generate with ``generate_kwargs`` and starter_eval give the engine's replies."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.starter_eval import generate_replies
+    from tuneloop.engine.base import SamplingParams
+    from tuneloop.engine.local import LocalEngine
+    from tuneloop.engine.policy import generate_kwargs
+
+    prompts = ["hi", "What is your name?", "Do you like music?", "Tell me a joke.", "Good morning!"]
+    engine = LocalEngine(str(banning_model), version="base", max_batch=4)
+    await engine.start()
+    try:
+        ids = [engine.encode([{"role": "user", "content": p}]) for p in prompts]
+        params = SamplingParams(max_new_tokens=24)
+        served = [(await engine.complete([{"role": "user", "content": p}], params)).text for p in prompts]
+    finally:
+        await engine.stop(grace=0)
+    model = AutoModelForCausalLM.from_pretrained(banning_model).eval()
+    tok = AutoTokenizer.from_pretrained(banning_model)
+    banned_differs = False
+    for prompt, text in zip(ids, served, strict=True):
+        x = torch.tensor([prompt])
+        with torch.inference_mode():
+            ours = model.generate(x, **generate_kwargs(max_new_tokens=24, pad_token_id=0))
+            theirs = model.generate(x, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        assert tok.decode(ours[0, x.shape[1]:], skip_special_tokens=True) == text
+        banned_differs |= not torch.equal(ours, theirs)
+    assert banned_differs, "the model's own generation_config should change some reply (else this proves nothing)"
+    assert generate_replies(model, tok, prompts, max_new_tokens=24) == [t.strip() for t in served]

@@ -315,10 +315,8 @@ def _save(model, tokenizer, folder: Path, progress: bool) -> None:
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
         max_new_tokens=128,
-        # A model this small falls into loops ("I am a a a a ..."); forbidding a
-        # repeated 4-gram breaks them without penalising <|im_end|> the way a
-        # repetition_penalty would (the prompt is full of them).
-        no_repeat_ngram_size=4,
+        # Nothing beyond the engine's own decoding policy (no n-gram ban, no
+        # repetition penalty): see tuneloop/engine/policy.py for why.
     )
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:

@@ -29,6 +29,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from trainer import corpus
+from tuneloop.engine.policy import generate_kwargs
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}_]+")
@@ -102,10 +103,9 @@ def generate_replies(
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+                # the bot's replies: the engine's decoding policy, not whatever generation_config adds
+                **generate_kwargs(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id),
             )
             for row, i in enumerate(rows):
                 replies[i] = tokenizer.decode(out[row, length:], skip_special_tokens=True).strip()
