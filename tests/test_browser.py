@@ -147,3 +147,33 @@ async def test_dashboard_draws(server, page):
     # The live load chart fills in after a few polls.
     await page.locator("#chart-load path").first.wait_for(timeout=10_000)
     assert page.errors == []
+
+
+async def test_dashboard_load_chart_uses_the_page_clock(server, browser):
+    """The load chart's time axis reads like "updated ...": the same local clock, hours included."""
+    import re
+
+    base, _ = server
+    # Far from UTC, in a 12-hour locale: another clock or a minutes:seconds axis cannot pass.
+    context = await browser.new_context(locale="en-US", timezone_id="Pacific/Chatham")
+    try:
+        page = await context.new_page()
+        await page.goto(base + "/dashboard")
+        # An idle engine draws a flat line, which has no height: attached, not "visible".
+        await page.locator("#chart-load path").first.wait_for(state="attached", timeout=10_000)
+        labels = await page.locator('#chart-load text[text-anchor="middle"]').all_text_contents()
+        updated = (await page.locator("#updated").inner_text()).removeprefix("updated ")
+    finally:
+        await context.close()
+    clock = re.compile(r"(\d{1,2}):(\d{2}):(\d{2})\s?([AP]M)")
+
+    def seconds(text: str) -> int:
+        m = clock.fullmatch(text.strip())
+        assert m, f"{text!r} is not a time of day like {updated!r}"
+        h, mi, s, half = int(m[1]) % 12, int(m[2]), int(m[3]), m[4]
+        return (h + (12 if half == "PM" else 0)) * 3600 + mi * 60 + s
+
+    assert labels
+    now = seconds(updated)
+    # Every point was drawn at most the chart's three minutes before the last update.
+    assert all(0 <= (now - seconds(label)) % 86400 <= 180 for label in labels), (labels, updated)

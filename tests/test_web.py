@@ -12,11 +12,12 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bot import cli
 from bot.adapters.web import STATIC
 from bot.runtime import services
-from tests.serving import serving
+from tests.serving import HeldEngine, serving
 from tuneloop.config import load
 from tuneloop.engine import SamplingParams
 
@@ -323,20 +324,58 @@ async def test_engine_busy_is_a_503_with_retry_after(server, http, client):
 # -- metrics, dashboard, pages, health ---------------------------------------------------------------
 
 
-async def test_metrics_exposition(server, client, http):
-    base, _ = server
-    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "metrics"}])
+async def scrape(http, base) -> dict[tuple[str, tuple], float]:
     async with http.get(base + "/metrics") as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         text = await r.text()
-    for name in ("tuneloop_requests_total", "tuneloop_prompt_tokens_total", "tuneloop_completion_tokens_total",
-                 "tuneloop_time_to_first_token_seconds_bucket", "tuneloop_request_duration_seconds_bucket",
-                 "tuneloop_engine_queue_depth", "tuneloop_engine_active_sequences",
-                 "tuneloop_engine_tokens_per_second", "tuneloop_ratings_total", "tuneloop_corrections_total",
-                 "tuneloop_http_errors_total"):
-        assert name in text, name
-    m = re.search(r'tuneloop_requests_total\{outcome="(stop|length)",platform="api"\} (\d+)', text)
-    assert m and float(m.group(2)) >= 1
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_requests_tokens_and_ratings(server, client, http):
+    base, svc = server
+    before = await scrape(http, base)
+    r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "metrics"}])
+    ex = svc.store.exchange(int(r.id))
+    async with http.post(f"{base}/api/exchanges/{ex.id}/feedback", json={"user": "mia", "rating": "down"},
+                         headers={"X-Tuneloop-Client": "web"}) as resp:
+        assert resp.status == 200
+    after = await scrape(http, base)
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert grew("tuneloop_requests_total", platform="api", outcome=ex.finish_reason) == 1
+    assert grew("tuneloop_prompt_tokens_total", platform="api") == ex.prompt_tokens
+    assert grew("tuneloop_completion_tokens_total", platform="api") == ex.completion_tokens
+    assert grew("tuneloop_request_duration_seconds_count", platform="api") == 1
+    assert grew("tuneloop_ratings_total", platform="web", rating="down") == 1
+    for name in ("tuneloop_engine_queue_depth", "tuneloop_engine_active_sequences",
+                 "tuneloop_engine_tokens_per_second"):
+        assert (name, ()) in after, name
+
+
+async def test_cancelled_reply_is_not_reported_as_stop(server, http):
+    base, svc = server
+    held = HeldEngine(svc.chat.engine)
+    svc.chat.engine = held
+    try:
+        async with http.post(base + COMPLETIONS, json={**GOOD, "stream": True, "max_tokens": 24}) as r:
+            assert r.status == 200
+            await asyncio.wait_for(held.held.wait(), 30)
+            held._engine.cancel(held.request_ids[-1])
+            held.release.set()
+            events = [line[6:] for line in (await r.text()).splitlines() if line.startswith("data: ")]
+    finally:
+        held.release.set()
+        svc.chat.engine = held._engine
+    final = json.loads(events[-2])
+    assert events[-1] == "[DONE]" and svc.store.exchange(final["exchange_id"]).finish_reason == "cancelled"
+    assert final["choices"][0]["finish_reason"] == "cancelled"
 
 
 async def test_dashboard_json(server, http):

@@ -84,6 +84,10 @@ function lines(svg, labels, series, opts) {
 
 const pct = (v) => (v === null || v === undefined ? "–" : Math.round(v * 100) + "%");
 
+// One clock for the whole page: the browser's local time, hours included, so the
+// load chart's axis and "updated ..." read alike (minutes:seconds alone looked like another clock's hours:minutes).
+const clockTime = (d) => d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+
 function timeLabel(t, bucket) {
   const d = new Date(t * 1000);
   if (bucket >= 86400) return d.toLocaleDateString([], { month: "short", day: "numeric" });
@@ -135,10 +139,11 @@ function render(data) {
        data.versions.map((v) => v.approval_rate),
        { max: 1, format: pct, notes: data.versions.map((v) => v.exchanges + " ex"), empty: "no exchanges yet" });
 
-  load.push({ t: new Date(), tps: e.tokens_per_s || 0, active: e.active || 0, queued: e.queued || 0 });
+  const now = new Date();
+  load.push({ t: now, tps: e.tokens_per_s || 0, active: e.active || 0, queued: e.queued || 0 });
   while (load.length > LOAD_POINTS) load.shift();
   lines(document.getElementById("chart-load"),
-        load.map((p) => p.t.toLocaleTimeString([], { minute: "2-digit", second: "2-digit" })),
+        load.map((p) => clockTime(p.t)),
         [{ values: load.map((p) => p.tps), color: "#3b6ef5" },
          { values: load.map((p) => p.active), color: "#1f9d55" },
          { values: load.map((p) => p.queued), color: "#d64545" }], {});
@@ -152,7 +157,7 @@ function render(data) {
   const body = document.getElementById("corrections");
   if (rows.length) body.replaceChildren(...rows);
   else body.replaceChildren(Object.assign(document.createElement("tr"), { innerHTML: '<td colspan="7" class="muted">no corrections yet</td>' }));
-  document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  document.getElementById("updated").textContent = "updated " + clockTime(now);
 }
 
 async function poll() {
