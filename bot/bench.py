@@ -13,6 +13,21 @@ It reports generated tokens/s, time to first token and end-to-end latency
 (p50 / p95) for each, the engine's speed-up over naive and its share of the
 tight loop's speed at the same batch size. Timings are only as quiet as the
 machine; nothing here asserts a speed.
+
+It also measures the machine's own limits in the same run, so a figure reads
+against what this machine can do rather than against another machine's:
+memory read bandwidth, and the float32 matrix-multiply rate at a decode-sized
+batch (16 rows through a weight of the model's MLP shape), both on the
+engine's cores. From them, two bounds on decoding: one request at a time
+reads every weight once per token, so it can go no faster than bandwidth /
+float32 weight bytes; at 16 requests a step is 2 x parameters flops per token,
+so no faster than the float32 rate / (2 x parameters). The float32 bounds are
+the yardstick for every dtype (bfloat16 weights can beat them).
+
+How much it runs is scaled to the model (``plan``): a 135M model gets a few
+rounds of 32 tokens, the starter many rounds of 64. ``--write FILE`` puts the
+result in a section of a Markdown file (docs/benchmarks.md), with the date,
+the machine and the command.
 """
 
 from __future__ import annotations
@@ -44,13 +59,87 @@ PROMPTS: tuple[str, ...] = (
     "Tell me about yourself.",
 )
 
-#: What the issue asks of the engine on the starter model, 2 CPU cores.
+#: What the issues ask of the engine: the first four on the starter model, 2 CPU
+#: cores; the last two against the machine's own limits (see the docstring).
 TARGETS = {
     "speedup_at_32": 20.0,  # engine tokens/s at concurrency 32 / naive
     "ttft_p95_s": 1.0,
     "vs_tight_loop": 0.70,
     "slowdown_at_1": 0.10,  # engine at concurrency 1 at most this much slower than naive
+    "c1_vs_bandwidth_bound": 0.50,  # engine alone / (read GB/s / float32 weight bytes)
+    "c16_vs_compute_bound": 0.30,  # engine at 16 clients / (float32 GEMM rate / 2 x parameters)
 }
+
+#: Models above this many parameters get the short plan (see ``plan``).
+LARGE = 20_000_000
+
+
+def plan(parameters: int) -> dict[str, Any]:
+    """Rounds, tokens and concurrencies that finish in a few minutes for a model this size (2 CPU cores)."""
+    if parameters > LARGE:
+        return {"rounds": 3, "new_tokens": 32, "concurrencies": (1, 16)}
+    return {"rounds": 16, "new_tokens": 64, "concurrencies": (1, 8, 32)}
+
+
+def model_parameters(model_path: str) -> int:
+    """Parameters of the model folder, from its safetensors headers (no weights read)."""
+    import json as _json
+    import struct
+    from pathlib import Path
+
+    total = 0
+    for f in Path(model_path).glob("*.safetensors"):
+        with f.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = _json.loads(fh.read(size))
+        for name, t in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in t["shape"]:
+                    n *= d
+                total += n
+    return total
+
+
+def machine_limits(width: int, inner: int, threads: int, rows: int = 16) -> dict[str, float]:
+    """Memory read GB/s and float32 (and bfloat16) GEMM GFLOP/s at ``rows`` rows, on ``threads`` threads.
+
+    Bandwidth: the sum of a 256 MB buffer, far larger than any cache. GEMM:
+    ``[rows, width] @ [width, inner]``, the shape of the model's MLP at a
+    decode-sized batch. Best of several runs each: the machine's limit, not
+    its mean under a neighbour's load.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            buf = torch.ones(64 * 1024 * 1024)  # 256 MB of float32
+            buf.sum()
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                buf.sum()
+                best = min(best, time.perf_counter() - t0)
+            read = buf.numel() * 4 / best / 1e9
+            del buf
+            gemm = {}
+            for dt in (torch.float32, torch.bfloat16):
+                x, w = torch.randn(rows, width).to(dt), torch.randn(width, inner).to(dt)
+                torch.mm(x, w)
+                reps, best = 50, float("inf")
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        torch.mm(x, w)
+                    best = min(best, time.perf_counter() - t0)
+                gemm[dt] = 2 * rows * width * inner * reps / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+    return {"threads": threads, "read_gb_s": round(read, 1), "gemm_rows": rows,
+            "gemm_shape": [width, inner], "fp32_gemm_gflop_s": round(gemm[torch.float32], 1),
+            "bf16_gemm_gflop_s": round(gemm[torch.bfloat16], 1)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -188,16 +277,24 @@ def _completions_summary(wall: float, done: list) -> dict[str, Any]:
 def run_bench(
     model_path: str,
     *,
-    concurrencies: tuple[int, ...] = (1, 8, 32),
-    new_tokens: int = 64,
+    concurrencies: tuple[int, ...] | None = None,
+    new_tokens: int | None = None,
     prompts: tuple[str, ...] | list[str] = PROMPTS,
     device: str = "auto",
-    rounds: int = 16,
+    dtype: str = "auto",
+    rounds: int | None = None,
     progress: bool = True,
     threads: int | None = None,
     fused_decode: bool = True,
 ) -> dict[str, Any]:
-    """Measure naive generate, the engine at each concurrency and the tight batched loop."""
+    """Measure naive generate, the engine at each concurrency and the tight batched loop.
+
+    ``concurrencies``, ``new_tokens`` and ``rounds`` left out come from ``plan``.
+    """
+    sized = plan(model_parameters(model_path))
+    concurrencies = sized["concurrencies"] if concurrencies is None else concurrencies
+    new_tokens = sized["new_tokens"] if new_tokens is None else new_tokens
+    rounds = sized["rounds"] if rounds is None else rounds
     return asyncio.run(
         _bench(
             model_path,
@@ -205,6 +302,7 @@ def run_bench(
             new_tokens=new_tokens,
             prompts=list(prompts),
             device=device,
+            dtype=dtype,
             rounds=rounds,
             progress=progress,
             threads=threads,
@@ -220,6 +318,7 @@ async def _bench(
     new_tokens,
     prompts,
     device,
+    dtype,
     rounds,
     progress,
     threads,
@@ -234,10 +333,22 @@ async def _bench(
         if progress:
             print(f"bench: {msg}", flush=True)
 
+    import os
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_path))
+    width = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 512)
+    inner = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "n_inner", 0) or 4 * width)
+    say("measuring this machine: memory read bandwidth, float32 and bfloat16 matrix multiply")
+    limits = machine_limits(width, inner, os.cpu_count() or 1)
+    say(f"{limits['read_gb_s']} GB/s read, {limits['fp32_gemm_gflop_s']} GFLOP/s float32 "
+        f"({limits['bf16_gemm_gflop_s']} bfloat16) at {limits['gemm_rows']} rows, {limits['threads']} threads")
     engine = LocalEngine(
         str(model_path),
         version="bench",
         device=device,
+        dtype=dtype,
         max_batch=max(concurrencies),
         max_queue=max(concurrencies) * 4,
         threads=threads,
@@ -302,6 +413,7 @@ async def _bench(
             runs.append(r)
         at_batch = next(r for r in runs if r["concurrency"] == batch)
         n_params = sum(p.numel() for p in model.parameters())
+        model_dtype = str(model.dtype).removeprefix("torch.")
     finally:
         await engine.stop(grace=0)
 
@@ -309,6 +421,7 @@ async def _bench(
         "model": str(model_path),
         "parameters": n_params,
         "device": str(engine.device),
+        "dtype": model_dtype,
         "torch_threads": torch.get_num_threads(),
         "decode_step": engine.decode_step,
         # intra-op threads the fused step and prefill take when measured faster
@@ -331,6 +444,21 @@ async def _bench(
         r1 = next(r for r in runs if r["concurrency"] == 1)
         checks["concurrency 1 within 10% of naive"] = r1["vs_naive"] >= 1 - TARGETS["slowdown_at_1"]
     checks["engine >= 70% of tight loop"] = result["engine_vs_tight"] >= TARGETS["vs_tight_loop"]
+    # The machine's own bounds, float32 (see the module docstring).
+    bandwidth_bound = limits["read_gb_s"] * 1e9 / (4 * n_params)
+    compute_bound = limits["fp32_gemm_gflop_s"] * 1e9 / (2 * n_params)
+    result["machine"] = limits
+    result["bounds"] = {"bandwidth_tokens_per_s": round(bandwidth_bound, 1),
+                        "compute_tokens_per_s": round(compute_bound, 1)}
+    by_c = {r["concurrency"]: r for r in runs}
+    if 1 in by_c:
+        share = by_c[1]["tokens_per_s"] / bandwidth_bound
+        result["bounds"]["c1_share"] = round(share, 3)
+        checks["c=1 >= 50% of the float32 weight-streaming bound"] = share >= TARGETS["c1_vs_bandwidth_bound"]
+    if 16 in by_c:
+        share = by_c[16]["tokens_per_s"] / compute_bound
+        result["bounds"]["c16_share"] = round(share, 3)
+        checks["c=16 >= 30% of the float32 compute bound"] = share >= TARGETS["c16_vs_compute_bound"]
     result["targets"] = checks
     return result
 
@@ -341,7 +469,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = f"{'run':<{w}}{'tok/s':>10}{'ttft p50':>10}{'ttft p95':>10}{'lat p50':>10}{'lat p95':>10}{'vs naive':>10}"
     lines = [
         f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
-        f"{result['torch_threads']} torch threads"
+        f"{result['torch_threads']} torch threads, {result['dtype']} weights"
         + (f" ({result['wide_threads']} per step where measured faster)" if result.get("wide_threads") else "")
         + f", {result['decode_step']} decode step, "
         f"{result['new_tokens']} new tokens per request, greedy",
@@ -372,18 +500,96 @@ def format_table(result: dict[str, Any]) -> str:
     if len(tights) > 1:
         share += f", {result['engine_vs_tight_transformers']:.0%} (transformers' forward)"
     lines.append(share)
+    m, b = result.get("machine"), result.get("bounds")
+    if m and b:
+        lines.append(
+            f"machine: {m['read_gb_s']} GB/s read, {m['fp32_gemm_gflop_s']} GFLOP/s float32 GEMM "
+            f"({m['bf16_gemm_gflop_s']} bfloat16) at {m['gemm_rows']} rows x {m['gemm_shape']}, "
+            f"{m['threads']} threads")
+        line = (f"float32 bounds: {b['bandwidth_tokens_per_s']:.1f} tok/s one at a time (bandwidth / weight "
+                f"bytes), {b['compute_tokens_per_s']:.1f} tok/s batched (GEMM rate / 2 x parameters)")
+        if "c1_share" in b:
+            line += f"; c=1 at {b['c1_share']:.0%}"
+        if "c16_share" in b:
+            line += f", c=16 at {b['c16_share']:.0%}"
+        lines.append(line)
     for name, ok in result.get("targets", {}).items():
         lines.append(f"  [{'ok' if ok else 'MISSED'}] {name}")
     return "\n".join(lines)
 
 
-def bench_main(config, json_out: bool = False) -> int:
-    """``tuneloop bench``: resolve ``[model] base`` and print the table (or JSON)."""
+def machine_description() -> str:
+    """CPU model, cores, memory and torch version, for the record of a measurement."""
+    import os
+    import platform
+
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    extras = [name for name in ("avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        memory = f", {mem:.0f} GiB memory"
+    except (ValueError, OSError):
+        memory = ""
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu} ({', '.join(extras) or 'no AVX-512'}), {os.cpu_count()} cores{memory}{gpu}, "
+            f"torch {torch.__version__}")
+
+
+def write_markdown(path, key: str, title: str, command: str, results: list[dict[str, Any]]) -> None:
+    """Put ``results`` in ``path`` as the section marked ``key``, replacing that section if present."""
+    import datetime
+    from pathlib import Path
+
+    path = Path(path)
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [begin, f"## {title}", "",
+             f"Measured {when} on {machine_description()}, with `{command}`.", ""]
+    for r in results:
+        parts += [f"### {r['dtype']} weights", "", "```text", format_table(r), "```", ""]
+    parts.append(end)
+    section = "\n".join(parts)
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def bench_main(config, json_out: bool = False, dtypes: list[str] | None = None, write: str | None = None,
+               command: str = "tuneloop bench") -> int:
+    """``tuneloop bench``: resolve ``[model] base``, run once per dtype, print the table (or JSON)."""
     from trainer.models import resolve_base
 
     path = resolve_base(config.model.base, progress=not json_out)
-    result = run_bench(
-        path, device=config.model.device, progress=not json_out, fused_decode=config.model.fused_decode
-    )
-    print(json.dumps(result, indent=2) if json_out else format_table(result))
+    results = []
+    for dtype in dtypes or [config.model.dtype]:
+        result = run_bench(path, device=config.model.device, dtype=dtype, progress=not json_out,
+                           fused_decode=config.model.fused_decode)
+        result["base"] = config.model.base
+        results.append(result)
+        if not json_out:
+            print(format_table(result), flush=True)
+    if json_out:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    if write:
+        write_markdown(write, config.model.base, f"`{config.model.base}`", command, results)
+        if not json_out:
+            print(f"bench: wrote {write}")
     return 0

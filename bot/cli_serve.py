@@ -27,10 +27,18 @@ def cmd_run(args, config: Config) -> int:
 
 def _bench_args(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--dtype", action="append", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights' dtype; repeat to measure several (default: [model] dtype)")
+    p.add_argument("--write", metavar="FILE", help="also write the result into FILE's section for this model "
+                   "(docs/benchmarks.md)")
 
 
 @command("bench", "measure the engine: throughput and latency under concurrent requests")(_bench_args)
 def cmd_bench(args, config: Config) -> int:
+    import shlex
+    import sys
+
     from bot.bench import bench_main
 
-    return bench_main(config, args.json)
+    command = "tuneloop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return bench_main(config, args.json, dtypes=args.dtype, write=args.write, command=command)

@@ -29,6 +29,51 @@ def test_bench_reports_every_figure(tiny_model):
     assert "engine >= 70% of tight loop" in result["targets"]
     table = format_table(result)
     assert "naive generate" in table and "engine c=4" in table and "tight loop b=4 (fused)" in table
+    # The machine's own limits, measured in the same run, and the engine against them.
+    machine, bounds = result["machine"], result["bounds"]
+    assert machine["read_gb_s"] > 0 and machine["fp32_gemm_gflop_s"] > 0 and machine["gemm_rows"] == 16
+    n = result["parameters"]
+    assert bounds["bandwidth_tokens_per_s"] == pytest.approx(machine["read_gb_s"] * 1e9 / (4 * n), rel=1e-3)
+    assert bounds["compute_tokens_per_s"] == pytest.approx(machine["fp32_gemm_gflop_s"] * 1e9 / (2 * n), rel=1e-3)
+    c1 = result["engine"][0]["tokens_per_s"]
+    assert bounds["c1_share"] == pytest.approx(c1 / bounds["bandwidth_tokens_per_s"], abs=1e-3)
+    assert "c=1 >= 50% of the float32 weight-streaming bound" in result["targets"]
+    assert "c=16 >= 30% of the float32 compute bound" not in result["targets"]  # no 16 clients measured
+    assert "float32 bounds:" in table and "GB/s read" in table
+
+
+def test_plan_scales_to_the_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from bot.bench import model_parameters, plan
+
+    n = model_parameters(str(tiny_model))
+    assert n == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    assert plan(n)["concurrencies"] == (1, 8, 32)
+    big = plan(135_000_000)
+    assert big["concurrencies"] == (1, 16) and big["rounds"] * big["new_tokens"] < 16 * 64
+
+
+def test_write_markdown_rewrites_its_own_section(tmp_path):
+    from bot.bench import write_markdown
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nIntro kept.\n")
+    fake = {"model": "m", "parameters": 1e6, "device": "cpu", "torch_threads": 1, "dtype": "float32",
+            "decode_step": "fused", "new_tokens": 8, "naive": {"tokens_per_s": 10.0, "ttft_p50": 0.1,
+            "ttft_p95": 0.1, "latency_p50": 1, "latency_p95": 1}, "engine": [],
+            "tight_loop": {"batch": 4, "step": "fused", "tokens_per_s": 40.0},
+            "tight_loop_transformers": {"batch": 4, "step": "fused", "tokens_per_s": 40.0},
+            "engine_vs_tight": 1.0, "targets": {}}
+    write_markdown(doc, "a", "model a", "tuneloop bench --write x", [fake])
+    write_markdown(doc, "b", "model b", "tuneloop bench", [fake])
+    write_markdown(doc, "a", "model a", "tuneloop bench --dtype bfloat16", [{**fake, "dtype": "bfloat16"}])
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nIntro kept.\n")
+    assert text.count("<!-- bench:a -->") == 1 and text.count("<!-- bench:b -->") == 1
+    assert "### bfloat16 weights" in text and "--write x" not in text  # section a was replaced
+    assert text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->")  # in place, not moved
+    assert "Measured 20" in text and " cores" in text
 
 
 @pytest.fixture(scope="module")
