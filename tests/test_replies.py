@@ -1,13 +1,16 @@
 """The one reply streamer (``bot.replies``): timing on a stepped clock, splitting, and the
-reply's references registered in a real store from the first message on."""
+reply's references registered in a real store from the first message on; and the adapters'
+``handled`` signal."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 
 import pytest
 
+from bot.adapters.handled import HandledSignal
 from bot.replies import EMPTY_REPLY, ReplyStream, split_text
 from tests.serving import StepClock
 from tuneloop.store import Store
@@ -144,3 +147,19 @@ def test_split_text():
     parts = split_text(text, 2000)
     assert all(len(p) <= 2000 for p in parts) and " ".join(parts) == text
     assert split_text(text[:4500], 2000)[:2] == parts[:2]
+
+
+async def test_handled_signal_wakes_waiters_and_stays_bounded():
+    signal = HandledSignal()
+    waiter = asyncio.ensure_future(signal.wait("message:1", count=2))
+    signal.fire("message:1", "ignored")
+    signal.fire("message:2", "replied")
+    await asyncio.sleep(0)  # let the waiter look: one of two is not enough
+    assert not waiter.done()
+    signal.fire("message:1", "replied")
+    assert await waiter == ["ignored", "replied"]
+    with pytest.raises(TimeoutError, match="0 of 1"):
+        await signal.wait("message:3", timeout=0.01)
+    for i in range(HandledSignal.KEEP + 5):
+        signal.fire(f"event:{i}", "ignored")
+    assert len(signal.events) == HandledSignal.KEEP and signal.count() == HandledSignal.KEEP + 8

@@ -2,18 +2,14 @@
 
 Each platform adapter fires it once per incoming event, after the event is
 fully processed, whatever came of it (answered, rated, ignored, a duplicate,
-failed). Tests wait on it instead of sleeping; ``hooks`` let a process
-observe it too.
+failed). Tests wait on it instead of sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,25 +19,24 @@ class Handled:
 
 
 class HandledSignal:
+    #: events kept for ``count(key)`` and ``outcomes``: a serving process must not grow without end
+    KEEP = 10_000
+
     def __init__(self) -> None:
-        self.events: list[Handled] = []
-        self.hooks: list[Callable[[Handled], None]] = []
+        self.events: deque[Handled] = deque(maxlen=self.KEEP)
+        self.total = 0
         self._changed = asyncio.Event()
 
     def fire(self, key: str, outcome: str) -> None:
         item = Handled(key, outcome)
         self.events.append(item)
-        for hook in self.hooks:
-            try:
-                hook(item)
-            except Exception:  # noqa: BLE001 — an observer must not break the adapter
-                log.exception("handled hook failed: key=%s", key)
+        self.total += 1
         # Wake every waiter; each checks its own condition.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
     def count(self, key: str | None = None) -> int:
-        return len(self.events) if key is None else sum(1 for e in self.events if e.key == key)
+        return self.total if key is None else sum(1 for e in self.events if e.key == key)
 
     def outcomes(self, key: str) -> list[str]:
         return [e.outcome for e in self.events if e.key == key]
