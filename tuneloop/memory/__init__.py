@@ -24,6 +24,7 @@ import numpy as np
 
 from tuneloop.config import MemoryConfig
 from tuneloop.errors import TuneloopError
+from tuneloop.memory.encoder import Encoder
 from tuneloop.memory.index import Index, Match
 from tuneloop.memory.matcher import Thresholds
 from tuneloop.store import Store
@@ -61,13 +62,17 @@ class Memory:
     @property
     def encoder(self):
         if self._encoder is None:
-            from tuneloop.memory.encoder import Encoder
-
             t0 = time.perf_counter()
-            self._encoder = Encoder(self.config.encoder)
-            log.info("memory encoder loaded: encoder=%s ms=%.0f", self.config.encoder,
-                     (time.perf_counter() - t0) * 1000)
+            self._encoder = Encoder(self.config.encoder, int8=self.config.encoder_int8)
+            log.info("memory encoder loaded: encoder=%s int8=%s ms=%.0f", self.config.encoder,
+                     self._encoder.int8, (time.perf_counter() - t0) * 1000)
         return self._encoder
+
+    @property
+    def encoder_key(self) -> str:
+        if self._encoder is not None:
+            return Encoder.key(self._encoder.name, self._encoder.int8)
+        return Encoder.key(self.config.encoder, self.config.encoder_int8)
 
     def refresh(self) -> None:
         """Rebuild the cached index when the store's memory changed; encode items not encoded yet."""
@@ -77,12 +82,12 @@ class Memory:
         with self._lock:
             if generation == self._generation:
                 return
-            rows = self.store.memory_index_rows(self.config.encoder)
+            rows = self.store.memory_index_rows(self.encoder_key)
             missing = [r for r in rows if r["vector"] is None]
             if missing:
                 t0 = time.perf_counter()
                 vectors = self.encoder.encode([r["prompt"] for r in missing])
-                self.store.set_memory_vectors(self.config.encoder,
+                self.store.set_memory_vectors(self.encoder_key,
                                               [(r["id"], v.astype("<f4").tobytes()) for r, v in zip(missing, vectors)])
                 for r, v in zip(missing, vectors):
                     r["vector"] = v.astype("<f4").tobytes()

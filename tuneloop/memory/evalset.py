@@ -3,8 +3,9 @@
 Made-up entities x relations, each taught once ("Who owns project Heron?" ->
 "Priya Raman owns project Heron."). Queries: the taught prompt itself
 (reliability), paraphrases (generalization), near misses that ask the same
-relation of an entity that was never taught, half of them lower-cased so
-that capitals alone cannot give them away, and unrelated prompts (locality).
+relation of an entity that was never taught (half of them lower-cased so
+that capitals alone cannot give them away) or a relation never taught of a
+taught entity, and unrelated prompts (locality).
 The held-out split shares no entity and no paraphrase wording with the
 tuning split: thresholds are picked on tuning and reported on held-out.
 """
@@ -48,6 +49,20 @@ ZH_RELATIONS = {
     "office": ("{e}办公室在哪里？", "{e}办公室在{c}。",
                ["{e}办公室的位置在哪？", "{e}的办公室在哪里？"],
                ["请问{e}办公室在哪儿？", "{e}办公室在哪？"]),
+}
+# Near misses of another kind: the taught entity, a relation that was never taught.
+EN_OTHER = {
+    "owner": ["Who funds project {e}?", "Who tests project {e}?"],
+    "server": ["What is the test server of team {e} called?", "What is the chat bot of team {e} called?"],
+    "release": ["When is the {e} launch party?", "When is the {e} review due?"],
+    "channel": ["Which Slack channel does the {e} team avoid?", "Which email list does the {e} team use?"],
+    "office": ["Where is the {e} warehouse?", "Where is the {e} data center?"],
+}
+ZH_OTHER = {
+    "owner": ["谁资助{e}项目？", "谁测试{e}项目？"],
+    "server": ["{e}团队的测试服务器叫什么名字？", "{e}团队的聊天机器人叫什么名字？"],
+    "release": ["{e}版本什么时候测试？", "{e}版本什么时候评审？"],
+    "office": ["{e}仓库在哪里？", "{e}数据中心在哪里？"],
 }
 EN_ENTITIES = {
     "tune": ["Heron", "Kestrel", "Osprey", "Puffin", "Plover", "Ibis", "Egret", "Avocet", "Curlew",
@@ -97,9 +112,14 @@ def build(split: str) -> tuple[list[Item], list[Query]]:
     items: list[Item] = []
     queries: list[Query] = []
     n = 0
-    for lang, relations, entities in (("en", EN_RELATIONS, EN_ENTITIES), ("zh", ZH_RELATIONS, ZH_ENTITIES)):
+    for lang, relations, entities, other in (("en", EN_RELATIONS, EN_ENTITIES, EN_OTHER),
+                                             ("zh", ZH_RELATIONS, ZH_ENTITIES, ZH_OTHER)):
         for rel, (prompt, answer, tune_paras, held_paras) in relations.items():
             paras = tune_paras if split == "tune" else held_paras
+            # One other-relation template per split, each asked of a few taught entities.
+            other_template = other[rel][0 if split == "tune" else 1]
+            for e in entities[split][:4]:
+                queries.append(Query(other_template.format(e=e), "near_miss", None))
             for e in entities[split]:
                 n += 1
                 fill = dict(e=e, p=PEOPLE[n % len(PEOPLE)], x=f"{e.lower()}-{n}" if lang == "en" else f"{e}{n}号",

@@ -44,6 +44,11 @@ STOP_ZH = frozenset("的了吗呢吧啊呀么是在有和与及或也都就还�
                     "叫做称为给把被让对从向到以及其之于而且即便如果因为所以可以能会要想知道告诉说讲问")
 
 
+# Chinese interrogatives, longest first: like the English wh-words in STOP_EN
+# they say that something is asked, not what ("哪天发布" / "什么时候发布").
+QUESTION_ZH = re.compile("什么时候|什么地方|哪一天|哪一个|为什么|怎么样|多少|何时|何处|几时|哪天|哪里|哪儿|哪个|哪|几")
+
+
 def _stem(word: str) -> str:
     w = word.lower().replace("’", "'")
     if w.endswith("'s"):
@@ -84,7 +89,7 @@ def features(text: str) -> Features:
             keys.add(_stem(word))
         if low.replace("’", "'") not in STOP_EN and low.split("'")[0] not in STOP_EN:
             latin.add(_stem(word))
-    chars = _CJK.findall(text)
+    chars = _CJK.findall(QUESTION_ZH.sub(" ", text))
     words = len(_WORD.findall(text))
     return Features(text=text, latin=frozenset(latin), cjk=frozenset(c for c in chars if c not in STOP_ZH),
                     keys=frozenset(keys), cjk_share=len(chars) / max(1, len(chars) + words))
