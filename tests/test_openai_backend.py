@@ -3,10 +3,13 @@ web app on 127.0.0.1 (LocalEngine, tiny model) stands in for vLLM."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from bot.chat import Chat, Turn
 from bot.runtime import services
@@ -14,7 +17,7 @@ from tests.serving import serving
 from tuneloop.config import parse
 from tuneloop.engine import SamplingParams, create_engine
 from tuneloop.engine.openai import OpenAIEngine
-from tuneloop.errors import EngineError
+from tuneloop.errors import EngineError, ModelError
 from tuneloop.store import Store
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -90,15 +93,6 @@ async def test_sampling_parameters_reach_the_server(remote, engine):
     assert last["completion_tokens"] <= 12
 
 
-async def test_cancel_mid_stream(engine):
-    gen = engine.submit([{"role": "user", "content": "tell me a story"}],
-                        SamplingParams(max_new_tokens=200, temperature=1.0, seed=1))
-    async for _ in gen:
-        engine.cancel(gen.request_id)
-    assert gen.result.finish_reason in ("cancelled", "stop", "length")  # a short reply may beat the cancel
-    assert engine.stats()["in_flight"] == 0
-
-
 async def test_cancel_before_it_starts(engine):
     gen = engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=8))
     engine.cancel(gen.request_id)
@@ -126,16 +120,17 @@ async def test_unreachable_server_is_one_line():
     assert "\n" not in message
 
 
-async def test_swap_adapter_switches_the_model_name(remote, engine, tmp_path):
-    _, svc = remote
+async def test_swap_to_a_version_the_server_cannot_load_is_a_model_error(remote, engine, tmp_path):
     base = engine.model_version
-    # tuneloop's server has no /v1/load_lora_adapter (404): the name is switched all the same.
-    await engine.swap_adapter(str(tmp_path), "v7")
-    assert engine.model_version == "v7"
+    # tuneloop's server has no /v1/load_lora_adapter (404) and does not list v7.
+    with pytest.raises(ModelError) as e:
+        await engine.swap_adapter(str(tmp_path), "v7")
+    message = str(e.value)
+    assert message.startswith("cannot serve v7: the model server at ") and "404" in message
+    assert "\n" not in message
+    assert engine.model_version == base  # still serving what it served
     got = await engine.complete([{"role": "user", "content": "hello"}], SamplingParams(max_new_tokens=4))
-    assert got.model_version == "v7"
-    await engine.swap_adapter(None, base)
-    assert engine.model_version == base
+    assert got.model_version == base
 
 
 async def test_fit_context_drops_oldest_turns():
@@ -157,3 +152,173 @@ async def test_stop_refuses_new_requests(remote):
     with pytest.raises(EngineError):
         e.submit([{"role": "user", "content": "hi"}], SamplingParams())
 
+
+
+# ------------------------------------------------- a vLLM-like server's answers
+
+
+class FakeServer:
+    """An OpenAI-compatible server on 127.0.0.1 that answers as vLLM does, as each test sets it.
+
+    It keeps every request body it was sent. ``pieces`` are streamed, then
+    ``finish`` (None: the stream just ends), then ``usage`` when the client
+    asked for it (None: never sent). With ``hold`` set it waits after the
+    first piece until the test ends.
+    """
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[tuple[str, dict]] = []
+        self.models = ["base-model"]
+        self.lora_loading = False  # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING answers 404
+        self.pieces = ["Hel", "lo"]
+        self.finish: str | None = "stop"
+        self.usage: dict | None = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+        self.hold = False
+        self.release = asyncio.Event()
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake", "max_model_len": 2048}
+                for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append((request.path, body))
+        if not self.lora_loading:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        self.models.append(body["lora_name"])
+        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append((request.path, body))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(choices: list, **extra) -> None:
+            obj = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                   "choices": choices, **extra}
+            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for i, piece in enumerate(self.pieces):
+            await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            if self.hold and i == 0:
+                await self.release.wait()
+        if self.finish is not None:
+            await send([{"index": 0, "delta": {}, "finish_reason": self.finish}])
+        if self.usage is not None and (body.get("stream_options") or {}).get("include_usage"):
+            await send([], usage=self.usage)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    def chats(self) -> list[dict]:
+        return [b for path, b in self.requests if path.endswith("/chat/completions")]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def fake():
+    server = FakeServer()
+    app = web.Application()
+    app.router.add_get("/v1/models", server.list_models)
+    app.router.add_post("/v1/load_lora_adapter", server.load_lora_adapter)
+    app.router.add_post("/v1/chat/completions", server.chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        yield server
+    finally:
+        server.release.set()
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def on_fake(fake):
+    e = OpenAIEngine(fake.url, timeout=10)
+    await e.start()
+    yield e
+    await e.stop(grace=1)
+
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+async def test_token_counts_are_the_servers_usage(fake, on_fake):
+    got = await on_fake.complete(HELLO, SamplingParams(max_new_tokens=8))
+    assert fake.chats()[-1]["stream_options"] == {"include_usage": True}
+    assert (got.text, got.finish_reason) == ("Hello", "stop")
+    assert (got.prompt_tokens, got.completion_tokens) == (11, 2)
+    assert on_fake.stats()["total_tokens"] == 2
+
+
+async def test_no_usage_from_the_server_is_no_count(fake, on_fake, tmp_path):
+    fake.usage = None
+    got = await on_fake.complete(HELLO, SamplingParams(max_new_tokens=8))
+    assert got.text == "Hello" and got.prompt_tokens is None and got.completion_tokens is None
+    assert on_fake.stats()["total_tokens"] == 0  # nothing counted, nothing added
+
+    # Stored as unknown, not as an estimate.
+    config = parse({"model": {"backend": "openai", "api_base": fake.url, "max_new_tokens": 8},
+                    "storage": {"path": str(tmp_path / "s.db")}, "trainer": {"enabled": False}}, tmp_path)
+    store = Store(config.storage.path)
+    try:
+        ex = await Chat(config, store, on_fake).respond(Turn(text="hello", user="u", platform="cli"))
+        (row,) = store.query("SELECT reply, prompt_tokens, completion_tokens FROM exchanges WHERE id = ?",
+                             [ex.id])
+    finally:
+        store.close()
+    assert row == {"reply": "Hello", "prompt_tokens": None, "completion_tokens": None}
+
+
+async def test_cancel_mid_stream_reports_cancelled(fake, on_fake):
+    fake.hold = True  # the server sends one piece, then waits: the cancel surely comes first
+    gen = on_fake.submit(HELLO, SamplingParams(max_new_tokens=50))
+    deltas = []
+    async for d in gen:
+        deltas.append(d)
+        on_fake.cancel(gen.request_id)
+    assert deltas == ["Hel"]
+    assert (gen.result.finish_reason, gen.result.text) == ("cancelled", "Hel")
+    assert gen.result.completion_tokens is None  # the stream ended before the server's usage
+    assert on_fake.stats()["in_flight"] == 0
+
+
+async def test_a_reply_the_server_aborted_is_cancelled(fake, on_fake):
+    fake.finish = "abort"  # vLLM's finish reason for a request aborted on the server
+    got = await on_fake.complete(HELLO, SamplingParams(max_new_tokens=8))
+    assert (got.text, got.finish_reason) == ("Hello", "cancelled")
+
+
+async def test_a_stream_without_a_finish_reason_is_an_error(fake, on_fake):
+    fake.finish = None
+    with pytest.raises(EngineError) as e:
+        await on_fake.complete(HELLO, SamplingParams(max_new_tokens=8))
+    assert str(e.value) == f"model server at {fake.url} ended the reply without a finish reason after 5 characters"
+
+
+async def test_swap_loads_the_adapter_on_the_server(fake, on_fake, tmp_path):
+    fake.lora_loading = True
+    await on_fake.swap_adapter(str(tmp_path), "v7")
+    assert fake.requests[-1] == ("/v1/load_lora_adapter", {"lora_name": "v7", "lora_path": str(tmp_path)})
+    got = await on_fake.complete(HELLO, SamplingParams(max_new_tokens=8))
+    assert fake.chats()[-1]["model"] == "v7" and got.model_version == "v7"
+    await on_fake.swap_adapter(None, "base-model")
+    await on_fake.complete(HELLO, SamplingParams(max_new_tokens=8))
+    assert fake.chats()[-1]["model"] == "base-model"
+
+
+async def test_swap_without_runtime_loading_needs_a_preloaded_version(fake, on_fake, tmp_path):
+    fake.models.append("v3")  # as with --lora-modules v3=/path
+    await on_fake.swap_adapter(str(tmp_path), "v3")
+    got = await on_fake.complete(HELLO, SamplingParams(max_new_tokens=8))
+    assert fake.chats()[-1]["model"] == "v3" and got.model_version == "v3"
+
+    with pytest.raises(ModelError) as e:
+        await on_fake.swap_adapter(str(tmp_path / "v8"), "v8")
+    message = str(e.value)
+    assert message.startswith(f"cannot serve v8: the model server at {fake.url} has no runtime LoRA loading")
+    assert f"--lora-modules v8={tmp_path / 'v8'}" in message and "\n" not in message
+    assert on_fake.model_version == "v3"

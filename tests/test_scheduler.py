@@ -140,6 +140,27 @@ def test_abort_all_empties_both_queues():
     assert s.idle and a.finish_reason == "error" and a.status is SequenceStatus.FINISHED
 
 
+def test_a_failed_step_still_owes_its_cancelled_an_ending():
+    s = Scheduler(max_batch=2, max_queue=2)
+    a, b = seq("a"), seq("b")
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    s.cancel("a")
+    assert s.schedule().cancelled == [a]
+    # The step fails before its completions are made: abort_all hands a back too.
+    assert s.abort_all() == [b, a]
+    assert a.finish_reason == "cancelled" and b.finish_reason == "error"
+    # After a step that completed, the cancelled are no longer owed anything.
+    c = seq("c")
+    s.add(c)
+    s.schedule()
+    s.cancel("c")
+    step = s.schedule()
+    s.postprocess(step)
+    assert s.abort_all() == []
+
+
 # ---------------------------------------------------------------- sampling
 
 

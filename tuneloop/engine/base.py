@@ -35,9 +35,13 @@ class Completion:
     """The final result of one request."""
 
     text: str
-    finish_reason: str  # "stop" (eos or stop string), "length", "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
+    # "stop" (eos or stop string), "length", "cancelled" (ended early on request,
+    # never reported as "stop"); a remote server's own reason otherwise.
+    finish_reason: str
+    # Counted by the model's tokenizer, here or on the server; None when the
+    # back end has no count (a server that sent no usage), never an estimate.
+    prompt_tokens: int | None
+    completion_tokens: int | None
     time_to_first_token: float | None  # seconds from submit to first delta
     total_time: float  # seconds from submit to finish
     model_version: str  # the version whose weights produced every token

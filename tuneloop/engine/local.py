@@ -306,6 +306,9 @@ class LocalEngine(Engine):
         self._fail_all(EngineError("engine is shutting down"))
 
     def _fail_all(self, error: Exception) -> None:
+        # What the failed step had already made goes first: a reader that got
+        # its Completion never reads the error queued after it.
+        self.output.deliver()
         seqs = self.scheduler.abort_all()
         self.runner.reset()
         OutputProcessor.fail(seqs, error)

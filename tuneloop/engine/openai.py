@@ -11,21 +11,25 @@ none accept any), ``api_model`` (the model name on the server; empty: the
 first entry of its ``/v1/models``), ``request_timeout``, ``max_batch`` +
 ``max_queue`` (requests in flight before answering busy).
 
-What is approximate. The tokenizer lives on the server, so ``fit_context``
-counts about four characters per token, and token counts come from the
-server's ``usage`` when it sends one (estimated otherwise). The context
-window is the server's ``max_model_len`` when ``/v1/models`` reports it
-(vLLM does), else 4096.
+What is counted and what is not. Token counts are the server's own: every
+request asks for ``stream_options: {"include_usage": true}`` and the
+``Completion`` carries the ``usage`` the server sends, or None for a count it
+did not send (a cancelled stream ends before its usage). The tokenizer lives
+on the server, so ``fit_context`` can only estimate (about four characters
+per token) to keep prompts inside the window. The context window is the
+server's ``max_model_len`` when ``/v1/models`` reports it (vLLM does), else
+4096. A reply the server aborted (vLLM's ``finish_reason: "abort"``) is
+``cancelled``; a stream that ends without any finish reason is an error.
 
 Serving a trained version (``swap_adapter``). With vLLM and runtime LoRA
 loading (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, ``--enable-lora``), the
 adapter folder is loaded under the version's name with
 ``POST /v1/load_lora_adapter`` and later requests name that version as their
 ``model``. The folder must be readable by the server at the same path. A
-server without runtime loading answers 404 there; the version name is still
-used, which works when the adapter was preloaded under that name
-(``--lora-modules v3=/path``). ``swap_adapter(None, ...)`` goes back to the
-base model name.
+server without runtime loading answers 404 there: the version is then served
+only if the server lists it in ``/v1/models`` (preloaded with
+``--lora-modules v3=/path``), else ``swap_adapter`` raises ``ModelError``.
+``swap_adapter(None, ...)`` goes back to the base model name.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any
 import openai
 
 from tuneloop.engine.base import Completion, Engine, Generation, Message, SamplingParams, drain
-from tuneloop.errors import BusyError, EngineError
+from tuneloop.errors import BusyError, EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,12 @@ CHARS_PER_TOKEN = 4
 DEFAULT_CONTEXT = 4096
 _PER_MESSAGE_TOKENS = 4  # role markers around each message in most chat templates
 _RATE_WINDOW = 5.0
+# Finish reasons other servers use for ours; any other is passed on as the server said it.
+_FINISH = {"abort": "cancelled"}  # vLLM's for a request aborted on the server
 
 
 def estimate_tokens(messages: list[Message]) -> int:
+    """About how many tokens ``messages`` take, for fitting them to the window; never stored."""
     return sum(_PER_MESSAGE_TOKENS + math.ceil(len(m.get("content") or "") / CHARS_PER_TOKEN)
                for m in messages)
 
@@ -144,13 +151,11 @@ class OpenAIEngine(Engine):
         rid = request_id or uuid.uuid4().hex[:12]
         queue: asyncio.Queue = asyncio.Queue()
         gen = Generation(rid, None)  # type: ignore[arg-type]
-        gen.extra["prompt_tokens"] = estimate_tokens(messages)
         # The HTTP stream is read by a task of its own, so that cancel() can stop
         # it without touching the caller's task.
         state: dict[str, Any] = {"cancelled": False, "settled": False}
         task = asyncio.get_running_loop().create_task(
-            self._produce(rid, list(messages), params, queue, gen.extra["prompt_tokens"], state),
-            name=f"tuneloop-openai-{rid}")
+            self._produce(rid, list(messages), params, queue, state), name=f"tuneloop-openai-{rid}")
         state["task"] = task
         model, submitted = self.model_version, time.perf_counter()
 
@@ -158,7 +163,8 @@ class OpenAIEngine(Engine):
             # A task cancelled before it ran never reached its own clean-up.
             if not state["settled"]:
                 self._inflight.pop(rid, None)
-                queue.put_nowait(Completion("", "cancelled", gen.extra["prompt_tokens"], 0, None,
+                # Nothing came back: no reply tokens, and no count of the prompt's.
+                queue.put_nowait(Completion("", "cancelled", None, 0, None,
                                             time.perf_counter() - submitted, model))
 
         task.add_done_callback(settle)
@@ -185,7 +191,7 @@ class OpenAIEngine(Engine):
         return body
 
     async def _produce(self, rid: str, messages: list[Message], params: SamplingParams,
-                       queue: asyncio.Queue, estimated_prompt: int, state: dict[str, Any]) -> None:
+                       queue: asyncio.Queue, state: dict[str, Any]) -> None:
         model = self.model_version
         submitted = time.perf_counter()
         first: float | None = None
@@ -222,13 +228,16 @@ class OpenAIEngine(Engine):
                     await stream.close()
                 except BaseException:  # noqa: BLE001 — closing a dead connection may fail; nothing to keep
                     pass
+        if finish is None:
+            queue.put_nowait(EngineError(f"model server at {self.api_base} ended the reply without "
+                                         f"a finish reason after {len(text)} characters"))
+            return
         completion_tokens = getattr(usage, "completion_tokens", None)
-        if completion_tokens is None:
-            completion_tokens = math.ceil(len(text) / CHARS_PER_TOKEN)
-        self._total_tokens += completion_tokens
+        if completion_tokens is not None:
+            self._total_tokens += completion_tokens
         queue.put_nowait(Completion(
-            text=text, finish_reason=finish if finish in ("stop", "length", "cancelled") else "stop",
-            prompt_tokens=getattr(usage, "prompt_tokens", None) or estimated_prompt,
+            text=text, finish_reason=_FINISH.get(finish, finish),
+            prompt_tokens=getattr(usage, "prompt_tokens", None),
             completion_tokens=completion_tokens,
             time_to_first_token=None if first is None else first - submitted,
             total_time=time.perf_counter() - submitted, model_version=model))
@@ -294,8 +303,14 @@ class OpenAIEngine(Engine):
                                    body={"lora_name": version, "lora_path": str(adapter_path)})
             log.info("openai backend: loaded adapter %s as %s on the server", adapter_path, version)
         except openai.NotFoundError:
-            log.info("openai backend: %s has no runtime LoRA loading; assuming %s is preloaded there",
-                     self.api_base, version)
+            # No runtime loading: serve the version only if the server already has it.
+            if version not in await self._served_models():
+                raise ModelError(
+                    f"cannot serve {version}: the model server at {self.api_base} has no runtime LoRA "
+                    f"loading (404 on /load_lora_adapter) and does not list {version} in /models; start "
+                    f"vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or preload it "
+                    f"with --lora-modules {version}={adapter_path}") from None
+            log.info("openai backend: %s is preloaded on %s", version, self.api_base)
         except openai.BadRequestError as e:
             # vLLM answers 400 when that name is already loaded.
             if "already" not in str(e).lower():
@@ -303,6 +318,13 @@ class OpenAIEngine(Engine):
         except openai.OpenAIError as e:
             raise self._error(e) from None
         self.model_version = version
+
+    async def _served_models(self) -> set[str]:
+        assert self.client is not None
+        try:
+            return {m.id async for m in self.client.models.list()}
+        except openai.OpenAIError as e:
+            raise self._error(e) from None
 
     def stats(self) -> dict[str, Any]:
         now = time.perf_counter()
@@ -318,8 +340,10 @@ class OpenAIEngine(Engine):
             "in_flight": running,
             "max_batch": self.max_batch,
             "max_queue": self.max_inflight - self.max_batch,
-            "tokens_per_s": round(tps, 1),  # text pieces per second, about tokens
+            # Stream chunks per second: the load indicator while replies stream
+            # (servers send about one token a chunk); counts are in total_tokens.
+            "tokens_per_s": round(tps, 1),
             "total_requests": self._total_requests,
-            "total_tokens": self._total_tokens,
+            "total_tokens": self._total_tokens,  # reply tokens the server counted in its usage
             "context_window": self.context_window,
         }

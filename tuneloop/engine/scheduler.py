@@ -45,6 +45,8 @@ class Scheduler:
         self._lock = threading.Condition()
         self._open = True
         self._decode_next = False
+        # Cancelled by the step under way, their completions not yet handed out.
+        self._cancelled: list[Sequence] = []
 
     # ---------------------------------------------------------- any thread
 
@@ -125,7 +127,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """End the cancelled sequences, then admit newcomers for a prefill or decode the batch."""
         with self._lock:
-            cancelled = self._take_cancelled()
+            cancelled = self._cancelled = self._take_cancelled()
             room = self.max_batch - len(self.running)
             admit = (
                 self.waiting and room > 0 and self.job is None and not (self._decode_next and self.running)
@@ -154,17 +156,23 @@ class Scheduler:
 
     def postprocess(self, batch: ScheduledBatch) -> None:
         """Drop the rows that finished in this step from the batch."""
+        self._cancelled = []
         if any(s.is_finished for s in batch.running):
             with self._lock:
                 self.running = [s for s in self.running if not s.is_finished]
 
     def abort_all(self) -> list[Sequence]:
-        """Empty both queues (after a failed step, or at shutdown); the sequences still unfinished."""
+        """Empty both queues (after a failed step, or at shutdown): the sequences still owed an ending.
+
+        Those are the unfinished ones, and those the failed step had cancelled
+        (their completions may not have been made).
+        """
         with self._lock:
             seqs = [s for s in list(self.running) + list(self.waiting) if not s.is_finished]
+            cancelled, self._cancelled = self._cancelled, []
             self.waiting = collections.deque()
             self.running = []
             self._decode_next = False
         for seq in seqs:
             seq.finish("error")
-        return seqs
+        return seqs + cancelled
