@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from tuneloop.config import Config
 from tuneloop.errors import InputError, PermissionDenied
+from tuneloop.learning import trust
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,13 @@ class LearningControl(Protocol):
 
 @dataclass(frozen=True)
 class Caller:
-    platform: str  # "cli", "slack", "discord", "web"
+    platform: str  # "cli", "slack", "discord", "web", "http"
     user: str
     roles: tuple[str, ...] = field(default_factory=tuple)  # Discord role ids
+    #: the community the caller acts in; None: every one (the operator's CLI)
+    community: str | None = None
+    #: an HTTP caller whose API key is an admin key
+    admin_key: bool = False
 
 
 #: command -> (needs admin, usage, help)
@@ -50,6 +55,10 @@ COMMANDS: dict[str, tuple[bool, str, str]] = {
     "retrain": (True, "retrain", "start a training run now"),
     "promote": (True, "promote VERSION", "make VERSION live"),
     "rollback": (True, "rollback [VERSION]", "go back to VERSION (default: the live one's parent)"),
+    "review": (True, "review", "corrections of this community waiting for review"),
+    "approve": (True, "approve ID", "make pending correction ID live (memory and training data)"),
+    "reject": (True, "reject ID", "reject pending correction ID"),
+    "block": (True, "block USER", "drop USER's pending corrections; never train on anything of theirs again"),
 }
 
 
@@ -67,6 +76,8 @@ class Admin:
             return caller.user in a.slack_users
         if caller.platform == "discord":
             return caller.user in a.discord_users or any(r in a.discord_roles for r in caller.roles)
+        if caller.platform == "http":
+            return caller.admin_key
         return False
 
     def help_text(self) -> str:
@@ -97,6 +108,8 @@ class Admin:
             counts = self.store.forget_user(caller.user)
             return (f"Forgotten: {counts['exchanges']} exchanges, {counts['ratings']} ratings and "
                     f"{counts['corrections']} corrections deleted; nothing of yours will be trained on.")
+        if name in ("review", "approve", "reject", "block"):
+            return self._trust(caller, name, args, usage)
         if self.control is None:
             return "Training is not available in this process (the learning loop is not running)."
         if name == "status":
@@ -117,6 +130,50 @@ class Admin:
             out = self.control.rollback(args[0] if args else None)
             return f"Rolled back: {out['version']} is live."
         raise AssertionError(name)
+
+
+    def _trust(self, caller: Caller, name: str, args: list[str], usage: str) -> str:
+        by = f"{caller.platform}:{caller.user}"
+        if name == "review":
+            if args:
+                raise InputError(f"usage: {usage}")
+            return format_queue(trust.pending(self.store, caller.community))
+        if len(args) != 1:
+            raise InputError(f"usage: {usage}")
+        if name == "block":
+            counts = trust.block(self.store, args[0], by=by, community=caller.community)
+            return (f"{args[0]} is blocked: {counts['pending_dropped']} pending corrections dropped; "
+                    "nothing of theirs will be trained on.")
+        row = trust.review(self.store, correction_id(args[0]), name == "approve", by=by,
+                           community=caller.community)
+        return f"Correction {row['id']} {'is live' if row['status'] == 'live' else 'rejected'}."
+
+
+def correction_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"correction id must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise InputError(f"correction id must be positive, got {value}")
+    return value
+
+
+def format_queue(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "Nothing waits for review."
+    out = []
+    for r in rows:
+        agree = f" · {r['agreeing']} agree" if r["agreeing"] > 1 else ""
+        out.append(f"#{r['id']} by {r['user']} ({r['community']}{agree})\n"
+                   f"  asked: {_short(r['prompt'])}\n  bot: {_short(r['reply'])}\n"
+                   f"  correction: {_short(r['correction'])}")
+    return "\n".join(out)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def format_status(s: dict[str, Any]) -> str:

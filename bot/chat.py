@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bot.metrics import Metrics
+from tuneloop.community import LOCAL
 from tuneloop.config import Config
 from tuneloop.engine import Engine, Message, SamplingParams
 from tuneloop.errors import InputError
@@ -33,6 +34,8 @@ class Turn:
     text: str
     user: str
     platform: str
+    #: whose data this is (``tuneloop.community``): context and memory come from it alone
+    community: str = LOCAL
     channel: str = ""
     thread: str = ""
     #: continue this conversation; None starts a new one
@@ -91,7 +94,7 @@ class Chat:
             # The latest exchange holds the whole context it was answered in
             # (including turns a platform supplied, such as other people's
             # messages in a Slack thread); continue from it.
-            last = self.store.conversation(turn.conversation_id, limit=1)
+            last = self.store.conversation(turn.conversation_id, limit=1, community=turn.community)
             if last:
                 messages += [m for m in last[0].messages if m.get("role") != "system"]
                 messages.append({"role": "assistant", "content": last[0].reply})
@@ -110,14 +113,14 @@ class Chat:
             if turn.conversation_id is None:
                 turn.conversation_id = new_conversation_id(turn.platform)
             params = self.sampling(**turn.params)
-            hits = await self.memory.arecall(turn.text)  # corrections this reply must use
+            hits = await self.memory.arecall(turn.text, turn.community)  # corrections this reply must use
             messages = self.engine.fit_context(self.memory.apply(self.context(turn), hits), params.max_new_tokens)
             gen = self.engine.submit(messages, params)  # BusyError here logs nothing
         except BaseException as e:
             self.metrics.refused(turn.platform, e)
             raise
         exchange_id = self.store.begin_exchange(
-            platform=turn.platform, channel=turn.channel, thread=turn.thread, user=turn.user,
+            platform=turn.platform, community=turn.community, channel=turn.channel, thread=turn.thread, user=turn.user,
             conversation_id=turn.conversation_id, messages=messages, prompt=turn.text,
             model_version=self.engine.model_version)
         self.memory.record(exchange_id, hits)
@@ -142,8 +145,8 @@ class Chat:
             total_ms=done.total_time * 1000)
         self.metrics.exchange(ex.platform, prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
                               ttft_ms=ex.ttft_ms, total_ms=ex.total_ms, finish_reason=ex.finish_reason)
-        log.info("exchange logged: id=%d platform=%s channel=%s user=%s conversation=%s "
-                 "version=%s tokens=%d+%d ms=%.0f finish=%s", ex.id, ex.platform, ex.channel, ex.user,
+        log.info("exchange logged: id=%d platform=%s community=%s channel=%s user=%s conversation=%s "
+                 "version=%s tokens=%d+%d ms=%.0f finish=%s", ex.id, ex.platform, ex.community, ex.channel, ex.user,
                  ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,
                  done.total_time * 1000, done.finish_reason)
         return ex

@@ -45,6 +45,19 @@ def _exchange_id(text: str) -> int:
     return value
 
 
+def community_arg(store, text: str | None) -> str | None:
+    """``--community C``: a community that has data (``tuneloop stats`` lists them), else one error line."""
+    if text is None:
+        return None
+    from tuneloop import community
+
+    community.check(text)
+    known = store.communities()
+    if text not in known:
+        raise InputError(f"community {text!r} not found (known: {', '.join(known) or 'none yet'})")
+    return text
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=None) + "\n")
 
@@ -154,8 +167,10 @@ def cmd_correct(args, config: Config) -> int:
 
     exchange_id = _exchange_id(args.exchange_id)
     with open_store(config) as store:
-        cid = Feedback(store, config.model.max_input_chars).correct(exchange_id, _default_user(args), args.text)
-    print(f"exchange {exchange_id}: correction {cid} stored")
+        decision = Feedback(store, config.model.max_input_chars, trust=config.trust).correct(
+            exchange_id, _default_user(args), args.text, channel="cli", admin=config.admin.cli_is_admin)
+    waits = " (waits for review: tuneloop review)" if decision.status == "pending" else ""
+    print(f"exchange {exchange_id}: correction {decision.correction_id} stored, {decision.status}{waits}")
     return 0
 
 
@@ -163,14 +178,16 @@ def cmd_correct(args, config: Config) -> int:
 
 def _stats_args(p):
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--community", help="one community's figures only (default: all)")
 
 
-@command("stats", "exchanges, ratings, corrections and approval, per platform and version")(_stats_args)
+@command("stats", "exchanges, ratings, corrections and approval, per platform, version and community"
+         )(_stats_args)
 def cmd_stats(args, config: Config) -> int:
     from bot.runtime import open_store
 
     with open_store(config) as store:
-        stats = store.stats()
+        stats = store.scoped(community_arg(store, args.community)).stats()
     if args.json:
         _print_json(stats)
         return 0
@@ -184,17 +201,20 @@ def cmd_stats(args, config: Config) -> int:
 
     print(f"{'':<28} {'exchanges':>9} {'up':>5} {'down':>5} {'corrections':>11} {'approval':>9}")
     print(line("all", stats))
-    for title, key in (("platform", "by_platform"), ("version", "by_version")):
+    for title, key in (("platform", "by_platform"), ("version", "by_version"), ("community", "by_community")):
         for name, s in stats[key].items():
             print(line(f"{title} {name}", s))
     if stats["pending"]:
         print(f"not counted: {stats['pending']} exchanges pending (a reply still streaming, or cut by a crash)")
+    if stats["review"]:
+        print(f"waiting for review: {stats['review']} corrections (tuneloop review)")
     return 0
 
 
 def _export_args(p):
     p.add_argument("--format", required=True, help="sft, kto or dpo")
     p.add_argument("--output", help="write to FILE instead of standard output")
+    p.add_argument("--community", help="one community's feedback only (default: all)")
 
 
 @command("export", "feedback as JSONL for TRL's SFT, KTO or DPO trainers")(_export_args)
@@ -205,7 +225,7 @@ def cmd_export(args, config: Config) -> int:
     if args.format not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
     with open_store(config) as store:
-        rows = export(store, args.format)
+        rows = export(store.scoped(community_arg(store, args.community)), args.format)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.output:
         out = Path(args.output)
@@ -222,7 +242,7 @@ def cmd_export(args, config: Config) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # Import the modules that register more commands (run, bench, training).
-    for module in ("bot.cli_serve", "bot.cli_train", "bot.cli_memory"):
+    for module in ("bot.cli_serve", "bot.cli_train", "bot.cli_memory", "bot.cli_review"):
         try:
             __import__(module)
         except ModuleNotFoundError as e:

@@ -48,7 +48,7 @@ async def services(config: Config, *, engine: Engine | None = None,
             await LiveFollower(config, engine).follow()
         chat = Chat(config, store, engine)  # its metrics count every platform's feedback too
         yield Services(config, store, engine, chat,
-                       Feedback(store, config.model.max_input_chars, chat.metrics), Admin(config, store))
+                       Feedback(store, config.model.max_input_chars, chat.metrics, config.trust), Admin(config, store))
     finally:
         await engine.stop()
         store.close()

@@ -22,7 +22,7 @@ LAYERS = [
     ("core", ("bot",)),  # bot's modules not named below
     ("adapters", ("bot.adapters",)),
     ("trainer", ("trainer",)),
-    ("commands", ("bot.cli", "bot.cli_serve", "bot.cli_train", "bot.cli_memory", "bot.serve", "bot.runtime",
+    ("commands", ("bot.cli", "bot.cli_serve", "bot.cli_train", "bot.cli_memory", "bot.cli_review", "bot.serve", "bot.runtime",
                   "bot.bench", "bot.__main__")),
 ]
 # Modules that must run without torch installed or imported.

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneloop.errors import ConfigError
+from tuneloop import community
+from tuneloop.errors import ConfigError, InputError
 
 ENV_VAR = "TUNELOOP_CONFIG"
 DEFAULT_NAME = "config.toml"
@@ -75,10 +76,31 @@ class StorageConfig:
 
 
 @dataclass
+class ApiKey:
+    """One ``[[server.api_keys]]`` entry: a bearer key that acts within one community."""
+
+    community: str = field(default="", metadata=_meta(
+        'the key\'s community: a name ("acme" -> "http:acme") or a full key ("slack:T0123", "local")'))
+    key_env: str = field(default="", metadata=_meta("env var with the key itself"))
+    admin: bool = field(default=False, metadata=_meta(
+        "the key may open the dashboard, and its corrections are live at once"))
+
+    def __post_init__(self) -> None:
+        if not self.key_env:
+            raise ConfigError("server.api_keys: key_env is required (the env var that holds the key)")
+        try:
+            self.community = community.http(self.community)
+        except InputError as e:
+            raise ConfigError(f"server.api_keys ({self.key_env}): {e}") from None
+
+
+@dataclass
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata=_meta("address the web server binds"))
     port: int = field(default=8080, metadata=_meta("port of the web server; 0 picks a free one", min=0, max=65535))
     max_body_bytes: int = field(default=1_000_000, metadata=_meta("largest request body accepted", min=1024))
+    api_keys: list[ApiKey] = field(default_factory=list, metadata=_meta(
+        "[[server.api_keys]] entries; when any is set, /v1/* and /api/* need one as a bearer key"))
 
 
 @dataclass
@@ -113,6 +135,12 @@ class DiscordConfig:
     add_reactions: bool = field(default=True, metadata=_meta("add 👍/👎 to every reply as a hint"))
     guilds: list[str] = field(default_factory=list, metadata=_meta(
         "guild ids to sync slash commands to; empty syncs globally"))
+    dm_community: str = field(default="", metadata=_meta(
+        'community of direct messages; empty: each user\'s own ("dm:discord:USER")'))
+
+    def __post_init__(self) -> None:
+        if self.dm_community:
+            _check_community("discord.dm_community", self.dm_community)
 
 
 @dataclass
@@ -131,35 +159,43 @@ class TrainerConfig:
     min_feedback: int = field(default=20, metadata=_meta("new feedback items needed for a scheduled run", min=1))
     registry: Path = field(default=Path("data/models"), metadata=_meta("folder of model versions", path=True))
     method: str = field(default="sft", metadata=_meta("training objective", choices=("sft", "kto", "dpo")))
-    lora: bool = field(default=True, metadata=_meta("train a LoRA adapter (false: full fine-tuning)"))
-    lora_r: int = field(default=16, metadata=_meta("LoRA rank", min=1))
-    lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha", min=1))
+    lora: bool = field(default=True, metadata=_meta(
+        "train an adapter of kind `peft` (false: full fine-tuning)"))
+    peft: str = field(default="lora", metadata=_meta(
+        "adapter kind, peft's own config; each merges into the weights (prefix tuning cannot, so is not offered)",
+        choices=("lora", "dora", "adalora", "ia3")))
+    lora_r: int = field(default=16, metadata=_meta("adapter rank (lora, dora, adalora)", min=1))
+    lora_alpha: int = field(default=32, metadata=_meta("adapter scale alpha (lora, dora, adalora)", min=1))
     lora_targets: str = field(default="all-linear", metadata=_meta(
         'layers the adapter trains: "all-linear" or comma-separated module names (q_proj,v_proj)'))
     learning_rate: float = field(default=5e-3, metadata=_meta("optimizer learning rate", min=0.0))
     epochs: int = field(default=60, metadata=_meta(
         "most passes over the feedback; a run stops earlier once every feedback and replay reply is "
         "the greedy reply", min=1))
+    max_steps: int = field(default=60, metadata=_meta(
+        "most optimizer steps of a run, whatever `epochs` says (0: no cap)", min=0))
     batch_size: int = field(default=8, metadata=_meta("examples per step", min=1))
-    replay_ratio: float = field(default=4.0, metadata=_meta(
+    replay_ratio: float = field(default=1.0, metadata=_meta(
         "replay examples per feedback example (0 turns replay off)", min=0.0))
+    replay_prompts: int = field(default=32, metadata=_meta(
+        "size of the replay set: earlier prompts, then base SFT prompts, answered by the live model", min=0))
+    paraphrases: int = field(default=3, metadata=_meta(
+        "rewordings the live model writes of each corrected prompt: the last is kept for the gate, the "
+        "others are trained on (0: none)", min=0, max=8))
     seed: int = field(default=0, metadata=_meta("random seed of a run"))
     max_ppl_increase: float = field(default=0.10, metadata=_meta(
-        "gate: allowed relative perplexity rise on the replay set", min=0.0))
-    min_control_same: float = field(default=0.8, metadata=_meta(
-        "gate: share of control prompts whose greedy reply must not change", min=0.0, max=1.0))
-    holdout_fraction: float = field(default=0.2, metadata=_meta(
-        "gate: share of feedback held out from training", min=0.0, max=0.9))
-    max_heldout_drop: float = field(default=0.5, metadata=_meta(
-        "gate: allowed fall of the held-out preference margin (nats per token)", min=0.0))
-    min_heldout_items: int = field(default=4, metadata=_meta(
-        "gate: held-out feedback items needed before the held-out checks decide (fewer: reported only)",
-        min=1))
+        "gate: allowed relative perplexity rise on the held-out controls' live replies", min=0.0))
+    min_control_same: float = field(default=0.75, metadata=_meta(
+        "gate: share of held-out control prompts whose greedy reply must not change", min=0.0, max=1.0))
+    max_knowledge_drop: int = field(default=0, metadata=_meta(
+        "gate: general-knowledge questions the version may answer wrong that the live one answered right",
+        min=0))
     min_rouge_gain: float = field(default=0.0, metadata=_meta(
         "gate: ROUGE-L of greedy replies against corrections must rise by at least this"))
-    control_prompts: int = field(default=32, metadata=_meta(
-        "gate: replay prompts kept out of training to check that replies stay the same", min=1))
-    eval_max_new_tokens: int = field(default=64, metadata=_meta(
+    control_prompts: int = field(default=16, metadata=_meta(
+        "gate: prompts held out of the replay set (never trained on) whose replies must stay the same",
+        min=0))
+    eval_max_new_tokens: int = field(default=32, metadata=_meta(
         "reply length limit of the gate's and the replay set's greedy replies", min=1))
     max_len: int = field(default=256, metadata=_meta("longest training example in tokens", min=16))
     beta: float = field(default=0.1, metadata=_meta("kto/dpo: strength of the pull to the reference", min=0.0))
@@ -174,6 +210,13 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         parse_schedule(self.schedule)  # raises ConfigError naming trainer.schedule
+
+
+def _check_community(key: str, value: str) -> None:
+    try:
+        community.check(value)
+    except InputError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def parse_schedule(text: str) -> tuple[str, Any]:
@@ -220,6 +263,27 @@ class MemoryConfig:
         "an item stops being used once replies that used it have this many more 👎 than 👍", min=1))
 
 
+_TRUST_CHOICES = ("", "live", "review")
+
+
+@dataclass
+class TrustConfig:
+    corrections: str = field(default="live", metadata=_meta(
+        "live: a correction teaches at once; review: it waits for an admin (or a quorum); "
+        "for every platform whose own key below is empty", choices=("live", "review")))
+    cli: str = field(default="", metadata=_meta("the CLI; empty: `corrections`", choices=_TRUST_CHOICES))
+    web: str = field(default="", metadata=_meta(
+        "the web chat and HTTP API when no API keys are set (loopback only); empty: `corrections`",
+        choices=_TRUST_CHOICES))
+    http: str = field(default="review", metadata=_meta(
+        "HTTP requests with an API key that is not admin; empty: `corrections`", choices=_TRUST_CHOICES))
+    slack: str = field(default="", metadata=_meta("Slack; empty: `corrections`", choices=_TRUST_CHOICES))
+    discord: str = field(default="review", metadata=_meta("Discord; empty: `corrections`",
+                                                          choices=_TRUST_CHOICES))
+    quorum: int = field(default=3, metadata=_meta(
+        "distinct users whose same correction of the same question makes it live without an admin", min=2))
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -230,6 +294,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     #: the file this config came from (None: built-in defaults)
     source: Path | None = field(default=None, repr=False)
 
@@ -246,6 +311,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "tables"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             Path: "a path string"}.get(tp, str(tp))
 
@@ -259,6 +326,8 @@ def _coerce(key: str, tp: Any, value: Any, base_dir: Path) -> Any:
         return [_coerce(f"{key}[{i}]", item, v, base_dir) for i, v in enumerate(value)]
     if isinstance(tp, types.UnionType):
         raise AssertionError("unions are not used in config")
+    if dataclasses.is_dataclass(tp):  # an array of tables, such as [[server.api_keys]]
+        return _build_section(key, tp, value, base_dir)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: must be true or false, got {value!r}")

@@ -9,6 +9,7 @@ Every write a user's action causes is committed before the call returns, so
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sqlite3
@@ -22,11 +23,29 @@ from typing import Any
 
 import sqlite_utils
 
+from tuneloop.community import LOCAL
 from tuneloop.errors import InputError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 
 RATING_VALUES = {"up": 1, "down": -1}
+
+#: corrections.status values: live teaches, pending waits for review, rejected is kept unused.
+CORRECTION_STATUSES = ("live", "pending", "rejected")
+
+#: A rater whose agreement weight (``Store.rating_weights``) is below this
+#: counts for nothing: (agreements + 1) / (overlaps + 2) < 0.2 takes four
+#: disagreements with the others and no agreement, so a new user (0.5) or
+#: one who sometimes differs still counts.
+MIN_RATING_WEIGHT = 0.2
+#: rounds of re-weighting: the others' majority is weighed with the last round's weights
+_WEIGHT_ROUNDS = 3
+
+
+def _not_blocked(user: str, community: str) -> str:
+    """SQL: the user is not blocked in the community (or everywhere)."""
+    return (f"NOT EXISTS (SELECT 1 FROM blocked_users b WHERE b.user = {user} "
+            f"AND b.community IN ({community}, '*'))")
 
 #: The one definition of an answered exchange (alias ``e``). A reply still
 #: streaming, or left half-written by a crash, is ``pending``: never context,
@@ -184,10 +203,52 @@ def _m5_memory(db: sqlite_utils.Database) -> None:
             END""")
 
 
+def _m6_communities_and_trust(db: sqlite_utils.Database) -> None:
+    # Every exchange belongs to a community (tuneloop.community); its ratings,
+    # corrections and memory items belong to it through the exchange, which is
+    # why only exchanges carry the column. Rows from before communities were
+    # one team's: "local".
+    db.execute(f"ALTER TABLE exchanges ADD COLUMN community TEXT NOT NULL DEFAULT '{LOCAL}'")
+    db.execute("CREATE INDEX exchanges_community ON exchanges(community, id)")
+    db.execute(f"UPDATE memory_items SET community = '{LOCAL}' WHERE community = ''")
+    # Trust: a correction is live (it teaches: a memory item, training data),
+    # pending (it waits for an admin or a quorum) or rejected (kept, never
+    # used). ``agree_key`` names the (question, answer) it gives, normalised,
+    # so that distinct users giving the same one can be counted.
+    db.execute("ALTER TABLE corrections ADD COLUMN status TEXT NOT NULL DEFAULT 'live' "
+               "CHECK (status IN ('live', 'pending', 'rejected'))")
+    db.execute("ALTER TABLE corrections ADD COLUMN agree_key TEXT")
+    db.execute("ALTER TABLE corrections ADD COLUMN reviewed_by TEXT")
+    db.execute("ALTER TABLE corrections ADD COLUMN reviewed_at REAL")
+    db.execute("CREATE INDEX corrections_review ON corrections(status, agree_key)")
+    db.execute("""
+        CREATE TABLE blocked_users (
+            community TEXT NOT NULL,         -- '*': every community
+            user TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            by TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (community, user)
+        )""")
+    # Only a live correction is a memory item: made when it is stored live or
+    # approved, removed when it stops being live.
+    db.execute("DROP TRIGGER memory_from_correction")
+    item = """
+        INSERT OR IGNORE INTO memory_items (correction_id, exchange_id, prompt, reply, user, platform,
+                                            community, created_at)
+        SELECT c.id, c.exchange_id, e.prompt, c.text, c.user, e.platform, e.community, c.created_at
+        FROM corrections c JOIN exchanges e ON e.id = c.exchange_id WHERE c.id = NEW.id"""
+    db.execute(f"CREATE TRIGGER memory_from_correction AFTER INSERT ON corrections "
+               f"WHEN NEW.status = 'live' BEGIN {item}; END")
+    db.execute(f"CREATE TRIGGER memory_from_approval AFTER UPDATE OF status ON corrections "
+               f"WHEN NEW.status = 'live' BEGIN {item}; END")
+    db.execute("CREATE TRIGGER memory_off_unapproval AFTER UPDATE OF status ON corrections "
+               "WHEN NEW.status != 'live' BEGIN DELETE FROM memory_items WHERE correction_id = NEW.id; END")
+
+
 #: migration N brings the schema from version N-1 to N. Append, never edit.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_platform_refs,
                                                              _m3_training_runs, _m4_reply_parts,
-                                                             _m5_memory]
+                                                             _m5_memory, _m6_communities_and_trust]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -210,6 +271,7 @@ class Exchange:
     total_ms: float | None = None
     finish_reason: str | None = None
     reply_ref: str | None = None
+    community: str = LOCAL
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Exchange:
@@ -227,6 +289,8 @@ class Store:
         self._migrations = MIGRATIONS if migrations is None else migrations
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        #: the community this view reads figures and training rows of; None: all (see ``scoped``)
+        self.community: str | None = None
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
                                    isolation_level=None)  # we open transactions ourselves
@@ -297,6 +361,29 @@ class Store:
         with self._lock:
             self.db.conn.close()
 
+    def scoped(self, community: str | None) -> Store:
+        """A view of this store whose figures and training rows are ``community``'s only.
+
+        The methods a dashboard, ``stats``, ``export`` or a training run read
+        (``stats``, ``timeline``, ``version_figures``, ``latest_corrections``,
+        ``feedback_exchanges``, ``exchanges_without_feedback``,
+        ``count_feedback_since``, ``memory_training_rows``, ``review_queue``,
+        ``rating_weights``) honour it; it shares this store's connection and lock.
+        """
+        view = copy.copy(self)
+        view.community = community
+        return view
+
+    def _scope(self, alias: str = "e") -> tuple[str, list[Any]]:
+        """`` AND alias.community = ?`` and its parameter when scoped, else nothing."""
+        if self.community is None:
+            return "", []
+        return f" AND {alias}.community = ?", [self.community]
+
+    def communities(self) -> list[str]:
+        """Every community that has an exchange, in order."""
+        return [r["community"] for r in self.query("SELECT DISTINCT community FROM exchanges ORDER BY 1")]
+
     def __enter__(self) -> Store:
         return self
 
@@ -310,7 +397,7 @@ class Store:
                      channel: str = "", thread: str = "", prompt_tokens: int | None = None,
                      completion_tokens: int | None = None, ttft_ms: float | None = None,
                      total_ms: float | None = None, finish_reason: str | None = None,
-                     reply_ref: str | None = None) -> Exchange:
+                     reply_ref: str | None = None, community: str = LOCAL) -> Exchange:
         row = dict(created_at=time.time(), platform=platform, channel=channel, thread=thread,
                    user=user, conversation_id=conversation_id,
                    messages=json.dumps(messages, ensure_ascii=False), prompt=prompt, reply=reply,
@@ -319,6 +406,8 @@ class Store:
                    finish_reason=finish_reason)
         if reply_ref is not None:
             row["reply_ref"] = reply_ref
+        if community != LOCAL:  # the column's default; a store on an older schema has no column
+            row["community"] = community
         with self.transaction():
             cur = self.db.execute(
                 f"INSERT INTO exchanges ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -351,19 +440,23 @@ class Store:
         with self.transaction():
             self.db.execute("DELETE FROM exchanges WHERE id = ? AND finish_reason = 'pending'", [exchange_id])
 
-    def exchange(self, exchange_id: int) -> Exchange:
+    def exchange(self, exchange_id: int, community: str | None = None) -> Exchange:
+        """The exchange; with ``community``, one of that community's only: another's is
+        "not found" just like a missing one, so an id reveals nothing across communities."""
         rows = self.query("SELECT * FROM exchanges WHERE id = ?", [exchange_id])
-        if not rows:
+        if not rows or (community is not None and rows[0]["community"] != community):
             raise NotFoundError(f"exchange {exchange_id} not found")
         return Exchange.from_row(rows[0])
 
-    def exchange_by_ref(self, platform: str, reply_ref: str) -> Exchange | None:
-        """The exchange whose reply is (or includes) the platform message ``reply_ref``."""
-        rows = self.query("SELECT * FROM exchanges WHERE platform = ? AND reply_ref = ? "
-                          "ORDER BY id DESC LIMIT 1", [platform, reply_ref])
+    def exchange_by_ref(self, platform: str, reply_ref: str, community: str | None = None) -> Exchange | None:
+        """The exchange whose reply is (or includes) the platform message ``reply_ref``
+        (in ``community``, when given)."""
+        where, params = ("", []) if community is None else (" AND e.community = ?", [community])
+        rows = self.query(f"SELECT * FROM exchanges e WHERE platform = ? AND reply_ref = ?{where} "
+                          "ORDER BY id DESC LIMIT 1", [platform, reply_ref, *params])
         if not rows:
             rows = self.query("SELECT e.* FROM reply_parts p JOIN exchanges e ON e.id = p.exchange_id "
-                              "WHERE p.platform = ? AND p.ref = ?", [platform, reply_ref])
+                              f"WHERE p.platform = ? AND p.ref = ?{where}", [platform, reply_ref, *params])
         return Exchange.from_row(rows[0]) if rows else None
 
     def set_reply_ref(self, exchange_id: int, reply_ref: str, parts: Sequence[str] = ()) -> None:
@@ -377,16 +470,18 @@ class Store:
                 self.db.execute("INSERT OR REPLACE INTO reply_parts (platform, ref, exchange_id) "
                                 "SELECT platform, ?, id FROM exchanges WHERE id = ?", [ref, exchange_id])
 
-    def conversation(self, conversation_id: str, limit: int = 50) -> list[Exchange]:
-        """The latest ``limit`` exchanges of a conversation, oldest first."""
-        rows = self.query(f"SELECT * FROM exchanges e WHERE conversation_id = ? "
+    def conversation(self, conversation_id: str, limit: int = 50, community: str | None = None) -> list[Exchange]:
+        """The latest ``limit`` exchanges of a conversation (in ``community``, when given), oldest first."""
+        where, params = ("", []) if community is None else (" AND community = ?", [community])
+        rows = self.query(f"SELECT * FROM exchanges e WHERE conversation_id = ?{where} "
                           f"AND {ANSWERED} ORDER BY id DESC LIMIT ?",
-                          [conversation_id, limit])
+                          [conversation_id, *params, limit])
         return [Exchange.from_row(r) for r in reversed(rows)]
 
-    def conversation_exists(self, conversation_id: str) -> bool:
-        return bool(self.query("SELECT 1 FROM exchanges WHERE conversation_id = ? LIMIT 1",
-                               [conversation_id]))
+    def conversation_exists(self, conversation_id: str, community: str | None = None) -> bool:
+        where, params = ("", []) if community is None else (" AND community = ?", [community])
+        return bool(self.query(f"SELECT 1 FROM exchanges WHERE conversation_id = ?{where} LIMIT 1",
+                               [conversation_id, *params]))
 
     # -- ratings and corrections ------------------------------------------------
 
@@ -410,18 +505,31 @@ class Store:
         rows = self.query("SELECT user, rating FROM ratings WHERE exchange_id = ?", [exchange_id])
         return {r["user"]: "up" if r["rating"] > 0 else "down" for r in rows}
 
-    def add_correction(self, exchange_id: int, user: str, text: str) -> int:
+    def add_correction(self, exchange_id: int, user: str, text: str, *, status: str = "live",
+                       agree_key: str | None = None) -> int:
+        """Store a correction; ``status`` live (it teaches at once), pending (it waits for review)
+        or rejected (kept, never used: its author is blocked)."""
+        if status not in CORRECTION_STATUSES:
+            raise InputError(f"correction status must be one of {', '.join(CORRECTION_STATUSES)}, got {status!r}")
         with self.transaction():
             self.exchange(exchange_id)
             cur = self.db.execute(
-                "INSERT INTO corrections (exchange_id, user, text, created_at) VALUES (?, ?, ?, ?)",
-                [exchange_id, user, text, time.time()])
+                "INSERT INTO corrections (exchange_id, user, text, created_at, status, agree_key) "
+                "VALUES (?, ?, ?, ?, ?, ?)", [exchange_id, user, text, time.time(), status, agree_key])
             return cur.lastrowid
 
-    def corrections(self, exchange_id: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def corrections(self, exchange_id: int | None = None, limit: int = 1000, *,
+                    in_effect: bool = True) -> list[dict[str, Any]]:
+        """Corrections, of one exchange (oldest first) or all (newest first).
+
+        ``in_effect``: only those that teach (live, their author not blocked) —
+        what training and export read; False: every one as stored, with its ``status``.
+        """
+        where = (f" AND c.status = 'live' AND {_not_blocked('c.user', 'e.community')}" if in_effect else "")
+        base = f"SELECT c.* FROM corrections c JOIN exchanges e ON e.id = c.exchange_id WHERE 1{where}"
         if exchange_id is None:
-            return self.query("SELECT * FROM corrections ORDER BY id DESC LIMIT ?", [limit])
-        return self.query("SELECT * FROM corrections WHERE exchange_id = ? ORDER BY id", [exchange_id])
+            return self.query(f"{base} ORDER BY c.id DESC LIMIT ?", [limit])
+        return self.query(f"{base} AND c.exchange_id = ? ORDER BY c.id", [exchange_id])
 
     # -- users --------------------------------------------------------------------
 
@@ -432,12 +540,17 @@ class Store:
         """
         cutoff = -1.0 if since is None else since
         opted = "(SELECT user FROM opt_outs)"
+        scope, params = self._scope()
+        trusted = f"{_not_blocked('e.user', 'e.community')}{scope}"
         rated = self.query(
             f"SELECT COUNT(*) AS n FROM ratings r JOIN exchanges e ON e.id = r.exchange_id "
-            f"WHERE r.created_at > ? AND r.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
+            f"WHERE r.created_at > ? AND r.user NOT IN {opted} AND e.user NOT IN {opted} "
+            f"AND {_not_blocked('r.user', 'e.community')} AND {trusted}", [cutoff, *params])[0]["n"]
         corrected = self.query(
             f"SELECT COUNT(*) AS n FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
-            f"WHERE c.created_at > ? AND c.user NOT IN {opted} AND e.user NOT IN {opted}", [cutoff])[0]["n"]
+            f"WHERE c.created_at > ? AND c.user NOT IN {opted} AND e.user NOT IN {opted} "
+            f"AND c.status = 'live' AND {_not_blocked('c.user', 'e.community')} AND {trusted}",
+            [cutoff, *params])[0]["n"]
         return rated + corrected
 
     def forget_user(self, user: str) -> dict[str, int]:
@@ -460,25 +573,168 @@ class Store:
     # -- what a training run reads (trainer.data) -----------------------------------
 
     def feedback_exchanges(self, since_id: int = 0) -> list[dict[str, Any]]:
-        """Exchanges after ``since_id`` that carry a rating or a correction, oldest first.
+        """Exchanges after ``since_id`` that carry a rating or a live correction, oldest first
+        (of the scoped community only, when scoped; never of a blocked author).
 
-        ``score`` is the sum of their ratings (+1/-1), opted-out raters left out.
+        ``score`` is the sum of their ratings (+1/-1) each times its rater's
+        agreement weight (``rating_weights``; below ``MIN_RATING_WEIGHT``: 0),
+        opted-out and blocked raters left out: its sign is the verdict, its
+        size the confidence. ``votes`` is the plain sum.
         """
-        return self.query(
-            "SELECT e.id, e.user, e.messages, e.reply, "
-            "  COALESCE((SELECT SUM(CASE WHEN r.user IN (SELECT user FROM opt_outs) THEN 0 ELSE r.rating END)"
-            "            FROM ratings r WHERE r.exchange_id = e.id), 0) AS score "
-            "FROM exchanges e WHERE e.id > ? AND (EXISTS (SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) "
-            "  OR EXISTS (SELECT 1 FROM corrections c WHERE c.exchange_id = e.id)) ORDER BY e.id",
-            [since_id])
+        scope, params = self._scope()
+        rows = self.query(
+            "SELECT e.id, e.user, e.community, e.messages, e.reply "
+            f"FROM exchanges e WHERE e.id > ? AND {ANSWERED} AND {_not_blocked('e.user', 'e.community')}{scope} "
+            "AND (EXISTS (SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) "
+            "  OR EXISTS (SELECT 1 FROM corrections c WHERE c.exchange_id = e.id AND c.status = 'live')) "
+            "ORDER BY e.id", [since_id, *params])
+        by_exchange: dict[int, list[dict[str, Any]]] = {}
+        for r in self.weighted_ratings():
+            by_exchange.setdefault(r["exchange_id"], []).append(r)
+        for row in rows:
+            rated = by_exchange.get(row["id"], [])
+            row["score"] = round(sum(r["rating"] * r["weight"] for r in rated), 4)
+            row["votes"] = sum(r["rating"] for r in rated)
+        return rows
 
     def exchanges_without_feedback(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` exchanges nobody rated or corrected (``id, user, prompt, messages``)."""
+        scope, params = self._scope()
         return self.query(
             "SELECT id, user, prompt, messages FROM exchanges e WHERE NOT EXISTS "
             "(SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) AND NOT EXISTS "
-            "(SELECT 1 FROM corrections c WHERE c.exchange_id = e.id) ORDER BY id DESC LIMIT ?",
-            [limit])
+            "(SELECT 1 FROM corrections c WHERE c.exchange_id = e.id) "
+            f"AND {ANSWERED} AND {_not_blocked('e.user', 'e.community')}{scope} ORDER BY id DESC LIMIT ?",
+            [*params, limit])
+
+    # -- trust: agreement weights, the review queue, blocked users ------------------------
+
+    def _ratings_for_weights(self) -> list[dict[str, Any]]:
+        scope, params = self._scope()
+        return self.query(
+            "SELECT r.exchange_id, r.user, r.rating, e.community FROM ratings r "
+            f"JOIN exchanges e ON e.id = r.exchange_id WHERE {ANSWERED}{scope} "
+            "AND r.user NOT IN (SELECT user FROM opt_outs) AND e.user NOT IN (SELECT user FROM opt_outs) "
+            f"AND {_not_blocked('r.user', 'e.community')} AND {_not_blocked('e.user', 'e.community')}", params)
+
+    def rating_weights(self) -> list[dict[str, Any]]:
+        """Each rater's agreement with the others, per community: ``community, user, ratings,
+        overlaps`` (their ratings of exchanges others rated too, with a majority), ``agreements``
+        and ``weight`` = (agreements + 1) / (overlaps + 2).
+
+        The others' majority on an exchange is the sign of their ratings weighed by
+        the previous round's weights (first round: 1 each), so a user who only ever
+        disagrees sinks towards 0 and cannot tip the majority their ratings are judged by.
+        """
+        ratings = self._ratings_for_weights()
+        by_exchange: dict[int, list[dict[str, Any]]] = {}
+        for r in ratings:
+            by_exchange.setdefault(r["exchange_id"], []).append(r)
+        weight: dict[tuple[str, str], float] = {}
+        figures: dict[tuple[str, str], dict[str, Any]] = {}
+        for _ in range(_WEIGHT_ROUNDS):
+            figures = {}
+            for rated in by_exchange.values():
+                total = sum(weight.get((r["community"], r["user"]), 1.0) * r["rating"] for r in rated)
+                for r in rated:
+                    key = (r["community"], r["user"])
+                    f = figures.setdefault(key, {"community": key[0], "user": key[1], "ratings": 0,
+                                                 "overlaps": 0, "agreements": 0})
+                    f["ratings"] += 1
+                    others = total - weight.get(key, 1.0) * r["rating"]
+                    if abs(others) > 1e-9:
+                        f["overlaps"] += 1
+                        f["agreements"] += (others > 0) == (r["rating"] > 0)
+            weight = {k: (f["agreements"] + 1) / (f["overlaps"] + 2) for k, f in figures.items()}
+        for k, f in figures.items():
+            f["weight"] = round(weight[k], 4)
+        return sorted(figures.values(), key=lambda f: (f["community"], f["user"]))
+
+    def weighted_ratings(self) -> list[dict[str, Any]]:
+        """Every rating training may read: ``exchange_id, community, user, rating`` (+1/-1) and
+        ``weight``, the rater's agreement weight, 0 below ``MIN_RATING_WEIGHT``."""
+        weights = {(w["community"], w["user"]): w["weight"] for w in self.rating_weights()}
+        out = []
+        for r in self._ratings_for_weights():
+            w = weights.get((r["community"], r["user"]), 0.5)
+            out.append({**r, "weight": w if w >= MIN_RATING_WEIGHT else 0.0})
+        return out
+
+    def correction(self, correction_id: int) -> dict[str, Any]:
+        """One correction as stored, with its exchange's ``community``, ``prompt`` and ``reply``."""
+        rows = self.query("SELECT c.*, e.community, e.prompt, e.reply, e.platform FROM corrections c "
+                          "JOIN exchanges e ON e.id = c.exchange_id WHERE c.id = ?", [correction_id])
+        if not rows:
+            raise NotFoundError(f"correction {correction_id} not found")
+        return rows[0]
+
+    def review_queue(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Pending corrections, oldest first, each with its exchange (``community, prompt, reply``)
+        and ``agreeing``: the distinct users who gave the same answer to the same question."""
+        scope, params = self._scope()
+        return self.query(
+            "SELECT c.id, c.exchange_id, c.user, c.text AS correction, c.created_at, e.community, "
+            "e.platform, e.prompt, e.reply, "
+            "(SELECT COUNT(DISTINCT c2.user) FROM corrections c2 JOIN exchanges e2 ON e2.id = c2.exchange_id "
+            " WHERE c2.agree_key = c.agree_key AND e2.community = e.community "
+            " AND c2.status IN ('pending', 'live')) AS agreeing "
+            f"FROM corrections c JOIN exchanges e ON e.id = c.exchange_id WHERE c.status = 'pending'{scope} "
+            "ORDER BY c.id LIMIT ?", [*params, limit])
+
+    def review_correction(self, correction_id: int, status: str, by: str) -> dict[str, Any]:
+        """Approve (``live``) or reject a pending correction; the row as it now is."""
+        if status not in ("live", "rejected"):
+            raise InputError(f"a review makes a correction live or rejected, not {status!r}")
+        with self.transaction():
+            row = self.correction(correction_id)
+            if row["status"] != "pending":
+                raise InputError(f"correction {correction_id} is {row['status']}, not pending review")
+            self.db.execute("UPDATE corrections SET status = ?, reviewed_by = ?, reviewed_at = ? WHERE id = ?",
+                            [status, by, time.time(), correction_id])
+            return self.correction(correction_id)
+
+    def agreeing_users(self, community: str, agree_key: str) -> int:
+        """Distinct users, not blocked, whose pending or live correction in ``community`` has ``agree_key``."""
+        return self.query(
+            "SELECT COUNT(DISTINCT c.user) AS n FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
+            "WHERE c.agree_key = ? AND e.community = ? AND c.status IN ('pending', 'live') "
+            f"AND {_not_blocked('c.user', 'e.community')}", [agree_key, community])[0]["n"]
+
+    def approve_agreed(self, community: str, agree_key: str, by: str) -> list[int]:
+        """Make every pending correction in ``community`` with ``agree_key`` live; their ids."""
+        with self.transaction():
+            ids = [r["id"] for r in self.query(
+                "SELECT c.id FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
+                "WHERE c.agree_key = ? AND e.community = ? AND c.status = 'pending' "
+                f"AND {_not_blocked('c.user', 'e.community')} ORDER BY c.id", [agree_key, community])]
+            for cid in ids:
+                self.db.execute("UPDATE corrections SET status = 'live', reviewed_by = ?, reviewed_at = ? "
+                                "WHERE id = ?", [by, time.time(), cid])
+        return ids
+
+    def block_user(self, user: str, community: str | None, by: str) -> dict[str, int]:
+        """Block ``user`` in ``community`` (None: everywhere): their pending corrections are
+        rejected, and nothing of theirs (exchanges, ratings, corrections, memory items) is
+        served from memory, trained on or exported again. Nothing is deleted."""
+        where = "" if community is None else " AND e.community = ?"
+        params = [] if community is None else [community]
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO blocked_users (community, user, created_at, by) "
+                            "VALUES (?, ?, ?, ?)", [community or "*", user, time.time(), by])
+            dropped = self.db.execute(
+                "UPDATE corrections SET status = 'rejected', reviewed_by = ?, reviewed_at = ? "
+                "WHERE status = 'pending' AND user = ? AND exchange_id IN "
+                f"(SELECT e.id FROM exchanges e WHERE 1{where})", [by, time.time(), user, *params]).rowcount
+            # The serving process's memory index must drop the user's live items.
+            self.db.execute("UPDATE memory_generation SET n = n + 1")
+        return {"pending_dropped": dropped}
+
+    def blocked_users(self) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM blocked_users ORDER BY created_at")
+
+    def is_blocked(self, user: str, community: str) -> bool:
+        return bool(self.query("SELECT 1 FROM blocked_users WHERE user = ? AND community IN (?, '*')",
+                               [user, community]))
 
     # -- platform events ------------------------------------------------------------
 
@@ -509,24 +765,33 @@ class Store:
             return {"exchanges": ex, "ratings": {"up": up, "down": down}, "corrections": c,
                     "approval_rate": round(up / (up + down), 4) if up + down else None}
 
-        done = ANSWERED
-        out = block(f"WHERE {done}")
+        scope, sp = self._scope()
+        done = ANSWERED + scope
+        out = block(f"WHERE {done}", tuple(sp))
         out["pending"] = self.pending_exchanges()
         out["by_platform"] = {
-            p["platform"]: block(f"WHERE {done} AND e.platform = ?", (p["platform"],))
-            for p in self.query(f"SELECT DISTINCT platform FROM exchanges e WHERE {done} ORDER BY 1")}
+            p["platform"]: block(f"WHERE {done} AND e.platform = ?", (*sp, p["platform"]))
+            for p in self.query(f"SELECT DISTINCT platform FROM exchanges e WHERE {done} ORDER BY 1", sp)}
         out["by_version"] = {
-            v["model_version"]: block(f"WHERE {done} AND e.model_version = ?", (v["model_version"],))
-            for v in self.query(f"SELECT DISTINCT model_version FROM exchanges e WHERE {done} ORDER BY 1")}
+            v["model_version"]: block(f"WHERE {done} AND e.model_version = ?", (*sp, v["model_version"]))
+            for v in self.query(f"SELECT DISTINCT model_version FROM exchanges e WHERE {done} ORDER BY 1", sp)}
+        out["by_community"] = {
+            c["community"]: block(f"WHERE {done} AND e.community = ?", (*sp, c["community"]))
+            for c in self.query(f"SELECT DISTINCT community FROM exchanges e WHERE {done} ORDER BY 1", sp)}
+        out["review"] = self.query(
+            "SELECT COUNT(*) AS n FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
+            f"WHERE c.status = 'pending'{scope}", sp)[0]["n"]
         return out
 
     def pending_exchanges(self) -> int:
         """Exchanges whose reply is still streaming or was cut by a crash (not ``ANSWERED``)."""
-        return self.query(f"SELECT COUNT(*) AS n FROM exchanges e WHERE NOT ({ANSWERED})")[0]["n"]
+        scope, sp = self._scope()
+        return self.query(f"SELECT COUNT(*) AS n FROM exchanges e WHERE NOT ({ANSWERED}){scope}", sp)[0]["n"]
 
     def first_exchange_at(self) -> float | None:
         """When the first answered exchange was stored; ``None`` before any."""
-        return self.query(f"SELECT MIN(created_at) AS t FROM exchanges e WHERE {ANSWERED}")[0]["t"]
+        scope, sp = self._scope()
+        return self.query(f"SELECT MIN(created_at) AS t FROM exchanges e WHERE {ANSWERED}{scope}", sp)[0]["t"]
 
     def timeline(self, bucket_s: int) -> list[dict[str, Any]]:
         """Answered exchanges and their ratings per ``bucket_s``-wide time bucket, oldest first.
@@ -534,11 +799,12 @@ class Store:
         Ratings count in the bucket of the exchange they rate, so a bucket's
         approval is that of the replies given then.
         """
+        scope = "" if self.community is None else " AND e.community = :c"
         return self.query(
             "SELECT CAST(e.created_at / :b AS INTEGER) * :b AS t, COUNT(DISTINCT e.id) AS exchanges, "
             "COALESCE(SUM(r.rating > 0), 0) AS up, COALESCE(SUM(r.rating < 0), 0) AS down "
-            f"FROM exchanges e LEFT JOIN ratings r ON r.exchange_id = e.id WHERE {ANSWERED} "
-            "GROUP BY 1 ORDER BY 1", {"b": bucket_s})
+            f"FROM exchanges e LEFT JOIN ratings r ON r.exchange_id = e.id WHERE {ANSWERED}{scope} "
+            "GROUP BY 1 ORDER BY 1", {"b": bucket_s, "c": self.community})
 
     def version_figures(self) -> list[dict[str, Any]]:
         """Per model version: answered exchanges, first and last seen, ratings; oldest version first."""
@@ -546,15 +812,16 @@ class Store:
             "SELECT e.model_version AS version, COUNT(DISTINCT e.id) AS exchanges, "
             "MIN(e.created_at) AS first_seen, MAX(e.created_at) AS last_seen, "
             "COALESCE(SUM(r.rating > 0), 0) AS up, COALESCE(SUM(r.rating < 0), 0) AS down "
-            f"FROM exchanges e LEFT JOIN ratings r ON r.exchange_id = e.id WHERE {ANSWERED} "
-            "GROUP BY e.model_version ORDER BY first_seen")
+            f"FROM exchanges e LEFT JOIN ratings r ON r.exchange_id = e.id WHERE {ANSWERED}{self._scope()[0]} "
+            "GROUP BY e.model_version ORDER BY first_seen", self._scope()[1])
 
     def latest_corrections(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest corrections with the exchange they correct, newest first."""
+        scope, sp = self._scope()
         return self.query(
-            "SELECT c.id, c.exchange_id, c.user, c.text AS correction, c.created_at, e.prompt, e.reply, "
-            "e.model_version, e.platform FROM corrections c JOIN exchanges e ON e.id = c.exchange_id "
-            "ORDER BY c.id DESC LIMIT ?", [limit])
+            "SELECT c.id, c.exchange_id, c.user, c.text AS correction, c.created_at, c.status, e.prompt, "
+            "e.reply, e.model_version, e.platform, e.community FROM corrections c "
+            f"JOIN exchanges e ON e.id = c.exchange_id WHERE 1{scope} ORDER BY c.id DESC LIMIT ?", [*sp, limit])
 
     # -- training runs ------------------------------------------------------------------
     # Rows as stored; ``tuneloop.learning.runs`` gives them their meaning.
@@ -618,7 +885,7 @@ class Store:
         return self.query(
             "SELECT m.id, m.prompt, m.community, v.vector FROM memory_items m "
             "LEFT JOIN memory_vectors v ON v.item_id = m.id AND v.encoder = ? "
-            "WHERE m.status = ? ORDER BY m.id", [encoder, status])
+            f"WHERE m.status = ? AND {_not_blocked('m.user', 'm.community')} ORDER BY m.id", [encoder, status])
 
     def set_memory_vectors(self, encoder: str, vectors: Sequence[tuple[int, bytes]]) -> None:
         with self.transaction():
@@ -663,11 +930,13 @@ class Store:
         """Items as training rows, oldest first: ``item_id, exchange_id, messages`` (the corrected
         exchange's context, JSON), ``prompt``, ``reply`` (the correction), ``status``; opt-outs left out."""
         where, params = ("AND m.status = ?", [status]) if status else ("", [])
+        scope, sp = self._scope()
         return self.query(
             "SELECT m.id AS item_id, m.exchange_id, e.messages, m.prompt, m.reply, m.status "
             "FROM memory_items m JOIN exchanges e ON e.id = m.exchange_id "
             "WHERE m.user NOT IN (SELECT user FROM opt_outs) AND e.user NOT IN (SELECT user FROM opt_outs) "
-            f"{where} ORDER BY m.id", params)
+            f"AND {_not_blocked('m.user', 'e.community')} AND {_not_blocked('e.user', 'e.community')}{scope} "
+            f"{where} ORDER BY m.id", [*sp, *params])
 
     def set_memory_status(self, answered: dict[int, bool], version: str) -> dict[str, int]:
         """After ``version`` was checked item by item: answered items become ``consolidated`` (the

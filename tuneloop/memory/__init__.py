@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tuneloop.community import LOCAL
 from tuneloop.config import MemoryConfig
 from tuneloop.errors import TuneloopError
 from tuneloop.memory.encoder import Encoder
@@ -100,7 +101,7 @@ class Memory:
             self._indexes = indexes
             self._generation = generation
 
-    def recall(self, text: str, community: str = "") -> list[Hit]:
+    def recall(self, text: str, community: str = LOCAL) -> list[Hit]:
         """The memory items a reply to ``text`` should use (none when off or nothing matches)."""
         if not self.config.enabled:
             return []
@@ -122,7 +123,7 @@ class Memory:
             return [Hit(m.item_id, item["prompt"], item["reply"], round(m.verdict.score, 4))]
         return []
 
-    async def arecall(self, text: str, community: str = "") -> list[Hit]:
+    async def arecall(self, text: str, community: str = LOCAL) -> list[Hit]:
         """``recall`` off the event loop: encoding takes milliseconds of CPU."""
         if not self.config.enabled:
             return []
@@ -134,7 +135,7 @@ class Memory:
             log.error("memory unavailable: %s", e)
             return []
 
-    def explain(self, text: str, community: str = "") -> list[Match]:
+    def explain(self, text: str, community: str = LOCAL) -> list[Match]:
         """Every candidate judged for ``text``, best first: why a message did or did not match."""
         self.refresh()
         index = self._indexes.get(community)
