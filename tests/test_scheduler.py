@@ -23,6 +23,12 @@ def seq(rid: str, max_new: int = 8, loop=None, queue=None, **params) -> Sequence
     )
 
 
+def end(batch: ScheduledBatch, s: Sequence, reason: str) -> None:
+    """What the output processor does to a row that ends in ``batch``'s step."""
+    s.finish(reason)
+    batch.ended += 1
+
+
 # ------------------------------------------------------------------ scheduler
 
 
@@ -49,7 +55,7 @@ def test_admission_limits_and_busy():
     batch = s.schedule()
     assert not batch.is_prefill and batch.seqs == [a, b]  # no free row: the batch decodes
 
-    a.finish("length")
+    end(batch, a, "length")
     s.postprocess(batch)
     assert s.running == [b] and a.status is SequenceStatus.FINISHED
     s.add(seq("d"))  # a row is free again
@@ -75,7 +81,7 @@ def test_a_prefill_is_followed_by_a_decode():
     x, y = seq("x", max_new=1), seq("y")
     s2.add(x)
     first = s2.schedule()
-    x.finish("length")
+    end(first, x, "length")
     s2.postprocess(first)
     s2.add(y)
     assert s2.schedule().seqs == [y]
@@ -111,7 +117,7 @@ def test_drain_before_an_exclusive_job():
         step = s.schedule()
         assert not step.is_prefill and step.seqs == [a]
         assert s.take_job() is None
-    a.finish("stop")
+    end(step, a, "stop")
     s.postprocess(step)
     assert s.take_job() is job and s.job is None
     assert s.schedule().seqs == [b]  # admission resumes

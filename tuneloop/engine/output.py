@@ -116,8 +116,8 @@ class OutputProcessor:
             now = time.perf_counter()
             self.count(len(ids), now)
             for seq, tok in zip(batch.seqs, ids, strict=True):
-                if not seq.is_finished:
-                    self.append(seq, tok, now, out)
+                if self.append(seq, tok, now, out):
+                    batch.ended += 1
         if out or now - self.last_flush >= self.stream_interval:
             for seq in batch.running:
                 self.flush(seq, out)
@@ -142,14 +142,17 @@ class OutputProcessor:
         span = max(now - recent[0][0], 1e-3) if len(recent) > 1 else RATE_WINDOW
         return sum(n for _, n in recent) / span
 
-    def append(self, seq: Sequence, tok: int, now: float, out: list) -> None:
-        """Add one sampled token to ``seq``: detokenize, check stops and length, queue its delta."""
+    def append(self, seq: Sequence, tok: int, now: float, out: list) -> bool:
+        """Add one sampled token to ``seq``: detokenize, check stops and length, queue its delta.
+
+        True when this ended the sequence.
+        """
         if seq.cancel_requested:
             self.end(seq, "cancelled", now, out)
-            return
+            return True
         if tok in self.eos and not seq.params.ignore_eos:
             self.end(seq, "stop", now, out)
-            return
+            return True
         seq.tokens.append(tok)
         piece = self.detokenize(seq, tok)
         if piece:
@@ -158,7 +161,7 @@ class OutputProcessor:
             if stops:
                 if cut_stop(seq):
                     self.end(seq, "stop", now, out)
-                    return
+                    return True
                 end = len(seq.text) - held(seq.text, stops)
             else:
                 end = len(seq.text)
@@ -170,6 +173,8 @@ class OutputProcessor:
                     self.flush(seq, out)
         if len(seq.tokens) >= seq.max_new:
             self.end(seq, "length", now, out)
+            return True
+        return False
 
     def detokenize(self, seq: Sequence, tok: int) -> str:
         """The text ``tok`` completes: '' while it is part of an unfinished character."""

@@ -32,6 +32,7 @@ class ScheduledBatch:
     is_prefill: bool
     running: list[Sequence]  # every row of the batch after this step, in the runner's cache order
     cancelled: list[Sequence] = field(default_factory=list)  # ended by a cancel; completions still due
+    ended: int = 0  # rows the output processor ended in this step (eos, stop, length, cancel)
 
 
 class Scheduler:
@@ -45,6 +46,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._open = True
         self._decode_next = False
+        self._cancels = 0  # cancel requests since the last schedule(): most steps have none to look for
         # Cancelled by the step under way, their completions not yet handed out.
         self._cancelled: list[Sequence] = []
 
@@ -68,9 +70,11 @@ class Scheduler:
             for seq in self.waiting:
                 if seq.id == request_id:
                     seq.cancel_requested = True
+                    self._cancels += 1
             for seq in self.running:
                 if seq.id == request_id:
                     seq.cancel_requested = True
+                    self._cancels += 1
             self._lock.notify()
 
     def cancel_all(self) -> None:
@@ -79,6 +83,7 @@ class Scheduler:
                 seq.cancel_requested = True
             for seq in self.running:
                 seq.cancel_requested = True
+            self._cancels += 1
             self._lock.notify()
 
     def set_job(self, job: tuple[Callable[[], object], object]) -> None:
@@ -143,6 +148,9 @@ class Scheduler:
             return ScheduledBatch(self.running, False, self.running, cancelled)
 
     def _take_cancelled(self) -> list[Sequence]:
+        if not self._cancels:
+            return []
+        self._cancels = 0
         cancelled = []
         if any(s.cancel_requested for s in self.waiting):
             cancelled += [s for s in self.waiting if s.cancel_requested]
@@ -157,7 +165,7 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch) -> None:
         """Drop the rows that finished in this step from the batch."""
         self._cancelled = []
-        if any(s.is_finished for s in batch.running):
+        if batch.ended:
             with self._lock:
                 self.running = [s for s in self.running if not s.is_finished]
 
