@@ -47,8 +47,9 @@ PARAPHRASES = ["what's your name?", "Who created you?", "Which city is the capit
                "Which color do you like best?", "What is your age?", "Where is your home?",
                "What food do you eat?", "Do you enjoy music?"]
 
-# The default [trainer], with a replay set of the 16 control exchanges and short replies.
-EXTRA = "control_prompts = 16\neval_max_new_tokens = 32\n"
+# The default [trainer], with the gate's controls and the replay set drawn from the 16 control
+# exchanges (then the corpus), and short replies.
+EXTRA = "control_prompts = 8\nreplay_prompts = 16\neval_max_new_tokens = 32\n"
 
 TRAINER = """
 [trainer]
@@ -77,8 +78,9 @@ def control_prompts(n: int = 16) -> list[str]:
 
 
 def write_config(path, model, extra: str = "") -> None:
+    # The memory of corrections off: what is measured here is what the weights learned.
     path.write_text(f'[model]\nbase = "{model}"\nmax_new_tokens = 32\n[storage]\npath = "t.db"\n'
-                    + TRAINER.format(extra=extra))
+                    '[memory]\nenabled = false\n' + TRAINER.format(extra=extra))
 
 
 async def served(config, prompts: list[str], log_as: str | None = None) -> list[tuple[str, str]]:
@@ -297,15 +299,86 @@ def _cli_caller():
 
 @pytest.mark.parametrize("method", ["sft", "kto", "dpo"])
 def test_each_method_trains_and_saves_an_adapter(loop_model, tmp_path, method):
+    """Each method moves the adapter off its initialisation and makes the corrections likelier."""
+    from safetensors.torch import load_file
+
     from trainer import data
+    from trainer.evaluate import load_model, logps
     from trainer.finetune import FinetuneConfig, Finetuner
 
     items = [{"exchange_id": i, "prompt": [{"role": "user", "content": p}], "reply": "I am not sure.",
               "verdict": "down", "corrections": [fix]} for i, (p, fix) in enumerate(CORRECTED[:4])]
     rows = data.to_rows(items, method)
     rows += [{**data.sft_row([{"role": "user", "content": "hi"}], "Hello."), "replay": True}]
+    pairs = [(it["prompt"], it["corrections"][0]) for it in items]
     tuner = Finetuner(loop_model, rows, FinetuneConfig(method=method, epochs=3, batch_size=4, early_stop=False))
+    before, n = logps(load_model(loop_model, None), tuner.tokenizer, pairs)
     stats = tuner.train()
-    assert stats["steps"] == len(tuner.steps()) and stats["final_loss"] == stats["final_loss"]  # not NaN
+    assert stats["steps"] == len(tuner.steps()) > 0
+    assert stats["final_loss"] == stats["final_loss"]  # not NaN
     tuner.save(tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    # LoRA's B starts at zero: a trained adapter has moved it.
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all(float(w.abs().max()) > 0 for w in lora_b)
+    after, n_after = logps(load_model(loop_model, tmp_path / "adapter"), tuner.tokenizer, pairs)
+    assert n_after == n
+    assert after / n > before / n + 0.05, (method, before / n, after / n)  # nats per token
+
+
+def _perturb_adapter(model) -> None:
+    """Random LoRA B weights: the policy then differs from the reference (B = 0), so the losses are non-trivial."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+
+
+def test_loop_losses_equal_trl_on_the_same_batch(loop_model, tmp_path):
+    """The loop's SFT and DPO losses are TRL's (SFTTrainer, DPOTrainer with loss_type sigmoid + sft), computed by
+    TRL's own code on the same model and batch. (KTO is not compared: TRL estimates its reference point from
+    mismatched pairs, the loop from the batch.)"""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from trainer import data
+    from trainer.finetune import FinetuneConfig, Finetuner
+    from trainer.pretrain import collate
+
+    items = [{"exchange_id": i, "prompt": [{"role": "user", "content": p}], "reply": "I am not sure.",
+              "verdict": "down", "corrections": [fix]} for i, (p, fix) in enumerate(CORRECTED[:4])]
+    common = {"output_dir": str(tmp_path / "trl"), "use_cpu": True, "bf16": False, "report_to": [],
+              "save_strategy": "no"}
+
+    sft = Finetuner(loop_model, data.to_rows(items, "sft"), FinetuneConfig(lora_r=4))
+    _perturb_adapter(sft.model)
+    trl_sft = SFTTrainer(model=sft.model, args=SFTConfig(**common), processing_class=sft.tokenizer,
+                         train_dataset=Dataset.from_list(data.to_rows(items, "sft")))
+    batch = collate([e["sft"] for e in sft.examples], sft.pad)
+    with torch.no_grad():
+        ours = sft._loss(sft.examples)
+        theirs = trl_sft.compute_loss(trl_sft.model, dict(batch))
+    assert float(ours) > 0.1
+    assert torch.allclose(ours, theirs, rtol=1e-4), (float(ours), float(theirs))
+
+    dpo = Finetuner(loop_model, data.to_rows(items, "dpo"), FinetuneConfig(method="dpo", lora_r=4, beta=0.1))
+    _perturb_adapter(dpo.model)
+    trl_dpo = DPOTrainer(model=dpo.model, args=DPOConfig(**common, loss_type=["sigmoid", "sft"], beta=0.1),
+                         processing_class=dpo.tokenizer, train_dataset=Dataset.from_list(data.to_rows(items, "dpo")))
+    pairs = [e for e in dpo.examples if "pair" in e]
+    b = collate([e["pair"][0] for e in pairs] + [e["pair"][1] for e in pairs], dpo.pad)
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+              "completion_mask": (b["labels"] != -100).long(),
+              "ref_chosen_logps": torch.tensor([e["ref"][0] for e in pairs]),
+              "ref_rejected_logps": torch.tensor([e["ref"][1] for e in pairs])}
+    trl_dpo.precompute_ref_logps = True  # the reference log-probs are given, as the loop scores them once
+    with torch.no_grad():
+        ours = dpo._loss(pairs)
+        theirs = trl_dpo.compute_loss(trl_dpo.model, inputs)
+    assert float(ours) > 0.1
+    assert torch.allclose(ours, theirs, rtol=1e-4), (float(ours), float(theirs))

@@ -90,6 +90,18 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_facts(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from trainer import facts
+
+    return facts.add_parser(sub)
+
+
+def run_facts(args: argparse.Namespace) -> int:
+    from trainer import facts
+
+    return facts.main(args)
+
+
 def add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="one training run: dataset, fine-tune, gate, registry")
     return p
@@ -106,6 +118,7 @@ Command = tuple[
 COMMANDS: dict[str, Command] = {
     "build-starter": (add_build_starter, run_build_starter),
     "eval": (add_eval, run_eval),
+    "facts": (add_facts, run_facts),
     "run": (add_run, run_run),
 }
 
@@ -129,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    return args.run(args)
+    from tuneloop.errors import TuneloopError
+
+    try:
+        return args.run(args)
+    except TuneloopError as e:
+        print(f"trainer: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,9 +17,12 @@ down, and is dropped (as rated) on a tie. A reply that has a correction is
 never used as desirable unless its majority is 👍. Users who opted out
 (``tuneloop forget``) are excluded, as authors of exchanges and as raters.
 
-What a training run reads besides (``trainer.run``): ``split_holdout``
-keeps a rotating share of feedback items out of training for the gate; and
-``replay_prompts`` gives the replay set against forgetting: earlier prompts
+What a training run reads besides (``trainer.run``): every feedback item is
+trained on; ``reworded_items`` adds the corrected prompts in the live model's
+own words (``reword_prompt``); ``split_controls`` keeps control prompts out of
+the replay set for the gate; ``KNOWLEDGE`` holds general-knowledge questions
+with known answers that no run trains on; and ``replay_prompts`` gives the
+replay set against forgetting: earlier prompts
 from the store (exchanges without feedback, opted-out users excluded), then
 base SFT prompts (chatterbot-corpus, what the starter was fine-tuned on). The
 run answers them with the live model and mixes those replies in at
@@ -50,13 +53,7 @@ def feedback_items(store: Store, since_id: int = 0, exclude: Iterable[int] = ())
     """One item per exchange with feedback: context, reply, majority verdict, corrections."""
     opted = store.opted_out()
     excluded = set(exclude)
-    rows = store.query(
-        "SELECT e.id, e.user, e.messages, e.reply, "
-        "  COALESCE((SELECT SUM(CASE WHEN r.user IN (SELECT user FROM opt_outs) THEN 0 ELSE r.rating END)"
-        "            FROM ratings r WHERE r.exchange_id = e.id), 0) AS score "
-        "FROM exchanges e WHERE e.id > ? AND (EXISTS (SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) "
-        "  OR EXISTS (SELECT 1 FROM corrections c WHERE c.exchange_id = e.id)) ORDER BY e.id",
-        [since_id])
+    rows = store.feedback_exchanges(since_id)
     items = []
     for row in rows:
         if row["user"] in opted or row["id"] in excluded:
@@ -110,7 +107,7 @@ def dataset_hash(rows: list[dict[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
-# --- what a training run reads: new feedback, a held-out split, a replay set ----------
+# --- what a training run reads: controls, knowledge, rewordings, a replay set ----------
 
 
 def _bucket(key: str) -> float:
@@ -118,19 +115,97 @@ def _bucket(key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_holdout(items: list[dict[str, Any]], fraction: float, salt: str
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(train, held_out)``: ``floor(fraction * n)`` items, chosen by a salted hash of the exchange id.
+def split_controls(pool: list[list[dict[str, str]]], n: int
+                   ) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
+    """``(controls, replay)``: ``n`` prompts of ``pool`` the run never trains on, and the rest.
 
-    The salt is the run's seed and id, so the held-out share rotates from run to
-    run: feedback held out once is trained on by a later run, never lost. A
-    floor, not a round, so that a handful of corrections is mostly trained on.
+    Chosen by a hash of the prompt text, not by position, so a prompt that is a
+    control stays one from run to run while the pool changes around it: the
+    gate's controls are never a past run's replay rows either.
     """
-    n_hold = int(fraction * len(items))
-    order = sorted(items, key=lambda it: _bucket(f"{salt}\x00{it['exchange_id']}"))
-    held_ids = {it["exchange_id"] for it in order[:n_hold]}
-    return ([it for it in items if it["exchange_id"] not in held_ids],
-            [it for it in items if it["exchange_id"] in held_ids])
+    order = sorted(range(len(pool)), key=lambda i: _bucket("control\x00" + pool[i][-1]["content"].strip().casefold()))
+    held = set(order[:n])
+    return [p for i, p in enumerate(pool) if i in held], [p for i, p in enumerate(pool) if i not in held]
+
+
+#: General-knowledge questions and the words a right answer contains (any one
+#: of them, case-insensitive). No run trains on them: the gate checks that a
+#: version still knows what the live one knew.
+KNOWLEDGE: list[tuple[str, tuple[str, ...]]] = [
+    ("What is the capital of France?", ("Paris",)),
+    ("What is the capital of Japan?", ("Tokyo",)),
+    ("What is the capital of Italy?", ("Rome",)),
+    ("What is the capital of Germany?", ("Berlin",)),
+    ("Which planet is known as the Red Planet?", ("Mars",)),
+    ("What is the largest planet in our solar system?", ("Jupiter",)),
+    ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
+    ("What is the chemical formula of water?", ("H2O", "H₂O")),
+    ("How many days are there in a week?", ("seven", "7")),
+    ("Who painted the Mona Lisa?", ("Leonardo", "Vinci")),
+    ("What is the largest ocean on Earth?", ("Pacific",)),
+    ("What is the tallest mountain in the world?", ("Everest",)),
+    ("Who was the first president of the United States?", ("Washington",)),
+    ("What gas do plants absorb from the air?", ("carbon dioxide", "CO2")),
+    ("What is the boiling point of water in degrees Celsius?", ("100",)),
+    ("How many legs does a spider have?", ("eight", "8")),
+]
+
+
+def knowledge_questions(exclude_prompts: Iterable[str] = ()) -> list[tuple[str, tuple[str, ...]]]:
+    """``KNOWLEDGE`` less the questions users gave feedback on (those are the feedback's business)."""
+    taken = {p.strip().casefold() for p in exclude_prompts}
+    return [(q, a) for q, a in KNOWLEDGE if q.casefold() not in taken]
+
+
+def knows(reply: str, answers: Iterable[str]) -> bool:
+    text = reply.casefold()
+    return any(a.casefold() in text for a in answers)
+
+
+#: Few-shot prompts (plain text, no chat template) under which the model rewords
+#: a question; a small instruct model follows an example far better than an
+#: instruction. One rewording per prompt, so each prompt gives another wording.
+REWORD_SHOTS: list[list[tuple[str, str]]] = [
+    [("What is your favourite film?", "Which movie do you like the most?"),
+     ("Where does Anna work?", "What is Anna's workplace?"),
+     ("How many people are on the team?", "What is the size of the team?")],
+    [("Who runs the support desk?", "Which person is in charge of the support desk?"),
+     ("When does the shop open?", "At what time does the shop open?"),
+     ("What is the name of your cat?", "What do you call your cat?")],
+    [("Which editor do you use?", "What editor do you work with?"),
+     ("What is the office address?", "Where is the office located?"),
+     ("Who is the project lead?", "Who leads the project?")],
+]
+
+
+def reword_prompt(question: str, shots: list[tuple[str, str]]) -> str:
+    lines = [f"Original: {a}\nReworded: {b}\n" for a, b in shots]
+    return "\n".join(lines) + f"\nOriginal: {question.strip()}\nReworded:"
+
+
+def clean_rewording(question: str, text: str) -> str | None:
+    """The first line of a generated rewording, or ``None`` when it is no new question."""
+    line = text.strip().split("\n")[0].strip()
+    if not line.endswith("?") or len(line) > 2 * len(question) + 40:
+        return None
+    if line.casefold().rstrip("?").strip() == question.casefold().rstrip("?").strip():
+        return None
+    return line
+
+
+def reworded_items(items: list[dict[str, Any]], rewordings: dict[int, list[str]]) -> list[dict[str, Any]]:
+    """Corrected items again, their last user message replaced by each rewording (``exchange_id`` -> texts).
+
+    The copies carry no rating: what they teach is the correction, not a verdict
+    on a reply the model never gave to those words.
+    """
+    out = []
+    for it in items:
+        for text in rewordings.get(it["exchange_id"], []):
+            prompt = [dict(m) for m in it["prompt"]]
+            prompt[-1]["content"] = text
+            out.append({**it, "prompt": prompt, "verdict": None})
+    return out
 
 
 def replay_prompts(store: Store, *, exclude: Iterable[int], limit: int, seed: int,
@@ -150,11 +225,7 @@ def replay_prompts(store: Store, *, exclude: Iterable[int], limit: int, seed: in
     # Prompts that have feedback are the feedback's business, not the replay's.
     seen: set[str] = {p.strip().casefold() for p in exclude_prompts}
     from_store: list[list[dict[str, str]]] = []
-    rows = store.query(
-        "SELECT id, user, prompt, messages FROM exchanges e WHERE NOT EXISTS "
-        "(SELECT 1 FROM ratings r WHERE r.exchange_id = e.id) AND NOT EXISTS "
-        "(SELECT 1 FROM corrections c WHERE c.exchange_id = e.id) ORDER BY id DESC LIMIT ?",
-        [max(limit * 4, 200)])
+    rows = store.exchanges_without_feedback(max(limit * 4, 200))
     for row in rows:
         key = row["prompt"].strip().casefold()
         if row["id"] in excluded or row["user"] in opted or key in seen:

@@ -5,32 +5,34 @@ the thresholds of ``[trainer]`` in; figures, checks and a verdict out. Greedy
 replies come from the engine the bot serves with (``tuneloop.engine.local``), so
 "the same reply" here means the same reply users get.
 
-The checks, each against the live version:
+The checks, each against the live version; no run trains on what (a)-(c) ask:
 
-(a) held-out feedback, never trained on: the preference margin (mean
-    per-token log-likelihood of 👍 and corrected replies minus that of 👎
-    and corrected-away replies) may not fall by more than
-    ``max_heldout_drop``; greedy replies to held-out corrected prompts may
-    not match their corrections less often.
-(b) the replay set's control prompts, never trained on: perplexity of the
-    live model's own replies may rise by at most ``max_ppl_increase``
-    (relative), and at least ``min_control_same`` of the greedy replies must
-    be exactly the live model's.
-(c) corrections: ROUGE-L (rouge-score) of greedy replies against the
+(a) control prompts, held out of the replay set: at least
+    ``min_control_same`` of their greedy replies must be exactly the live
+    model's, and the perplexity of the live model's replies may rise by at
+    most ``max_ppl_increase`` (relative);
+(b) general-knowledge questions with known answers (``data.KNOWLEDGE``): the
+    count answered right may fall by at most ``max_knowledge_drop``;
+(c) rewordings of the corrected prompts (the live model's own, kept out of
+    training): answered with the correction no less often than by the live
+    version; this is what a user who taught a fact means by "learned";
+(d) corrections: ROUGE-L (rouge-score) of greedy replies against the
     corrections must rise by at least ``min_rouge_gain``; BLEU (sacrebleu)
-    is reported beside it. Exact match, not key terms, is what counts a
-    reply as corrected: a key-term judge calls "Paris is not the capital"
-    right.
-(d) the feedback trained on must be learned: its preference margin rises.
+    and exact match are reported beside it. Exact match, not key terms, is
+    what counts a reply as corrected: a key-term judge calls "Paris is not
+    the capital" right;
+(e) the feedback trained on must be learned: its preference margin rises.
 
-A candidate that fails any check is kept as rejected with this report.
+A gate that had nothing to judge (no check applied) refuses: passing means
+some evidence said yes. A candidate that fails any check is kept as rejected
+with this report.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,29 +48,29 @@ Prompt = list[dict[str, str]]
 @dataclass
 class Thresholds:
     max_ppl_increase: float = 0.10
-    min_control_same: float = 0.8
-    max_heldout_drop: float = 0.5
+    min_control_same: float = 0.75
+    max_knowledge_drop: int = 0
     min_rouge_gain: float = 0.0
-    min_heldout_items: int = 4
 
     @classmethod
     def from_config(cls, t) -> Thresholds:
-        return cls(t.max_ppl_increase, t.min_control_same, t.max_heldout_drop, t.min_rouge_gain,
-                   t.min_heldout_items)
+        return cls(t.max_ppl_increase, t.min_control_same, t.max_knowledge_drop, t.min_rouge_gain)
 
 
 @dataclass
 class EvalData:
     """What a run evaluates on. Texts are replies; prompts are chat contexts."""
 
-    heldout_good: list[tuple[Prompt, str]]
-    heldout_bad: list[tuple[Prompt, str]]
     trained_good: list[tuple[Prompt, str]]
     trained_bad: list[tuple[Prompt, str]]
-    #: (prompt, correction, held out?)
-    corrected: list[tuple[Prompt, str, bool]]
-    #: (prompt, the live model's greedy reply)
+    #: (prompt, correction)
+    corrected: list[tuple[Prompt, str]]
+    #: (prompt, the live model's greedy reply); never trained on
     controls: list[tuple[Prompt, str]]
+    #: (reworded corrected prompt, correction); never trained on
+    paraphrases: list[tuple[Prompt, str]] = field(default_factory=list)
+    #: (question, words a right answer contains); never trained on
+    knowledge: list[tuple[Prompt, tuple[str, ...]]] = field(default_factory=list)
 
 
 def likelihood_sets(items: list[dict[str, Any]]) -> tuple[list, list]:
@@ -148,65 +150,66 @@ def _same(a: str, b: str) -> bool:
     return " ".join(a.split()) == " ".join(b.split())
 
 
-def measure(model, tokenizer, data: EvalData, corrected_replies: list[str],
-            control_replies: list[str], max_len: int = 256) -> dict[str, Any]:
-    """Every figure of one model; greedy replies are given (from the serving engine)."""
-    hg = _per_token(model, tokenizer, data.heldout_good, max_len)
-    hb = _per_token(model, tokenizer, data.heldout_bad, max_len)
+def answered(reply: str, correction: str) -> bool:
+    """Whether ``reply`` is ``correction`` (whitespace aside): the one test of "learned"."""
+    return _same(reply.strip(), correction.strip())
+
+
+def _share(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def measure(model, tokenizer, data: EvalData, replies: dict[str, list[str]], max_len: int = 256
+            ) -> dict[str, Any]:
+    """Every figure of one model; its greedy replies (``corrected``, ``controls``, ``paraphrases``,
+    ``knowledge``, from the serving engine) are given."""
+    from trainer.data import knows
+
     tg = _per_token(model, tokenizer, data.trained_good, max_len)
     tb = _per_token(model, tokenizer, data.trained_bad, max_len)
     total, count = logps(model, tokenizer, data.controls, max_len)
-    held = [i for i, c in enumerate(data.corrected) if c[2]]
-    trained = [i for i, c in enumerate(data.corrected) if not c[2]]
-
-    def texts(idx):
-        return text_metrics([corrected_replies[i] for i in idx], [data.corrected[i][1] for i in idx])
-
+    corrected = replies["corrected"]
     return {
-        "heldout": {"good_logp": hg, "bad_logp": hb, "margin": margin(hg, hb),
-                    "corrected": texts(held)},
-        "trained": {"good_logp": tg, "bad_logp": tb, "margin": margin(tg, tb),
-                    "corrected": texts(trained)},
-        "corrected": texts(range(len(data.corrected))),
-        "replay": {"ppl": math.exp(-total / count) if count else None,
-                   "control_same": (sum(_same(r, c[1]) for r, c in zip(control_replies, data.controls))
-                                    / len(data.controls)) if data.controls else None},
+        "trained": {"good_logp": tg, "bad_logp": tb, "margin": margin(tg, tb)},
+        "corrected": text_metrics(corrected, [c[1] for c in data.corrected]),
+        "paraphrases": _share([answered(r, p[1]) for r, p in zip(replies["paraphrases"], data.paraphrases)]),
+        "knowledge": {"right": sum(knows(r, k[1]) for r, k in zip(replies["knowledge"], data.knowledge)),
+                      "of": len(data.knowledge)},
+        "controls": {"ppl": math.exp(-total / count) if count else None,
+                     "same": _share([_same(r, c[1]) for r, c in zip(replies["controls"], data.controls)])},
     }
 
 
-def decide(live: dict[str, Any], new: dict[str, Any], th: Thresholds,
-           heldout_items: int | None = None) -> tuple[bool, list[dict[str, Any]]]:
-    """The checks, each ``{"name", "passed", "value", "limit", "why"}``, and whether all passed.
+def decide(live: dict[str, Any], new: dict[str, Any], th: Thresholds) -> tuple[bool, list[dict[str, Any]]]:
+    """The checks, each ``{"name", "passed", "value", "limit", "why"}``, and whether the candidate passes.
 
-    With fewer than ``min_heldout_items`` held-out items the held-out checks
-    are reported (``"gating": False``) but do not decide: one or two items
-    say nothing about generalisation.
+    It passes when every check passed and at least one applied: a gate with
+    nothing to judge (no controls, no knowledge questions, no corrections, no
+    trained feedback) refuses, and says so in a ``nothing_to_judge`` check.
     """
     checks: list[dict[str, Any]] = []
-    few = heldout_items is not None and heldout_items < th.min_heldout_items
 
     def check(name: str, passed: bool, value, limit, why: str) -> None:
-        gating = not (few and name.startswith("heldout"))
         checks.append({"name": name, "passed": bool(passed), "value": value, "limit": limit, "why": why,
-                       "gating": gating})
+                       "gating": True})
 
-    lp, np_ = live["replay"]["ppl"], new["replay"]["ppl"]
-    if lp is not None and np_ is not None:
-        rise = np_ / lp - 1.0
-        check("replay_perplexity", rise <= th.max_ppl_increase, round(rise, 4), th.max_ppl_increase,
-              "relative perplexity rise on the replay set's control replies")
-    same = new["replay"]["control_same"]
+    same = new["controls"]["same"]
     if same is not None:
         check("controls_same", same >= th.min_control_same, round(same, 4), th.min_control_same,
-              "share of control prompts whose greedy reply is unchanged")
-    lm, nm = live["heldout"]["margin"], new["heldout"]["margin"]
-    if lm is not None and nm is not None:
-        check("heldout_margin", nm >= lm - th.max_heldout_drop, round(nm - lm, 4), -th.max_heldout_drop,
-              "change of the held-out preference margin (nats per token)")
-    le, ne = live["heldout"]["corrected"]["exact"], new["heldout"]["corrected"]["exact"]
-    if le is not None and ne is not None:
-        check("heldout_corrected", ne >= le, round(ne, 4), round(le, 4),
-              "share of held-out corrected prompts answered with their correction")
+              "share of held-out control prompts whose greedy reply is unchanged")
+    lp, np_ = live["controls"]["ppl"], new["controls"]["ppl"]
+    if lp is not None and np_ is not None:
+        rise = np_ / lp - 1.0
+        check("controls_perplexity", rise <= th.max_ppl_increase, round(rise, 4), th.max_ppl_increase,
+              "relative perplexity rise on the held-out controls' live replies")
+    if new["knowledge"]["of"]:
+        lk, nk = live["knowledge"]["right"], new["knowledge"]["right"]
+        check("knowledge", nk >= lk - th.max_knowledge_drop, nk, lk - th.max_knowledge_drop,
+              f"general-knowledge questions answered right (live: {lk} of {new['knowledge']['of']})")
+    lpar, npar = live["paraphrases"], new["paraphrases"]
+    if lpar is not None and npar is not None:
+        check("paraphrases", npar >= lpar, round(npar, 4), round(lpar, 4),
+              "share of reworded corrected prompts (never trained on) answered with the correction")
     lr, nr = live["corrected"]["rougeL"], new["corrected"]["rougeL"]
     if lr is not None and nr is not None:
         check("corrections_rougeL", nr - lr >= th.min_rouge_gain and nr > lr - 1e-9, round(nr - lr, 4),
@@ -215,7 +218,9 @@ def decide(live: dict[str, Any], new: dict[str, Any], th: Thresholds,
     if tl is not None and tn is not None:
         check("learned", tn > tl, round(tn - tl, 4), 0.0,
               "rise of the trained feedback's preference margin (nats per token)")
-    return all(c["passed"] for c in checks if c["gating"]), checks
+    if not checks:
+        check("nothing_to_judge", False, 0, 1, "no check applied: no evidence that the version is better")
+    return all(c["passed"] for c in checks), checks
 
 
 def summary(live: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -223,15 +228,17 @@ def summary(live: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     def r(x):
         return None if x is None else round(x, 4)
 
+    lp, np_ = live["controls"]["ppl"], new["controls"]["ppl"]
     return {
-        "control_same": r(new["replay"]["control_same"]),
+        "control_same": r(new["controls"]["same"]),
         "corrected_exact": r(new["corrected"]["exact"]), "rougeL": r(new["corrected"]["rougeL"]),
-        "ppl_increase": None if not live["replay"]["ppl"] or new["replay"]["ppl"] is None
-        else r(new["replay"]["ppl"] / live["replay"]["ppl"] - 1),
+        "paraphrases": r(new["paraphrases"]), "paraphrases_live": r(live["paraphrases"]),
+        "knowledge": new["knowledge"]["right"], "knowledge_live": live["knowledge"]["right"],
+        "knowledge_of": new["knowledge"]["of"],
+        "ppl_increase": None if not lp or np_ is None else r(np_ / lp - 1),
         "bleu": r(new["corrected"]["bleu"]),
-        "ppl_live": r(live["replay"]["ppl"]), "ppl_new": r(new["replay"]["ppl"]),
+        "ppl_live": r(lp), "ppl_new": r(np_),
         "corrected_exact_live": r(live["corrected"]["exact"]),
         "bleu_live": r(live["corrected"]["bleu"]), "rougeL_live": r(live["corrected"]["rougeL"]),
-        "heldout_margin_live": r(live["heldout"]["margin"]), "heldout_margin": r(new["heldout"]["margin"]),
         "trained_margin_live": r(live["trained"]["margin"]), "trained_margin": r(new["trained"]["margin"]),
     }

@@ -60,6 +60,9 @@ from tuneloop.errors import TrainingError
 log = logging.getLogger(__name__)
 
 METHODS = ("sft", "kto", "dpo")
+#: adapters that merge into the weights, so the engine's fused step and hot-swap
+#: serve them like the base. Prefix tuning cannot merge, so it is not offered.
+PEFT_KINDS = ("lora", "dora", "adalora", "ia3")
 #: replay rows are distilled from the starting model's top-k next-token distribution
 DISTILL_TOP_K = 32
 
@@ -70,9 +73,11 @@ class FinetuneConfig:
 
     #: training objective: sft, kto or dpo
     method: str = "sft"
-    #: train a LoRA adapter (False: every weight)
+    #: train an adapter (False: every weight)
     lora: bool = True
-    #: LoRA rank and scale; the adapter is ``alpha / r`` times ``B @ A``
+    #: the adapter's kind, peft's own config for each (see ``PEFT_KINDS``)
+    peft: str = "lora"
+    #: adapter rank and scale (lora, dora, adalora); LoRA adds ``alpha / r`` times ``B @ A``
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -80,6 +85,8 @@ class FinetuneConfig:
     target_modules: str = "all-linear"
     learning_rate: float = 2e-3
     epochs: int = 8
+    #: most optimizer steps, whatever ``epochs`` says (0: no cap)
+    max_steps: int = 0
     #: examples per optimizer step, over all processes together
     batch_size: int = 8
     seed: int = 0
@@ -109,6 +116,9 @@ def _examples(tokenizer, rows: list[dict[str, Any]], cfg: FinetuneConfig) -> lis
     for row in rows:
         if row.get("replay"):
             e = enc(row["prompt"], row["completion"])
+            if e and row.get("cut") and e[1][-1] == tokenizer.eos_token_id:
+                # The reply was cut at a length limit: no end-of-turn to learn there.
+                e = (e[0][:-1], e[1][:-1])
             if e:
                 out.append({"distill": e, "replay": True} if cfg.replay_loss == "distill"
                            else {"sft": e, "replay": True})
@@ -148,6 +158,8 @@ class Finetuner:
                  accelerator=None, init_adapter: str | Path | None = None):
         if cfg.method not in METHODS:
             raise TrainingError(f"trainer.method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+        if cfg.peft not in PEFT_KINDS:
+            raise TrainingError(f"trainer.peft must be one of {', '.join(PEFT_KINDS)}, got {cfg.peft!r}")
         from accelerate import Accelerator
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,6 +177,9 @@ class Finetuner:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+        self.examples = _examples(self.tokenizer, rows, cfg)
+        if not self.examples:
+            raise TrainingError("nothing to train on: every example was empty or too long")
         model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
         if cfg.lora and init_adapter is not None:
             from peft import PeftModel
@@ -175,16 +190,9 @@ class Finetuner:
         elif init_adapter is not None:
             model = AutoModelForCausalLM.from_pretrained(str(init_adapter), dtype=torch.float32)
         elif cfg.lora:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                target_modules=cfg.target_modules if cfg.target_modules == "all-linear"
-                else [m.strip() for m in cfg.target_modules.split(",") if m.strip()],
-                task_type="CAUSAL_LM", bias="none"))
-        self.examples = _examples(self.tokenizer, rows, cfg)
-        if not self.examples:
-            raise TrainingError("nothing to train on: every example was empty or too long")
+            model = get_peft_model(model, peft_config(cfg, total_steps=len(self.steps())))
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         model.to(self.acc.device)
         self._reference(model)
@@ -266,6 +274,7 @@ class Finetuner:
         over the replay set (so a small ratio still covers the whole set over
         a few epochs). A short last batch is filled from the start of the
         epoch, so every process gets rows at every step (DDP steps together).
+        At most ``max_steps`` steps (the learning-rate schedule spans those).
         """
         size = max(self.cfg.batch_size, self.acc.num_processes)
         rng = random.Random(self.cfg.seed)
@@ -288,7 +297,7 @@ class Finetuner:
                 chunk = mixed[b:b + size]
                 chunk += (mixed * math.ceil(size / len(mixed)))[:size - len(chunk)]
                 out.append((epoch, chunk))
-        return out
+        return out[:self.cfg.max_steps] if self.cfg.max_steps else out
 
     def train(self) -> dict[str, Any]:
         plan = self.steps()
@@ -314,6 +323,9 @@ class Finetuner:
             self.acc.backward(loss)
             self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
+            if self.cfg.lora and self.cfg.peft == "adalora":
+                # AdaLoRA re-allocates rank between steps (peft's documented loop).
+                self.acc.unwrap_model(self.model).base_model.update_and_allocate(step)
             sched.step()
             self.opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -360,6 +372,40 @@ class Finetuner:
         model.save_pretrained(str(folder))
         if not self.cfg.lora:
             self.tokenizer.save_pretrained(str(folder))
+
+
+def _targets(cfg: FinetuneConfig) -> str | list[str]:
+    if cfg.target_modules == "all-linear":
+        return "all-linear"
+    return [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+
+
+def peft_config(cfg: FinetuneConfig, total_steps: int):
+    """peft's config for ``cfg.peft``; every kind here merges into the base weights."""
+    from peft import AdaLoraConfig, IA3Config, LoraConfig
+
+    common = {"task_type": "CAUSAL_LM"}
+    if cfg.peft in ("lora", "dora"):
+        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=_targets(cfg), bias="none", use_dora=cfg.peft == "dora", **common)
+    if cfg.peft == "adalora":
+        # Starts at 1.5x the rank and prunes to ``lora_r`` over the middle of the run.
+        phase = max(1, total_steps // 5)
+        return AdaLoraConfig(init_r=max(cfg.lora_r * 3 // 2, cfg.lora_r + 1), target_r=cfg.lora_r,
+                             lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                             target_modules=_targets(cfg), total_step=max(total_steps, 3 * phase + 1),
+                             tinit=phase, tfinal=phase, deltaT=1, **common)
+    if cfg.peft == "ia3":
+        # "all-linear" means peft's own choice for the architecture (attention
+        # keys/values and the MLP's down projection for Llama): IA3 scales
+        # activations, and peft knows where that pays.
+        if cfg.target_modules == "all-linear":
+            return IA3Config(**common)
+        targets = _targets(cfg)
+        return IA3Config(target_modules=targets,
+                         feedforward_modules=[m for m in targets if "mlp" in m or m in ("down_proj", "fc2")],
+                         **common)
+    raise TrainingError(f"trainer.peft must be one of {', '.join(PEFT_KINDS)}, got {cfg.peft!r}")
 
 
 def config_dict(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -41,8 +41,9 @@ def finetune_config(config: Config):
     from trainer.finetune import FinetuneConfig
 
     t = config.trainer
-    return FinetuneConfig(method=t.method, lora=t.lora, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
-                          learning_rate=t.learning_rate, epochs=t.epochs, batch_size=t.batch_size,
+    return FinetuneConfig(method=t.method, lora=t.lora, peft=t.peft, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
+                          learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
+                          batch_size=t.batch_size,
                           seed=t.seed, max_len=t.max_len, beta=t.beta, precision=t.precision,
                           target_modules=t.lora_targets, replay_ratio=t.replay_ratio)
 
@@ -57,8 +58,12 @@ def base_languages(base_path: str) -> tuple[str, ...]:
 
 
 async def greedy(config: Config, base_path: str, adapter: str | Path | None, prompts: list,
-                 version: str = "eval") -> list[str]:
-    """Greedy replies of base+adapter, decoded by the engine the bot serves with."""
+                 version: str = "eval", cut: list[bool] | None = None) -> list[str]:
+    """Greedy replies of base+adapter, decoded by the engine the bot serves with.
+
+    ``cut``, when given, is filled with whether each reply stopped at
+    ``eval_max_new_tokens`` rather than where the model ended it.
+    """
     from tuneloop.engine.base import SamplingParams
     from tuneloop.engine.local import LocalEngine
 
@@ -75,56 +80,122 @@ async def greedy(config: Config, base_path: str, adapter: str | Path | None, pro
         n = config.trainer.eval_max_new_tokens
         params = SamplingParams(max_new_tokens=n, temperature=0.0)
         done = await asyncio.gather(*(engine.complete(engine.fit_context(p, n), params) for p in prompts))
+        if cut is not None:
+            cut[:] = [c.finish_reason == "length" for c in done]
         return [c.text for c in done]
     finally:
         await engine.stop()
 
 
+def rewordings(base_path: str, adapter: str | Path | None, questions: list[str], n: int) -> list[list[str]]:
+    """Up to ``n`` distinct rewordings of each question, written by base+adapter (greedy, few-shot).
+
+    Plain-text few-shot prompts (``data.REWORD_SHOTS``), one per rewording:
+    a 135M instruct model asked to "rephrase" in chat mostly answers instead.
+    """
+    import torch
+
+    from trainer import data
+    from trainer.evaluate import load_model
+
+    if not questions or n <= 0:
+        return [[] for _ in questions]
+    model = load_model(base_path, adapter)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    shots = data.REWORD_SHOTS[:n]
+    texts = [data.reword_prompt(q, s) for q in questions for s in shots]
+    out: list[str] = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 16):
+            enc = tok(texts[i:i + 16], return_tensors="pt", padding=True)
+            gen = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    result = []
+    for qi, q in enumerate(questions):
+        seen: list[str] = []
+        for text in out[qi * len(shots):(qi + 1) * len(shots)]:
+            line = data.clean_rewording(q, text)
+            if line and line.casefold() not in (x.casefold() for x in seen):
+                seen.append(line)
+        result.append(seen)
+    return result
+
+
 def build_dataset(config: Config, store, registry: Registry, run_id: int, base_path: str) -> dict[str, Any]:
-    """The run's exact data: training rows (feedback + replay) and the gate's evaluation data."""
+    """The run's exact data: training rows (feedback + rewordings + replay) and the gate's evaluation data.
+
+    Every feedback item is trained on. What the gate judges is never trained on:
+    control prompts held out of the replay set, general-knowledge questions,
+    and one rewording of each corrected prompt.
+    """
     t = config.trainer
     cutoff = time.time()
     items = data.feedback_items(store)
     if not items:
         raise TrainingError("no feedback to train on yet")
-    train_items, held = data.split_holdout(items, t.holdout_fraction, salt=f"{t.seed}:{run_id}")
-    feedback_rows = data.to_rows(train_items, t.method)
-    if not feedback_rows:
-        raise TrainingError("no trainable feedback (every item is held out or has no usable rating)")
-    # The replay set: earlier prompts from the store first, then base SFT
-    # prompts, answered by the live model. The gate's controls are its prompts
-    # (trained on only when replay is on: with replay off they show the damage).
-    # A few more prompts, never trained on, measure what carries over to
-    # unseen prompts; they are reported, not gated.
-    unseen_n = min(16, t.control_prompts)
-    pool = data.replay_prompts(
-        store, exclude=[it["exchange_id"] for it in items], limit=t.control_prompts + unseen_n, seed=t.seed,
-        system_prompt=config.model.system_prompt, languages=base_languages(base_path),
-        exclude_prompts=[it["prompt"][-1]["content"] for it in items if it["prompt"]])
-    controls, unseen = pool[:t.control_prompts], pool[t.control_prompts:]
-    replay = controls if t.replay_ratio > 0 else []
     live = registry.live()
     adapter = registry.adapter(live)
-    corrected = [(it["prompt"], it["corrections"][-1], it in held) for it in items if it["corrections"]]
-    replies = asyncio.run(greedy(config, base_path, adapter, controls + unseen + [c[0] for c in corrected],
-                                 version=live or "base"))
-    control_replies = replies[:len(controls)]
-    unseen_replies = replies[len(controls):len(controls) + len(unseen)]
-    live_corrected = replies[len(controls) + len(unseen):]
-    replay_rows = [{**data.sft_row(p, r), "replay": True} for p, r in zip(replay, control_replies) if r.strip()]
-    rows = feedback_rows + replay_rows
-    hg, hb = _likelihood(held)
-    tg, tb = _likelihood(train_items)
+    corrected_items = [it for it in items if it["corrections"] and it["prompt"]
+                       and it["prompt"][-1].get("role") == "user"]
+    words = rewordings(base_path, adapter, [it["prompt"][-1]["content"] for it in corrected_items],
+                       t.paraphrases)
+    # The last rewording of each is the gate's; the others are training rows.
+    train_words = {it["exchange_id"]: w[:-1] for it, w in zip(corrected_items, words) if len(w) > 1}
+    gate_words = [(it, w[-1]) for it, w in zip(corrected_items, words) if w]
+    feedback_rows = data.to_rows(items, t.method)
+    reworded_rows = data.to_rows(data.reworded_items(corrected_items, train_words), t.method)
+    if not feedback_rows:
+        raise TrainingError("no trainable feedback (no item has a usable rating or a correction)")
+    asked = [it["prompt"][-1]["content"] for it in items if it["prompt"]]
+    knowledge = data.knowledge_questions(exclude_prompts=asked)
+    system = [{"role": "system", "content": config.model.system_prompt}] if config.model.system_prompt else []
+    pool = data.replay_prompts(
+        store, exclude=[it["exchange_id"] for it in items], limit=t.control_prompts + t.replay_prompts,
+        seed=t.seed, system_prompt=config.model.system_prompt, languages=base_languages(base_path),
+        exclude_prompts=asked + [q for q, _ in knowledge])
+    controls, replay = data.split_controls(pool, t.control_prompts)
+    if t.replay_ratio <= 0:
+        replay = []
+    corrected = [(it["prompt"], it["corrections"][-1]) for it in items if it["corrections"]]
+    paraphrases = [([*it["prompt"][:-1], {**it["prompt"][-1], "content": w}], it["corrections"][-1])
+                   for it, w in gate_words]
+    knowledge_prompts = [(system + [{"role": "user", "content": q}], answers) for q, answers in knowledge]
+    groups = {"replay": replay, "controls": controls, "corrected": [c[0] for c in corrected],
+              "paraphrases": [p[0] for p in paraphrases], "knowledge": [k[0] for k in knowledge_prompts]}
+    cut: list[bool] = []
+    live_replies = _split(asyncio.run(greedy(config, base_path, adapter, [p for g in groups.values() for p in g],
+                                             version=live or "base", cut=cut)), groups)
+    # A reply cut at eval_max_new_tokens is trained without its end-of-turn:
+    # replaying it must not teach the model to stop there.
+    replay_rows = [{**data.sft_row(p, r), "replay": True, **({"cut": True} if c else {})}
+                   for p, r, c in zip(replay, live_replies["replay"], cut) if r.strip()]
+    rows = feedback_rows + reworded_rows + replay_rows
+    tg, tb = _likelihood(items)
     return {
         "cutoff": cutoff, "live": live, "rows": rows, "dataset_hash": data.dataset_hash(rows),
-        "counts": {"feedback_items": len(items), "trained_items": len(train_items), "held_out_items": len(held),
-                   "feedback_rows": len(feedback_rows), "replay_rows": len(replay_rows),
-                   "controls": len(controls), "corrected": len(corrected)},
-        "eval": {"heldout_good": hg, "heldout_bad": hb, "trained_good": tg, "trained_bad": tb,
-                 "corrected": corrected, "controls": list(zip(controls, control_replies)),
-                 "unseen": list(zip(unseen, unseen_replies))},
-        "live_corrected": live_corrected,
+        "counts": {"feedback_items": len(items), "feedback_rows": len(feedback_rows),
+                   "reworded_rows": len(reworded_rows), "replay_rows": len(replay_rows),
+                   "controls": len(controls), "corrected": len(corrected), "paraphrases": len(paraphrases),
+                   "knowledge": len(knowledge_prompts)},
+        "eval": {"trained_good": tg, "trained_bad": tb, "corrected": corrected,
+                 "controls": list(zip(controls, live_replies["controls"])),
+                 "paraphrases": paraphrases, "knowledge": knowledge_prompts},
+        "live_replies": {k: v for k, v in live_replies.items() if k != "replay"},
     }
+
+
+def _split(replies: list[str], groups: dict[str, list]) -> dict[str, list[str]]:
+    """``replies`` to a flat list of every group's prompts, cut back into the groups."""
+    out, i = {}, 0
+    for name, prompts in groups.items():
+        out[name] = replies[i:i + len(prompts)]
+        i += len(prompts)
+    return out
 
 
 def _likelihood(items):
@@ -133,41 +204,45 @@ def _likelihood(items):
     return likelihood_sets(items)
 
 
+def eval_data(ds: dict[str, Any]):
+    from trainer.evaluate import EvalData
+
+    e = ds["eval"]
+    return EvalData(e["trained_good"], e["trained_bad"], [tuple(c) for c in e["corrected"]],
+                    [tuple(c) for c in e["controls"]], [tuple(p) for p in e["paraphrases"]],
+                    [(k[0], tuple(k[1])) for k in e["knowledge"]])
+
+
 def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from trainer import evaluate as ev
 
-    e = ds["eval"]
-    data_ = ev.EvalData(e["heldout_good"], e["heldout_bad"], e["trained_good"], e["trained_bad"],
-                        [tuple(c) for c in e["corrected"]], [tuple(c) for c in e["controls"]])
-    unseen = [tuple(u) for u in e.get("unseen", [])]
-    prompts = [c[0] for c in data_.controls] + [c[0] for c in data_.corrected] + [u[0] for u in unseen]
-    new_replies = asyncio.run(greedy(config, base_path, candidate, prompts, version="candidate"))
-    nc = len(data_.controls) + len(data_.corrected)
-    new_controls, new_corrected = new_replies[:len(data_.controls)], new_replies[len(data_.controls):nc]
-    new_unseen = new_replies[nc:]
-    live_controls = [c[1] for c in data_.controls]
+    data_ = eval_data(ds)
+    groups = {"controls": [c[0] for c in data_.controls], "corrected": [c[0] for c in data_.corrected],
+              "paraphrases": [p[0] for p in data_.paraphrases], "knowledge": [k[0] for k in data_.knowledge]}
+    new_replies = _split(asyncio.run(greedy(config, base_path, candidate, [p for g in groups.values() for p in g],
+                                            version="candidate")), groups)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     registry = Registry(config.trainer.registry)
     live_model = ev.load_model(base_path, registry.adapter(ds["live"]))
-    live = ev.measure(live_model, tokenizer, data_, ds["live_corrected"], live_controls, config.trainer.max_len)
+    live = ev.measure(live_model, tokenizer, data_, ds["live_replies"], config.trainer.max_len)
     del live_model
     new_model = ev.load_model(base_path, candidate)
-    new = ev.measure(new_model, tokenizer, data_, new_corrected, new_controls, config.trainer.max_len)
+    new = ev.measure(new_model, tokenizer, data_, new_replies, config.trainer.max_len)
     del new_model
-    passed, checks = ev.decide(live, new, ev.Thresholds.from_config(config.trainer),
-                               heldout_items=ds["counts"]["held_out_items"])
-    metrics = ev.summary(live, new)
-    # Report only: prompts never trained on, replay or not.
-    metrics["unseen_same"] = (round(sum(u[1].strip() == r.strip() for u, r in zip(unseen, new_unseen))
-                                    / len(unseen), 4) if unseen else None)
+    passed, checks = ev.decide(live, new, ev.Thresholds.from_config(config.trainer))
+    lr = ds["live_replies"]
     return {
-        "passed": passed, "checks": checks, "metrics": metrics, "live": live, "new": new,
-        "corrected": [{"prompt": c[0][-1]["content"], "correction": c[1], "held_out": c[2], "live": lr,
-                       "new": nr} for c, lr, nr in zip(data_.corrected, ds["live_corrected"], new_corrected)],
+        "passed": passed, "checks": checks, "metrics": ev.summary(live, new), "live": live, "new": new,
+        "corrected": [{"prompt": c[0][-1]["content"], "correction": c[1], "live": a, "new": b}
+                      for c, a, b in zip(data_.corrected, lr["corrected"], new_replies["corrected"])],
+        "paraphrases": [{"prompt": p[0][-1]["content"], "correction": p[1], "live": a, "new": b}
+                        for p, a, b in zip(data_.paraphrases, lr["paraphrases"], new_replies["paraphrases"])],
+        "knowledge": [{"prompt": k[0][-1]["content"], "answers": list(k[1]), "live": a, "new": b}
+                      for k, a, b in zip(data_.knowledge, lr["knowledge"], new_replies["knowledge"])],
         "controls_changed": [{"prompt": c[0][-1]["content"], "live": c[1], "new": nr}
-                             for c, nr in zip(data_.controls, new_controls) if c[1].strip() != nr.strip()],
+                             for c, nr in zip(data_.controls, new_replies["controls"]) if c[1].strip() != nr.strip()],
     }
 
 
@@ -213,7 +288,9 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
             runs.update(run_id, status="running", stage="dataset", pid=os.getpid(), started_at=time.time())
             registry.clean_staging(keep=name)
             work = registry.staging(name)
+            t0 = time.perf_counter()
             ds = build_dataset(config, store, registry, run_id, base_path)
+            ds["seconds"] = round(time.perf_counter() - t0, 1)
             tmp = work / "dataset.json.tmp"
             tmp.write_text(json.dumps(ds, ensure_ascii=False), encoding="utf-8")
             os.replace(tmp, work / "dataset.json")
@@ -230,21 +307,28 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
         if not main:
             return None
         runs.update(run_id, stage="gate")
+        t0 = time.perf_counter()
         report = gate(config, base_path, ds, candidate)
+        # Where a run's time goes: the dataset stage is mostly the live model's
+        # greedy replies (replay set and the gate's "before"), training is the
+        # finetuner's loop, the gate is the candidate's replies and likelihoods.
+        seconds = {"dataset": ds["seconds"], "train": stats["seconds"],
+                   "gate": round(time.perf_counter() - t0, 1)}
         verdict = "passed" if report["passed"] else "rejected"
         meta = {"parent": ds["live"], "run_id": name, "reason": reason, "base": config.model.base,
                 "data_cutoff": ds["cutoff"], "base_path": str(base_path),
                 "dataset_hash": ds["dataset_hash"], "dataset": ds["counts"], "method": t.method,
                 "hyperparameters": {**config_dict(fcfg), "replay_ratio": t.replay_ratio,
-                                    "holdout_fraction": t.holdout_fraction},
-                "train": stats, "metrics": report["metrics"], "checks": report["checks"], "verdict": verdict}
+                                    "replay_prompts": t.replay_prompts, "paraphrases": t.paraphrases},
+                "train": stats, "seconds": seconds, "metrics": report["metrics"], "checks": report["checks"], "verdict": verdict}
         runs.update(run_id, stage="registry")
         version = registry.add(work / "version", meta, report)
         if report["passed"]:
             registry.set_live(version, action="promote", by=name)
         outcome = {"run_id": name, "status": "done", "version": version, "promoted": report["passed"],
                    "verdict": verdict, "dataset_hash": ds["dataset_hash"], "metrics": report["metrics"],
-                   "checks": report["checks"], "train": stats, "live": registry.live() or "base"}
+                   "checks": report["checks"], "train": stats, "seconds": seconds,
+                   "live": registry.live() or "base"}
         runs.update(run_id, status="done", stage="", finished_at=time.time(), version=version,
                     promoted=report["passed"], metrics={**report["metrics"], "checks": report["checks"]})
         log.info("%s: %s %s (%s)", name, version, verdict,
