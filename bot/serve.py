@@ -109,7 +109,7 @@ def learning_service(services) -> Any:
 async def serve(config: Config, *, grace: float = GRACE_S, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> int:
     """Run until ``stop`` is set (by default: on SIGINT or SIGTERM); return the exit code."""
-    from bot.adapters.web import WebAdapter
+    from bot.adapters.web import WebAdapter, check_exposure
     from bot.runtime import services as open_services
 
     loop = asyncio.get_running_loop()
@@ -122,6 +122,7 @@ async def serve(config: Config, *, grace: float = GRACE_S, ready: asyncio.Event 
         except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
             pass
 
+    check_exposure(config)  # before binding: no keys, no listening beyond this machine
     sock = bind(config.server.host, config.server.port)
     try:
         log.info("engine: loading %s (backend %s)", config.model.base if config.model.backend == "local"

@@ -13,6 +13,18 @@ Routes
     GET  /static/{file}                 the pages' scripts and styles
     GET  /metrics                       Prometheus text format
     GET  /healthz                       {"status": "ok"}; 503 while shutting down
+    GET  /login, POST /login            a form that keeps an API key in a cookie (when keys are set)
+
+Authentication (``[[server.api_keys]]``): with no keys configured the server
+binds only a loopback address (``check_exposure``), every request acts in the
+``local`` community and the dashboard is open. With keys, ``/v1/*``,
+``/api/*`` and ``/metrics`` need ``Authorization: Bearer KEY`` (or the
+cookie ``/login`` sets): 401 without a valid one. A key acts within its
+community: its completions are that community's exchanges, its feedback can
+reach only those (another community's exchange is 404, as a missing one),
+and its dashboard shows only their figures. The dashboard and ``/metrics``
+need an admin key (403 otherwise). Keys are read from the environment at
+each request, so unsetting or changing a key's variable revokes it at once.
 
 Every completion is an exchange logged through ``Chat.respond``; the answer's
 ``id`` is the exchange id, in every chunk of a streamed reply too (the
@@ -31,9 +43,13 @@ their status, anything unexpected is logged with its traceback and answered
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +59,8 @@ from bot.chat import Turn, check_text, new_conversation_id
 from bot.feedback import parse_rating
 from bot.metrics import CONTENT_TYPE, Metrics
 from tuneloop import errors
+from tuneloop.community import LOCAL
+from tuneloop.config import ApiKey, Config
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +106,9 @@ def _classify(e: errors.TuneloopError) -> tuple[int, str]:
     raise AssertionError(e)
 
 
-_HTTP_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "method_not_allowed",
-               413: "request_too_large", 415: "invalid_request_error"}
+_HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "method_not_allowed", 413: "request_too_large",
+               415: "invalid_request_error"}
 
 
 @web.middleware
@@ -112,7 +131,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         if metrics:
             metrics.http_error(e.status, kind)
-        headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+        headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "www-authenticate")}
         return json_error(e.status, message, kind, headers=headers)
     except errors.TuneloopError as e:
         status, kind = _classify(e)
@@ -131,6 +150,124 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if metrics:
             metrics.http_error(500, "server_error")
         return json_error(500, f"internal error ({type(e).__name__}); see the server log", "server_error")
+
+
+# -- authentication ----------------------------------------------------------------------
+
+COOKIE = "tuneloop_key"
+#: paths that need a key when keys are configured, and those that need an admin key
+_KEYED = ("/v1/", "/api/")
+_ADMIN_ONLY = ("/api/dashboard", "/metrics")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a request acts as: a community, and whether with an admin key."""
+
+    community: str = LOCAL
+    admin: bool = False
+    #: the env var of the key used; None without keys (loopback only)
+    key: str | None = None
+
+
+IDENTITY = web.RequestKey("identity", Identity)
+
+
+class Keys:
+    """``[[server.api_keys]]``, each resolved from its environment variable at every request."""
+
+    def __init__(self, entries: list[ApiKey]):
+        self.entries = list(entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def identify(self, token: str | None) -> Identity | None:
+        if not token:
+            return None
+        found = None
+        for entry in self.entries:
+            value = os.environ.get(entry.key_env)
+            # Compared in constant time, and every entry compared, so timing tells nothing.
+            if value and hmac.compare_digest(value.encode(), token.encode()):
+                found = found or Identity(entry.community, entry.admin, entry.key_env)
+        return found
+
+    def check(self) -> None:
+        """At start: one line for keys that are unset, an error for one key shared by two entries."""
+        seen: dict[str, str] = {}
+        for entry in self.entries:
+            value = os.environ.get(entry.key_env)
+            if not value:
+                log.warning("api key not set: env=%s community=%s (requests with it get 401)", entry.key_env,
+                            entry.community)
+                continue
+            if value in seen and seen[value] != entry.key_env:
+                raise errors.ConfigError(f"server.api_keys: {seen[value]} and {entry.key_env} hold the same key; "
+                                         "each key must name one community")
+            seen[value] = entry.key_env
+
+
+KEYS = web.AppKey("keys", Keys)
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse to serve beyond this machine without API keys: one ``ConfigError`` line saying why."""
+    host = config.server.host
+    if config.server.api_keys or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise errors.ConfigError(
+            f"server.host: {host!r} is reachable from other machines, and without [[server.api_keys]] anyone "
+            "there could chat, rate, correct and read the dashboard; add API keys or bind 127.0.0.1")
+
+
+def _token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.cookies.get(COOKIE)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    keys: Keys = request.app[KEYS]
+    path = request.path
+    if not keys:
+        request[IDENTITY] = Identity()
+        return await handler(request)
+    identity = keys.identify(_token(request))
+    request[IDENTITY] = identity
+    if path in ("/", "/dashboard") and (identity is None or (path == "/dashboard" and not identity.admin)):
+        raise web.HTTPFound(f"/login?next={path}")
+    if path.startswith(_KEYED) or path in _ADMIN_ONLY:
+        if identity is None:
+            log.info("request refused: %s %s -> 401 (no valid API key)", request.method, path)
+            raise web.HTTPUnauthorized(
+                text="a valid API key is required: send Authorization: Bearer KEY",
+                headers={"WWW-Authenticate": 'Bearer realm="tuneloop"'})
+        if path in _ADMIN_ONLY and not identity.admin:
+            raise errors.PermissionDenied(f"{path} needs an admin API key")
+    return await handler(request)
+
+
+_LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tuneloop: sign in</title>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/style.css"></head>
+<body><main class="dash"><section class="card"><h2>Sign in with an API key</h2>{note}
+<form method="post" action="/login"><input type="hidden" name="next" value="{next}">
+<input type="password" name="key" autocomplete="current-password" aria-label="API key" required autofocus>
+<button type="submit">Sign in</button></form></section></main></body></html>
+"""
+
+
+def _next(value: str | None) -> str:
+    # Only our own pages: an open redirect would hand the cookie's user to anyone's page.
+    return value if value in ("/", "/dashboard") else "/"
 
 
 # -- request parsing -------------------------------------------------------------------
@@ -275,6 +412,8 @@ class WebAdapter:
         self.metrics = metrics or services.chat.metrics
         self.draining = asyncio.Event()
         self.url: str | None = None
+        self.keys = Keys(services.config.server.api_keys)
+        self.keys.check()
 
     def describe(self) -> str:
         return f"web chat: {self.url}" if self.url else "web chat: not listening"
@@ -283,8 +422,10 @@ class WebAdapter:
         app[SERVICES] = self.services
         app[METRICS] = self.metrics
         app[DRAINING] = self.draining
+        app[KEYS] = self.keys
         if error_middleware not in app.middlewares:
             app.middlewares.append(error_middleware)
+        app.middlewares.append(auth_middleware)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
@@ -293,6 +434,8 @@ class WebAdapter:
         app.router.add_get("/", self.page("index.html"))
         app.router.add_get("/dashboard", self.page("dashboard.html"))
         app.router.add_static("/static/", STATIC, append_version=False)
+        app.router.add_get("/login", self.login_page)
+        app.router.add_post("/login", self.login)
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_get("/healthz", self.healthz)
 
@@ -329,7 +472,9 @@ class WebAdapter:
         stream = _opt(body, "stream", (bool,), "true or false") or False
         options = _opt(body, "stream_options", (dict,), "an object") or {}
         include_usage = bool(options.get("include_usage"))
+        identity: Identity = request[IDENTITY]
         turn = Turn(text=text, user=_user(body, f"{platform}-anonymous"), platform=platform,
+                    community=identity.community,
                     conversation_id=_conversation_id(request, body, platform), history=history,
                     system_prompt=system, params=overrides)
         if stream:
@@ -432,18 +577,23 @@ class WebAdapter:
         if has_correction and not isinstance(correction, str):
             raise errors.InputError(f"correction must be a string, got {_type_name(correction)}")
         svc = self.services
-        svc.store.exchange(exchange_id)  # 404 before storing anything
+        identity: Identity = request[IDENTITY]
+        svc.store.exchange(exchange_id, identity.community)  # 404 before storing anything
         platform = "web" if request.headers.get("X-Tuneloop-Client") == "web" else "api"
         out: dict[str, Any] = {"exchange_id": exchange_id, "user": user}
         if has_correction:
             # Checked first so that a bad correction stores nothing at all.
             check_text(correction, svc.feedback.max_chars, what="correction")
         if has_rating:
-            svc.feedback.rate(exchange_id, user, rating, platform=platform)
+            svc.feedback.rate(exchange_id, user, rating, platform=platform, community=identity.community)
             out["rating"] = rating
         if has_correction:
-            cid = svc.feedback.correct(exchange_id, user, correction, platform=platform)
-            out["correction"] = {"id": cid, "text": correction.strip()}
+            decision = svc.feedback.correct(exchange_id, user, correction, platform=platform,
+                                            community=identity.community,
+                                            channel="web" if identity.key is None else "http",
+                                            admin=identity.admin)
+            out["correction"] = {"id": decision.correction_id, "text": correction.strip(),
+                                 "status": decision.status}
         return web.json_response(out)
 
     # -- pages, dashboard, metrics, health --------------------------------------------
@@ -465,10 +615,30 @@ class WebAdapter:
                 raise errors.InputError(f"bucket must be a whole number of seconds, got {bucket!r}") from None
             if not 60 <= bucket <= 31 * 86400:
                 raise errors.InputError(f"bucket must be between 60 and {31 * 86400} seconds, got {bucket}")
-        data = await asyncio.get_running_loop().run_in_executor(
-            None, dashboard, self.services.store, bucket)
+        identity: Identity = request[IDENTITY]
+        # With keys, an admin key sees its own community; without, the machine's operator sees all.
+        store = self.services.store.scoped(identity.community if identity.key else None)
+        data = await asyncio.get_running_loop().run_in_executor(None, dashboard, store, bucket)
         data["engine"] = self.services.engine.stats()
         return web.json_response(data)
+
+    async def login_page(self, request: web.Request, note: str = "") -> web.Response:
+        html = _LOGIN_PAGE.format(note=f'<p class="muted">{note}</p>' if note else "",
+                                  next=_next(request.query.get("next")))
+        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        key, target = str(form.get("key") or ""), _next(str(form.get("next") or ""))
+        identity = self.keys.identify(key)
+        if identity is None or (target == "/dashboard" and not identity.admin):
+            log.info("login refused: next=%s reason=%s", target, "no such key" if identity is None else "not admin")
+            return await self.login_page(request, "That key is not valid here." if identity is None
+                                         else "The dashboard needs an admin key.")
+        log.info("login: env=%s community=%s admin=%s", identity.key, identity.community, identity.admin)
+        resp = web.HTTPFound(target)
+        resp.set_cookie(COOKIE, key, httponly=True, samesite="Strict", secure=request.secure, path="/")
+        raise resp
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,337 @@
+"""Communities kept apart (issue 12), through the real HTTP API with API keys, the
+CLI on the same database, and the store's per-community views.
+
+Two API keys name two communities (``http:acme``, ``http:beta``); a third is
+acme's admin key. Nothing of one community is context, memory, a training or
+export row, a figure or a feedback target of the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from bot import cli
+from bot.runtime import services
+from tests.serving import serving
+from trainer.data import export
+from tuneloop.config import load
+from tuneloop.errors import ConfigError, NotFoundError
+from tuneloop.store import Store
+
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+ENV = {"TL_TEST_ACME": secrets.token_urlsafe(16), "TL_TEST_BETA": secrets.token_urlsafe(16),
+       "TL_TEST_ACME_ADMIN": secrets.token_urlsafe(16)}
+ACME, BETA, ADMIN = (ENV[k] for k in ENV)
+COMPLETIONS = "/v1/chat/completions"
+
+
+def _config_text(tiny_model, d, *, server: str) -> str:
+    return f"""
+[model]
+base = "{tiny_model}"
+device = "cpu"
+max_new_tokens = 3
+
+[storage]
+path = "{d / 'tuneloop.db'}"
+
+{server}
+
+[trainer]
+enabled = false
+
+[memory]
+enabled = false
+"""
+
+
+KEYS = """
+[[server.api_keys]]
+community = "acme"
+key_env = "TL_TEST_ACME"
+
+[[server.api_keys]]
+community = "beta"
+key_env = "TL_TEST_BETA"
+
+[[server.api_keys]]
+community = "acme"
+key_env = "TL_TEST_ACME_ADMIN"
+admin = true
+"""
+
+
+@pytest.fixture(scope="module")
+def config_file(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("communities")
+    path = d / "config.toml"
+    path.write_text(_config_text(tiny_model, d, server=f"[server]\n{KEYS}"))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keys_in_env():
+    old = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(config_file):
+    config = load(config_file)
+    async with services(config) as svc, serving(svc) as base:
+        yield base, svc
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def complete(http, base, key, text, *, conversation=None, user=None):
+    body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    if user:
+        body["user"] = user
+    headers = {**auth(key), **({"X-Conversation-Id": conversation} if conversation else {})}
+    async with http.post(base + COMPLETIONS, json=body, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["exchange_id"]
+
+
+async def feedback(http, base, key, exchange_id, body):
+    async with http.post(f"{base}/api/exchanges/{exchange_id}/feedback", json=body, headers=auth(key)) as r:
+        return r.status, await r.json()
+
+
+# -- authentication ---------------------------------------------------------------------------------
+
+
+@in_module_loop
+async def test_without_a_valid_key_every_api_path_is_401(server, http):
+    base, svc = server
+    before = svc.store.stats()["exchanges"]
+    for method, path in (("POST", COMPLETIONS), ("GET", "/v1/models"), ("POST", "/api/exchanges/1/feedback"),
+                         ("GET", "/api/dashboard"), ("GET", "/metrics")):
+        for headers in ({}, auth("not-a-key"), {"Authorization": "Basic abc"}, auth("")):
+            async with http.request(method, base + path, json={"user": "x", "rating": "up"},
+                                    headers=headers) as r:
+                assert r.status == 401, (path, headers)
+                assert r.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await r.json())["error"]["type"] == "authentication_error"
+    assert svc.store.stats()["exchanges"] == before
+    async with http.get(base + "/healthz") as r:  # liveness stays open for probes
+        assert r.status == 200
+
+
+@in_module_loop
+async def test_a_revoked_key_is_refused_at_once(server, http):
+    base, _ = server
+    async with http.get(base + "/v1/models", headers=auth(BETA)) as r:
+        assert r.status == 200
+    os.environ["TL_TEST_BETA"] = "changed-" + BETA  # the operator rotated it
+    try:
+        async with http.get(base + "/v1/models", headers=auth(BETA)) as r:
+            assert r.status == 401
+        del os.environ["TL_TEST_BETA"]  # and then removed it
+        async with http.get(base + "/v1/models", headers=auth(BETA)) as r:
+            assert r.status == 401
+    finally:
+        os.environ["TL_TEST_BETA"] = BETA
+    async with http.get(base + "/v1/models", headers=auth(BETA)) as r:
+        assert r.status == 200
+
+
+@in_module_loop
+async def test_dashboard_needs_an_admin_key_and_shows_its_community_only(server, http):
+    base, svc = server
+    await complete(http, base, ACME, "dashboard acme")
+    await complete(http, base, BETA, "dashboard beta")
+    async with http.get(base + "/api/dashboard", headers=auth(ACME)) as r:
+        assert r.status == 403 and "admin" in (await r.json())["error"]["message"]
+    async with http.get(base + "/metrics", headers=auth(BETA)) as r:
+        assert r.status == 403
+    async with http.get(base + "/api/dashboard", headers=auth(ADMIN)) as r:
+        assert r.status == 200
+        data = await r.json()
+    acme = svc.store.scoped("http:acme").stats()["exchanges"]
+    assert data["totals"]["exchanges"] == acme < svc.store.stats()["exchanges"]
+    assert sum(p["exchanges"] for p in data["timeline"]) == acme
+
+
+@in_module_loop
+async def test_login_form_sets_a_cookie_only_for_a_valid_key(server, http):
+    base, _ = server
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:  # IPs allowed
+        async with browser.get(base + "/dashboard", allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "/login?next=/dashboard"
+        async with browser.get(base + "/login?next=/dashboard") as r:
+            assert r.status == 200 and 'name="key"' in await r.text()
+        async with browser.post(base + "/login", data={"key": ACME, "next": "/dashboard"}) as r:
+            assert "needs an admin key" in await r.text()
+        async with browser.post(base + "/login", data={"key": "wrong", "next": "/dashboard"}) as r:
+            assert "not valid" in await r.text()
+        assert not browser.cookie_jar.filter_cookies(base)
+        async with browser.post(base + "/login", data={"key": ADMIN, "next": "https://evil.example/"},
+                                allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "/"  # never off-site
+        async with browser.get(base + "/api/dashboard") as r:  # the cookie, no header
+            assert r.status == 200
+        async with browser.get(base + "/dashboard") as r:
+            assert r.status == 200 and "tuneloop dashboard" in await r.text()
+
+
+# -- data kept apart -----------------------------------------------------------------------------------
+
+
+@in_module_loop
+async def test_feedback_cannot_reach_another_communitys_exchange(server, http):
+    base, svc = server
+    a = await complete(http, base, ACME, "acme asks")
+    missing = a + 10_000
+    status, gone = await feedback(http, base, BETA, missing, {"user": "eve", "rating": "down"})
+    for body in ({"user": "eve", "rating": "down"}, {"user": "eve", "correction": "Wrong."}):
+        status, out = await feedback(http, base, BETA, a, body)
+        # Exactly what a missing id answers, so an id reveals nothing.
+        assert status == 404 and out["error"]["message"] == f"exchange {a} not found"
+    assert gone["error"]["message"] == f"exchange {missing} not found"
+    assert svc.store.ratings(a) == {} and svc.store.corrections(a, in_effect=False) == []
+    status, out = await feedback(http, base, ACME, a, {"user": "ann", "rating": "up"})
+    assert status == 200 and svc.store.ratings(a) == {"ann": "up"}
+    assert svc.store.exchange(a).community == "http:acme"
+
+
+@in_module_loop
+async def test_a_non_admin_keys_correction_waits_and_an_admin_keys_is_live(server, http):
+    base, svc = server
+    a = await complete(http, base, ACME, "who runs acme?")
+    status, out = await feedback(http, base, ACME, a, {"user": "ann", "correction": "Ann does."})
+    assert status == 200 and out["correction"]["status"] == "pending"
+    assert svc.store.corrections(a) == []  # not in effect: nothing trains on it
+    status, out = await feedback(http, base, ADMIN, a, {"user": "boss", "correction": "Ann does."})
+    assert out["correction"]["status"] == "live"
+    assert [c["text"] for c in svc.store.corrections(a)] == ["Ann does."]
+
+
+@in_module_loop
+async def test_200_scripted_requests_leak_nothing_across_communities(server, http, config_file, tmp_path):
+    """Both communities talk in the *same* conversation ids, rate and correct each other's
+    exchange ids, and read their stats, exports and dashboards: leaks counted, must be 0."""
+    base, svc = server
+    own: dict[str, list[int]] = {"http:acme": [], "http:beta": []}
+    key = {"http:acme": ACME, "http:beta": BETA}
+    for i in range(100):
+        for name in own:
+            token = f"{name.split(':')[1]}-secret-{i}"
+            conversation = f"shared-{i % 10}"  # the same ids in both communities
+            own[name].append(await complete(http, base, key[name], token, conversation=conversation,
+                                            user=f"u{i % 7}"))
+    leaks = 0
+    for name, ids in own.items():
+        other = "beta" if name == "http:acme" else "acme"
+        for eid in ids:
+            ex = svc.store.exchange(eid)
+            leaks += ex.community != name
+            leaks += any(f"{other}-secret" in m["content"] for m in ex.messages)
+    # Feedback through the other community's key: every one a 404.
+    cross = 0
+    for eid in own["http:acme"][:20]:
+        status, _ = await feedback(http, base, BETA, eid, {"user": "eve", "rating": "down"})
+        cross += status != 404
+    for eid in own["http:beta"][:20]:
+        status, _ = await feedback(http, base, ACME, eid, {"user": "eve", "correction": "No."})
+        cross += status != 404
+    leaks += cross
+    # Each community rates its own: stats and exports per community hold nothing of the other.
+    for name, ids in own.items():
+        for eid in ids[:5]:
+            assert (await feedback(http, base, key[name], eid, {"user": "fan", "rating": "up"}))[0] == 200
+    for name in own:
+        other = "beta" if name == "http:acme" else "acme"
+        rows = export(svc.store.scoped(name), "sft")
+        leaks += sum(f"{other}-secret" in json.dumps(r) for r in rows)
+        assert len(rows) >= 5
+        stats = svc.store.scoped(name).stats()
+        leaks += set(stats["by_community"]) != {name}
+    print(f"\ncross-community leaks in {sum(map(len, own.values()))} requests: {leaks}")
+    assert leaks == 0
+
+
+# -- the CLI: --community, and bad names ----------------------------------------------------------------
+
+
+@in_module_loop
+async def test_stats_and_export_take_a_community(server, config_file, capsys, tmp_path):
+    _, svc = server
+    assert cli.main(["--config", str(config_file), "stats", "--json", "--community", "http:beta"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert list(stats["by_community"]) == ["http:beta"]
+    assert stats["exchanges"] == svc.store.scoped("http:beta").stats()["exchanges"]
+    assert cli.main(["--config", str(config_file), "stats", "--json"]) == 0
+    assert {"http:acme", "http:beta"} <= set(json.loads(capsys.readouterr().out)["by_community"])
+    out = tmp_path / "beta.jsonl"
+    assert cli.main(["--config", str(config_file), "export", "--format", "sft", "--community", "http:beta",
+                     "--output", str(out)]) == 0
+    assert "acme" not in out.read_text()
+    for bad, message in (("nowhere:1", "must be 'local' or start with"),
+                         ("http:a b", "may hold only letters"),
+                         ("http:nobody", "community 'http:nobody' not found (known: ")):
+        capsys.readouterr()
+        assert cli.main(["--config", str(config_file), "stats", "--community", bad]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("tuneloop: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_community_name_with_odd_characters_stops_start_up(tiny_model, tmp_path):
+    for name in ("a b", "ac/me", "x" * 101, "", "beta:é"):
+        path = tmp_path / "bad.toml"
+        server = f'[server]\n[[server.api_keys]]\ncommunity = "{name}"\nkey_env = "K"\n'
+        path.write_text(_config_text(tiny_model, tmp_path, server=server))
+        with pytest.raises(ConfigError, match=r"server.api_keys \(K\): community"):
+            load(path)
+
+
+def test_without_keys_the_server_binds_only_loopback(tiny_model, tmp_path, capsys):
+    path = tmp_path / "open.toml"
+    for host, ok in (("0.0.0.0", False), ("192.168.1.5", False), ("::", False), ("example.org", False),
+                     ("127.0.0.1", True), ("::1", True), ("localhost", True)):
+        path.write_text(_config_text(tiny_model, tmp_path, server=f'[server]\nhost = "{host}"\nport = 0'))
+        from bot.adapters.web import check_exposure
+
+        if ok:
+            check_exposure(load(path))
+        else:
+            with pytest.raises(ConfigError, match="without \\[\\[server.api_keys\\]\\]"):
+                check_exposure(load(path))
+    # `tuneloop run` says so in one line, before loading anything.
+    path.write_text(_config_text(tiny_model, tmp_path, server='[server]\nhost = "0.0.0.0"\nport = 0'))
+    assert cli.main(["--config", str(path), "run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tuneloop: error: server.host: '0.0.0.0' is reachable from other machines")
+
+
+def test_an_exchange_of_another_community_is_not_found_in_the_store(tmp_path):
+    with Store(tmp_path / "t.db") as store:
+        ex = store.add_exchange(platform="api", user="u", conversation_id="c", messages=[], prompt="p",
+                                reply="r", model_version="v", community="http:acme")
+        assert store.exchange(ex.id, "http:acme").id == ex.id
+        with pytest.raises(NotFoundError, match=f"exchange {ex.id} not found"):
+            store.exchange(ex.id, "http:beta")
+        assert store.conversation("c", community="http:beta") == []
+        assert not store.conversation_exists("c", community="http:beta")
