@@ -74,6 +74,7 @@ class FakeDiscord:
                                   "position": len(self.channels), "permission_overwrites": [], "nsfw": False,
                                   "parent_id": None, "topic": None, "last_message_id": None,
                                   "rate_limit_per_user": 0, "flags": 0}
+        self.more_guilds: list[str] = []  # add_guild's
         self.messages: dict[str, dict[str, Any]] = {}
         self.edits: dict[str, list[float]] = {}  # message id -> monotonic times of PATCHes
         self.reactions: list[tuple[str, str, str]] = []  # (message id, emoji, user id) added over REST
@@ -145,6 +146,8 @@ class FakeDiscord:
                 self._sent = []
                 await self.dispatch("READY", self._ready())
                 await self.dispatch("GUILD_CREATE", self._guild())
+                for gid in self.more_guilds:
+                    await self.dispatch("GUILD_CREATE", self._guild(gid))
                 self._connected.set()
             elif op == 6:
                 self.resumes += 1
@@ -192,22 +195,34 @@ class FakeDiscord:
                 "application": {"id": self.application_id, "flags": 0},
                 "private_channels": [], "relationships": [], "user_settings": {}, "session_type": "normal"}
 
-    def _guild(self) -> dict[str, Any]:
+    async def add_guild(self) -> tuple[str, str]:
+        """Another server, with one text channel, that the bot joins now: ``(guild id, channel id)``."""
+        gid, cid = self.snowflake(), self.snowflake()
+        self.channels[cid] = {"id": cid, "type": 0, "guild_id": gid, "name": "general", "position": 0,
+                              "permission_overwrites": [], "nsfw": False, "parent_id": None, "topic": None,
+                              "last_message_id": None, "rate_limit_per_user": 0, "flags": 0}
+        self.more_guilds.append(gid)
+        await self.dispatch("GUILD_CREATE", self._guild(gid))
+        return gid, cid
+
+    def _guild(self, guild_id: str | None = None) -> dict[str, Any]:
+        guild_id = guild_id or self.guild_id
         role = {"color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0,
                 "icon": None, "unicode_emoji": None, "permissions": "0"}
         return {
-            "id": self.guild_id, "name": "Fake Guild", "icon": None, "splash": None, "discovery_splash": None,
+            "id": guild_id, "name": "Fake Guild", "icon": None, "splash": None, "discovery_splash": None,
             "owner_id": self.snowflake(), "afk_channel_id": None, "afk_timeout": 300,
             "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
             "mfa_level": 0, "system_channel_id": None, "system_channel_flags": 0, "rules_channel_id": None,
             "vanity_url_code": None, "description": None, "banner": None, "premium_tier": 0,
             "preferred_locale": "en-US", "public_updates_channel_id": None, "nsfw_level": 0,
             "premium_progress_bar_enabled": False, "features": [], "emojis": [], "stickers": [],
-            "roles": [{**role, "id": self.guild_id, "name": "@everyone", "position": 0,
+            "roles": [{**role, "id": guild_id, "name": "@everyone", "position": 0,
                        "permissions": "1115136"},
                       {**role, "id": self.admin_role, "name": "bot-admins", "position": 1}],
             "joined_at": _now_iso(), "large": False, "unavailable": False, "member_count": 2,
-            "voice_states": [], "members": [self.bot.member()], "channels": list(self.channels.values()),
+            "voice_states": [], "members": [self.bot.member()],
+            "channels": [c for c in self.channels.values() if c.get("guild_id") == guild_id],
             "threads": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
             "soundboard_sounds": [],
         }
@@ -276,25 +291,28 @@ class FakeDiscord:
         msg = self.messages[message_id]
         await self.dispatch("MESSAGE_REACTION_ADD", {
             "user_id": user.id, "channel_id": msg["channel_id"], "message_id": message_id,
-            "guild_id": self.guild_id, "member": user.member(), "emoji": {"id": None, "name": emoji},
+            **({"guild_id": msg["guild_id"], "member": user.member()} if msg.get("guild_id") else {}),
+            "emoji": {"id": None, "name": emoji},
             "message_author_id": msg["author"]["id"], "burst": False, "burst_colors": [], "type": 0})
 
     async def unreact(self, user: FakeUser, message_id: str, emoji: str) -> None:
         msg = self.messages[message_id]
         await self.dispatch("MESSAGE_REACTION_REMOVE", {
             "user_id": user.id, "channel_id": msg["channel_id"], "message_id": message_id,
-            "guild_id": self.guild_id, "emoji": {"id": None, "name": emoji}, "burst": False, "type": 0})
+            **({"guild_id": msg["guild_id"]} if msg.get("guild_id") else {}),
+            "emoji": {"id": None, "name": emoji}, "burst": False, "type": 0})
 
     def _interaction(self, user: FakeUser, kind: int, data: dict[str, Any], channel: str | None = None) -> dict:
         channel = channel or self.general
+        guild_id = self.channels[channel].get("guild_id", self.guild_id)
         return {
             "id": self.snowflake(), "application_id": self.application_id, "type": kind, "data": data,
-            "guild_id": self.guild_id, "guild": {"id": self.guild_id, "locale": "en-US", "features": []},
+            "guild_id": guild_id, "guild": {"id": guild_id, "locale": "en-US", "features": []},
             "channel_id": channel, "channel": {**self.channels[channel], "permissions": ALL_PERMISSIONS},
             "member": {**user.member(), "permissions": ALL_PERMISSIONS},
             "token": f"itoken-{self.snowflake()}", "version": 1, "app_permissions": ALL_PERMISSIONS,
             "locale": "en-US", "guild_locale": "en-US", "entitlements": [], "entitlement_sku_ids": [],
-            "authorizing_integration_owners": {"0": self.guild_id}, "context": 0,
+            "authorizing_integration_owners": {"0": guild_id}, "context": 0,
             "attachment_size_limit": 10485760,
         }
 
@@ -306,7 +324,7 @@ class FakeDiscord:
         return {"id": self.snowflake(), "name": name, "type": kind}
 
     async def slash(self, user: FakeUser, sub: str, options: dict[str, str] | None = None,
-                    group: str = "tuneloop") -> dict[str, Any]:
+                    group: str = "tuneloop", channel: str | None = None) -> dict[str, Any]:
         """A user runs ``/group sub option:value``; returns the interaction sent."""
         cmd = self._command(group)
         data: dict[str, Any] = {"id": cmd["id"], "name": group, "type": 1, "options": [
@@ -314,7 +332,7 @@ class FakeDiscord:
                                                  for k, v in (options or {}).items()]}]}
         if cmd.get("guild_id"):
             data["guild_id"] = cmd["guild_id"]
-        interaction = self._interaction(user, 2, data)
+        interaction = self._interaction(user, 2, data, channel)
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 
@@ -329,14 +347,15 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 
-    async def submit_modal(self, user: FakeUser, modal: dict[str, Any], value: str) -> dict[str, Any]:
+    async def submit_modal(self, user: FakeUser, modal: dict[str, Any], value: str,
+                           channel: str | None = None) -> dict[str, Any]:
         """A user fills every text input of ``modal`` (a type-9 callback's data) with ``value``."""
         rows = []
         for row in modal["components"]:
             inner = row["components"] if row["type"] == 1 else [row["component"]]
             rows.append({"type": 1, "components": [{"type": 4, "custom_id": c["custom_id"], "value": value}
                                                    for c in inner]})
-        interaction = self._interaction(user, 5, {"custom_id": modal["custom_id"], "components": rows})
+        interaction = self._interaction(user, 5, {"custom_id": modal["custom_id"], "components": rows}, channel)
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 

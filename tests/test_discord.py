@@ -126,7 +126,7 @@ async def test_commands_synced_to_the_guild(world):
     assert names == {("tuneloop", 1), (CONTEXT_MENU_NAME, 3)}
     group = next(c for c in world.fake.commands[world.fake.guild_id] if c["name"] == "tuneloop")
     assert {o["name"] for o in group["options"]} == {"retrain", "status", "models", "rollback", "promote",
-                                                      "forget-me"}
+                                                      "forget-me", "review", "approve", "reject", "block"}
     assert ("GET", "/gateway/bot") in world.fake.requests
 
 
@@ -273,9 +273,11 @@ async def test_corrections_by_prefix_and_by_modal(world):
     msg = await fake.say(ALICE, "capital of france", mention_bot=True)
     ex, (reply,) = await answer(world, msg)
     fix = await fake.say(ALICE, "!fix Paris is the capital of France.", reply_to=reply["id"])
-    await wait_until(lambda: world.store.corrections(ex.id))
-    assert [c["text"] for c in world.store.corrections(ex.id)] == ["Paris is the capital of France."]
-    assert [c["user"] for c in world.store.corrections(ex.id)] == [ALICE.id]
+    # Stored for review ([trust] discord = "review"): kept, not yet in effect.
+    stored = await wait_until(lambda: world.store.corrections(ex.id, in_effect=False))
+    assert [(c["user"], c["text"], c["status"]) for c in stored] == [
+        (ALICE.id, "Paris is the capital of France.", "pending")]
+    assert world.store.corrections(ex.id) == []
     await wait_until(lambda: (fix["id"], "✅", fake.bot.id) in fake.reactions)
     await no_answer(world, fix)  # a correction is not a question
 
@@ -285,7 +287,9 @@ async def test_corrections_by_prefix_and_by_modal(world):
     submit = await fake.submit_modal(BOB, cb["data"], "It is Paris.")
     done = await wait_until(lambda: fake.callback_for(submit))
     assert done["type"] == 4 and done["data"]["flags"] & 64  # ephemeral
-    assert [(c["user"], c["text"]) for c in world.store.corrections(ex.id)][-1] == (BOB.id, "It is Paris.")
+    assert "an admin will review it" in done["data"]["content"]
+    assert [(c["user"], c["text"]) for c in world.store.corrections(ex.id, in_effect=False)][-1] == (
+        BOB.id, "It is Paris.")
 
     # On a message that is not the bot's reply: a polite ephemeral no.
     not_ours = await fake.context_menu(BOB, CONTEXT_MENU_NAME, msg["id"])

@@ -45,6 +45,7 @@ from bot.admin import Caller
 from bot.chat import Turn
 from bot.replies import Clock, ReplyStream
 from bot.services import Services
+from tuneloop import community
 from tuneloop.engine import Message
 from tuneloop.errors import ConfigError, NotFoundError, PermissionDenied, TuneloopError
 
@@ -111,6 +112,11 @@ class _Poster:
         await self.sent.pop(ref).delete()
 
 
+_THANKS = {"live": "Thanks — your reply is stored as a correction.",
+           "pending": "Thanks — your reply is stored as a correction; an admin will review it before I learn it.",
+           "rejected": "Thanks — your reply is stored."}
+
+
 class _CorrectionModal(discord.ui.Modal, title=CONTEXT_MENU_NAME):
     text: discord.ui.TextInput = discord.ui.TextInput(
         label="A better reply", style=discord.TextStyle.paragraph, max_length=4000)
@@ -122,16 +128,18 @@ class _CorrectionModal(discord.ui.Modal, title=CONTEXT_MENU_NAME):
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         user = str(interaction.user.id)
+        caller = self.adapter.caller(interaction.user, interaction.guild_id)
         try:
-            cid = self.adapter.services.feedback.correct(self.exchange_id, user, self.text.value or "",
-                                                         platform=PLATFORM)
+            decision = self.adapter.services.feedback.correct(
+                self.exchange_id, user, self.text.value or "", platform=PLATFORM, community=caller.community,
+                admin=self.adapter.services.admin.is_admin(caller))
         except TuneloopError as e:
             await interaction.response.send_message(f"⚠️ {e}", ephemeral=True)
             return
-        log.info("discord correction (modal): guild=%s channel=%s user=%s exchange=%d correction=%d",
-                 interaction.guild_id, interaction.channel_id, user, self.exchange_id, cid)
-        await interaction.response.send_message("Thanks — your reply is stored as a correction.",
-                                                ephemeral=True)
+        log.info("discord correction (modal): guild=%s channel=%s user=%s exchange=%d correction=%d status=%s",
+                 interaction.guild_id, interaction.channel_id, user, self.exchange_id, decision.correction_id,
+                 decision.status)
+        await interaction.response.send_message(_THANKS[decision.status], ephemeral=True)
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:
         log.error("discord modal failed: interaction=%s exchange=%d", interaction.id, self.exchange_id,
@@ -291,7 +299,8 @@ class DiscordAdapter:
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return "ignored"
         parent = await self._referenced(message)
-        to_bot = parent is not None and (parent.author.id == me.id or self._exchange_id(parent.id) is not None)
+        where = self.community_of(message.guild.id if message.guild else None, message.author.id)
+        to_bot = parent is not None and (parent.author.id == me.id or self._exchange_id(parent.id, where) is not None)
         prefix = self.config.correction_prefix
         if to_bot and prefix and message.content.lstrip().startswith(prefix):
             return await self._correct(message, parent)
@@ -367,34 +376,43 @@ class DiscordAdapter:
                      ref.channel_id, ref.message_id, e)
             return None
 
+    def community_of(self, guild_id: int | None, user_id: int) -> str:
+        """A server's community; direct messages: ``[discord] dm_community``, else the user's own."""
+        return community.discord(guild_id, user_id, dms=self.config.dm_community)
+
+    def caller(self, user: Any, guild_id: int | None) -> Caller:
+        return Caller(PLATFORM, str(user.id), tuple(str(r.id) for r in getattr(user, "roles", ())),
+                      community=self.community_of(guild_id, user.id))
+
     async def _turn(self, message: discord.Message, text: str, parent: discord.Message | None) -> Turn:
         channel = message.channel
         thread = isinstance(channel, discord.Thread)
-        turn = Turn(text=text, user=str(message.author.id), platform=PLATFORM,
+        where = self.community_of(message.guild.id if message.guild else None, message.author.id)
+        turn = Turn(text=text, user=str(message.author.id), platform=PLATFORM, community=where,
                     channel=str(channel.parent_id if thread else channel.id),
                     thread=str(channel.id) if thread else "", params=dict(self.sampling))
         if thread:
             turn.conversation_id = f"discord-thread-{channel.id}"
-            if not self.services.store.conversation_exists(turn.conversation_id):
+            if not self.services.store.conversation_exists(turn.conversation_id, where):
                 turn.history = await self._thread_history(message)
         elif parent is not None:
-            turn.conversation_id, turn.history = await self._chain(parent)
+            turn.conversation_id, turn.history = await self._chain(parent, where)
         return turn
 
     def _role(self, message: discord.Message) -> str:
         return "assistant" if self.client.user and message.author.id == self.client.user.id else "user"
 
-    async def _chain(self, parent: discord.Message) -> tuple[str | None, list[Message]]:
+    async def _chain(self, parent: discord.Message, where: str) -> tuple[str | None, list[Message]]:
         """The reply chain ending at ``parent``, oldest first, and its conversation if the store knows it."""
         later: list[Message] = []
         current: discord.Message | None = parent
         for _ in range(MAX_CONTEXT_MESSAGES):
             if current is None:
                 break
-            ex_id = self._exchange_id(current.id)
+            ex_id = self._exchange_id(current.id, where)
             if ex_id is not None:
                 try:
-                    ex = self.services.store.exchange(ex_id)
+                    ex = self.services.store.exchange(ex_id, where)
                 except NotFoundError:  # forgotten (forget-me) since: the chain starts here
                     break
                 known = [m for m in ex.messages if m.get("role") != "system"]
@@ -419,15 +437,17 @@ class DiscordAdapter:
             log.info("discord thread history unavailable: thread=%s error=%s", message.channel.id, e)
         return history[::-1]
 
-    def _exchange_id(self, message_id: int) -> int | None:
-        ex = self.services.store.exchange_by_ref(PLATFORM, str(message_id))
+    def _exchange_id(self, message_id: int, where: str) -> int | None:
+        """The exchange a bot message answers, if it is one of ``where``'s community."""
+        ex = self.services.store.exchange_by_ref(PLATFORM, str(message_id), where)
         return ex.id if ex is not None else None
 
     # ------------------------------------------------------------------ feedback
 
     async def _correct(self, message: discord.Message, parent: discord.Message) -> str:
         ids = _ids(message)
-        ex_id = self._exchange_id(parent.id)
+        caller = self.caller(message.author, message.guild.id if message.guild else None)
+        ex_id = self._exchange_id(parent.id, caller.community)
         if ex_id is None:
             log.info("discord correction of an unknown reply: %s reply=%s", ids, parent.id)
             await message.reply("I have no record of that reply, so I can't store a correction for it.",
@@ -435,11 +455,14 @@ class DiscordAdapter:
             return "ignored"
         text = message.content.lstrip()[len(self.config.correction_prefix):].strip()
         try:
-            cid = self.services.feedback.correct(ex_id, str(message.author.id), text, platform=PLATFORM)
+            decision = self.services.feedback.correct(ex_id, str(message.author.id), text, platform=PLATFORM,
+                                                      community=caller.community,
+                                                      admin=self.services.admin.is_admin(caller))
         except TuneloopError as e:
             await message.reply(f"⚠️ {e}", mention_author=False)
             return "refused"
-        log.info("discord correction: %s exchange=%d correction=%d", ids, ex_id, cid)
+        log.info("discord correction: %s exchange=%d correction=%d status=%s", ids, ex_id, decision.correction_id,
+                 decision.status)
         try:
             await message.add_reaction("✅")
         except discord.HTTPException:
@@ -468,13 +491,15 @@ class DiscordAdapter:
         rating = self._rating(payload.emoji)
         if rating is None:
             return "ignored"
-        ex_id = self._exchange_id(payload.message_id)
+        where = self.community_of(payload.guild_id, payload.user_id)
+        ex_id = self._exchange_id(payload.message_id, where)
         user = str(payload.user_id)
         if ex_id is None:
             log.info("discord reaction ignored (not a bot reply): message=%s user=%s", payload.message_id, user)
             return "ignored"
         try:
-            outcome = self.services.feedback.react(ex_id, user, rating, added=added, platform=PLATFORM)
+            outcome = self.services.feedback.react(ex_id, user, rating, added=added, platform=PLATFORM,
+                                                   community=where)
         except TuneloopError as e:  # the exchange was forgotten meanwhile
             log.info("discord rating not stored: message=%s user=%s error=%s", payload.message_id, user, e)
             return "ignored"
@@ -515,8 +540,27 @@ class DiscordAdapter:
         async def forget_me(interaction: discord.Interaction) -> None:
             await admin(interaction, ["forget-me"])
 
+        @group.command(name="review", description="Corrections of this server waiting for review (admins)")
+        async def review(interaction: discord.Interaction) -> None:
+            await admin(interaction, ["review"])
+
+        @group.command(name="approve", description="Make a pending correction live (admins)")
+        @app_commands.describe(correction="the correction id `/tuneloop review` shows")
+        async def approve(interaction: discord.Interaction, correction: str) -> None:
+            await admin(interaction, ["approve", correction])
+
+        @group.command(name="reject", description="Reject a pending correction (admins)")
+        @app_commands.describe(correction="the correction id `/tuneloop review` shows")
+        async def reject(interaction: discord.Interaction, correction: str) -> None:
+            await admin(interaction, ["reject", correction])
+
+        @group.command(name="block", description="Drop a user's pending corrections; never learn from them (admins)")
+        @app_commands.describe(user="the user's id or @mention")
+        async def block(interaction: discord.Interaction, user: str) -> None:
+            await admin(interaction, ["block", user.strip().removeprefix("<@").removeprefix("!").removesuffix(">")])
+
         async def suggest(interaction: discord.Interaction, message: discord.Message) -> None:
-            ex_id = self._exchange_id(message.id)
+            ex_id = self._exchange_id(message.id, self.community_of(interaction.guild_id, interaction.user.id))
             if ex_id is None:
                 await interaction.response.send_message("That is not one of my replies, so there is "
                                                         "nothing to correct.", ephemeral=True)
@@ -530,7 +574,7 @@ class DiscordAdapter:
         # Training control may take longer than Discord's 3 s: defer, then follow up.
         await interaction.response.defer(ephemeral=True, thinking=True)
         user = interaction.user
-        caller = Caller(PLATFORM, str(user.id), tuple(str(r.id) for r in getattr(user, "roles", ())))
+        caller = self.caller(user, interaction.guild_id)
         line = shlex.join(words)
         try:
             text = await asyncio.to_thread(self.services.admin.run, caller, line)

@@ -63,6 +63,7 @@ from bot.admin import Caller
 from bot.chat import Turn
 from bot.replies import Clock, ReplyStream
 from bot.services import Services
+from tuneloop import community
 from tuneloop.engine import Message
 from tuneloop.errors import BusyError, ConfigError, InputError, NotFoundError, TuneloopError
 
@@ -136,11 +137,22 @@ class SlackAdapter:
             bolt_log.removeFilter(quiet)
         self.bot_user_id: str | None = None
         self.bot_id: str | None = None
+        #: the token's own workspace: the community of a payload that names none
+        self.team_id: str | None = None
         self._socket: AsyncSocketModeHandler | None = None
         self._connecting: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._thread_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._register()
+
+    def _community(self, body: dict) -> str:
+        """The workspace an event, command, shortcut or action came from: ``slack:TEAM``."""
+        team = (body.get("team_id") or (body.get("team") or {}).get("id")
+                or (body.get("user") or {}).get("team_id") or self.team_id)
+        return community.slack(team)
+
+    def _is_admin(self, user: str, body: dict) -> bool:
+        return self.svc.admin.is_admin(Caller(PLATFORM, user, community=self._community(body)))
 
     def _secret(self, env: str, key: str, what: str) -> str:
         value = self.svc.config.secret(env)
@@ -160,6 +172,7 @@ class SlackAdapter:
         try:
             auth = await self.client.auth_test()
             self.bot_user_id, self.bot_id = auth.get("user_id"), auth.get("bot_id")
+            self.team_id = auth.get("team_id")
             log.info("slack: signed in as bot_user=%s team=%s mode=%s", self.bot_user_id, auth.get("team_id"),
                      self.config.mode)
         except SlackApiError as e:
@@ -338,9 +351,10 @@ class SlackAdapter:
             lock = self._thread_locks[cid] = asyncio.Lock()
         async with lock:
             history = None
-            if thread_ts != ts and not self.svc.store.conversation_exists(cid):
+            where = self._community(body)
+            if thread_ts != ts and not self.svc.store.conversation_exists(cid, where):
                 history = await self._thread_history(channel, thread_ts, ts, me)
-            turn = Turn(text=text, user=user, platform=PLATFORM, channel=channel, thread=thread_ts,
+            turn = Turn(text=text, user=user, platform=PLATFORM, community=where, channel=channel, thread=thread_ts,
                         conversation_id=cid, history=history, params=dict(self.sampling))
             # The first message is the reply's reference as soon as it is posted:
             # a reaction while the reply still streams rates it.
@@ -392,7 +406,8 @@ class SlackAdapter:
 
     async def _correct_by_prefix(self, body: dict, event: dict, text: str, thread_ts: str) -> None:
         channel, ts, user = event["channel"], event["ts"], event["user"]
-        earlier = [ex for ex in self.svc.store.conversation(conversation_id(channel, thread_ts))
+        where = self._community(body)
+        earlier = [ex for ex in self.svc.store.conversation(conversation_id(channel, thread_ts), community=where)
                    if ex.reply_ref and _ts(ex.reply_ref) < _ts(ts)]
         if not earlier:
             await self._ephemeral(channel, user, "To correct me, reply in the thread of my answer with "
@@ -400,12 +415,16 @@ class SlackAdapter:
             return self._done(body, event, "ignored", why="no bot reply to correct")
         ex = earlier[-1]
         try:
-            cid = self.svc.feedback.correct(ex.id, user, text, platform=PLATFORM)
+            decision = self.svc.feedback.correct(ex.id, user, text, platform=PLATFORM, community=where,
+                                                 admin=self._is_admin(user, body))
         except InputError as e:
             await self._ephemeral(channel, user, f"Correction not stored: {e}.", thread_ts)
             return self._done(body, event, "refused", ex.id, why=f'"{e}"')
         await self._react(channel, ts, _CORRECTION_STORED)
-        self._done(body, event, "corrected", ex.id, correction=cid)
+        if decision.status == "pending":
+            await self._ephemeral(channel, user, "Thanks! An admin will review your correction before I learn it.",
+                                  thread_ts)
+        self._done(body, event, "corrected", ex.id, correction=decision.correction_id, status=decision.status)
 
     # ------------------------------------------------------------------ ratings
 
@@ -417,12 +436,13 @@ class SlackAdapter:
         me = context.get("bot_user_id") or self.bot_user_id
         if item.get("type") != "message" or not user or user == me or rating is None:
             return self._done(body, event, "ignored", why="not a rating")
-        ex = self.svc.store.exchange_by_ref(PLATFORM, str(item.get("ts")))
+        where = self._community(body)
+        ex = self.svc.store.exchange_by_ref(PLATFORM, str(item.get("ts")), where)
         if ex is None or ex.channel != item.get("channel"):
             return self._done(body, event, "ignored", why="not a bot reply")
         added = event.get("type") == "reaction_added"
         try:
-            outcome = self.svc.feedback.react(ex.id, user, rating, added=added, platform=PLATFORM)
+            outcome = self.svc.feedback.react(ex.id, user, rating, added=added, platform=PLATFORM, community=where)
         except NotFoundError:  # forgotten, or its reply failed, since it was posted
             return self._done(body, event, "ignored", ex.id, why="exchange gone")
         if outcome == "ignored":
@@ -434,7 +454,7 @@ class SlackAdapter:
     async def _on_suggest(self, ack: Callable, body: dict, shortcut: dict, respond: Callable) -> None:
         await ack()
         message, channel = shortcut.get("message") or {}, (shortcut.get("channel") or {}).get("id", "")
-        ex = self.svc.store.exchange_by_ref(PLATFORM, str(message.get("ts")))
+        ex = self.svc.store.exchange_by_ref(PLATFORM, str(message.get("ts")), self._community(body))
         user = (shortcut.get("user") or {}).get("id")
         if ex is None:
             await respond(text="That message is not one of my replies; I can only take suggestions for those.",
@@ -450,27 +470,29 @@ class SlackAdapter:
         try:
             if ex_id is None:
                 raise NotFoundError("that reply is unknown")
-            cid = self.svc.feedback.correct(ex_id, user, text, platform=PLATFORM)
+            decision = self.svc.feedback.correct(ex_id, user, text, platform=PLATFORM,
+                                                 community=self._community(body), admin=self._is_admin(user, body))
         except (InputError, NotFoundError) as e:
             await ack(response_action="errors", errors={"correction": f"Not saved: {e}."})
             log.info("slack modal: user=%s exchange=%s outcome=refused why=%s", user, ex_id, e)
             return
         await ack()
-        log.info("slack modal: user=%s exchange=%s correction=%d outcome=corrected", user, ex_id, cid)
+        log.info("slack modal: user=%s exchange=%s correction=%d status=%s outcome=corrected", user, ex_id,
+                 decision.correction_id, decision.status)
 
     # ------------------------------------------------------------------ admin
 
     async def _on_command(self, ack: Callable, command: dict, respond: Callable) -> None:
         await ack()  # within Slack's 3 s; the work and the answer come after
         user, text = command.get("user_id", ""), (command.get("text") or "").strip()
-        reply = self._admin(user, text)
+        reply = self._admin(user, text, self._community(command))
         await self._respond(respond, command.get("channel_id"), user, reply)
         log.info("slack command: user=%s channel=%s command=%r", user, command.get("channel_id"),
                  text.split()[0] if text else "help")
 
-    def _admin(self, user: str, text: str) -> str:
+    def _admin(self, user: str, text: str, where: str) -> str:
         try:
-            return self.svc.admin.run(Caller(PLATFORM, user), text)
+            return self.svc.admin.run(Caller(PLATFORM, user, community=where), text)
         except TuneloopError as e:
             return f"Sorry: {e}"
         except Exception:  # a failing learning loop must still get the caller an answer
@@ -488,20 +510,22 @@ class SlackAdapter:
     async def _on_home_opened(self, body: dict, event: dict) -> None:
         if event.get("tab") != "home" or not event.get("user"):
             return self._done(body, event, "ignored", why="not the home tab")
-        await self._publish_home(event["user"])
+        await self._publish_home(event["user"], self._community(body))
         self._done(body, event, "home published")
 
     async def _on_home_action(self, ack: Callable, body: dict, action: dict) -> None:
         await ack()
         user = (body.get("user") or {}).get("id", "")
         command = HOME_ACTIONS[action["action_id"]]
-        note = None if command == "status" else self._admin(user, command)
-        await self._publish_home(user, note)
+        where = self._community(body)
+        note = None if command == "status" else self._admin(user, command, where)
+        await self._publish_home(user, where, note)
         log.info("slack home action: user=%s command=%s", user, command)
 
-    async def _publish_home(self, user: str, note: str | None = None) -> None:
-        status = self._admin(user, "status")
-        view = home_view(status, is_admin=self.svc.admin.is_admin(Caller(PLATFORM, user)), note=note)
+    async def _publish_home(self, user: str, where: str, note: str | None = None) -> None:
+        status = self._admin(user, "status", where)
+        view = home_view(status, is_admin=self.svc.admin.is_admin(Caller(PLATFORM, user, community=where)),
+                         note=note)
         await self.client.views_publish(user_id=user, view=view)
 
     # ------------------------------------------------------------------ the rest
