@@ -222,3 +222,28 @@ def test_auto_dtype(monkeypatch):
     speedup = cpu_bf16_speedup()
     assert speedup > 0
     assert pick_dtype("auto", "cpu") == (torch.bfloat16 if speedup >= 1.3 else torch.float32)
+
+
+def test_half_precision_logits_rescore_the_leading_candidates_in_float32():
+    """bfloat16 rounds logits to 8 bits: the leading candidates come back as float32 computes them."""
+    import torch.nn.functional as F
+
+    from tuneloop.engine._decode import RESCORE
+
+    model = _model("llama", num_key_value_heads=2, tie_word_embeddings=True).to(torch.bfloat16)
+    decoder, why = Decoder.for_model(model)
+    assert decoder is not None, why
+    gen = torch.Generator().manual_seed(3)
+    h = (torch.randn(5, 64, generator=gen) * 3).to(torch.bfloat16)
+    with torch.inference_mode():
+        logits = decoder._logits(h)
+        norm = model.model.norm
+        x = F.rms_norm(h.float(), (64,), norm.weight.float(), norm.variance_epsilon)
+        exact = F.linear(x, model.lm_head.weight.float())  # float32 arithmetic on the same weights
+        rounded = model.lm_head(norm(h)).float()
+    assert logits.dtype == torch.float32
+    # The leaders (well inside the RESCORE candidates) are float32's, in value and in order.
+    ours, theirs = logits.topk(RESCORE // 2, dim=-1), exact.topk(RESCORE // 2, dim=-1)
+    assert torch.equal(ours.indices, theirs.indices)
+    assert torch.allclose(ours.values, theirs.values, atol=1e-5)
+    assert float((rounded.gather(-1, theirs.indices) - theirs.values).abs().max()) > 1e-4  # what it corrects

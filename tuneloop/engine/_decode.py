@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: ``config.model_type`` values whose layers this step reproduces.
 SUPPORTED = ("llama", "mistral", "qwen2")
+#: Leading candidates whose half-precision logits are computed again in float32 (see ``Decoder._logits``).
+RESCORE = 8
 
 
 class Decoder:
@@ -57,6 +59,7 @@ class Decoder:
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = _rms_norm(inner.norm)
+        self.norm_fp32 = _rms_norm(inner.norm, torch.float32)
         self.lm_head = model.lm_head
         self.layers = [_Layer(layer, transposed) for layer in inner.layers]
         first = self.layers[0]
@@ -149,7 +152,30 @@ class Decoder:
         bias = bias.reshape(n * self.kv_heads, self.group, length)
         for layer, cache in zip(self.layers, batch.cache.layers, strict=True):
             h = layer(h, cos, sin, bias, cache)
-        return self.lm_head(self.norm(h))
+        return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[B, vocab]`` of the last hidden states ``h`` ``[B, C]``.
+
+        In a half precision the output projection rounds every logit to 8
+        bits of mantissa (steps of 0.125 at 20), which flips near-ties between
+        the leading candidates: SmolLM2 in bfloat16 answered "What is the
+        capital of France?" with a French word loop instead of "The capital of
+        France is Paris." (float32's answer). So the half-precision product
+        only picks the ``RESCORE`` leading candidates, and those are computed
+        again in float32 from the same weights: greedy decoding then picks
+        what float32 arithmetic on these weights picks.
+        """
+        if h.dtype == torch.float32:
+            return self.lm_head(self.norm(h))
+        x = self.norm_fp32(h.float())
+        logits = self.lm_head(x.to(h.dtype)).float()
+        top = logits.topk(min(RESCORE, logits.shape[-1]), dim=-1).indices  # [B, k]
+        weight = self.lm_head.weight[top].float()  # [B, k, C]
+        exact = torch.bmm(weight, x.unsqueeze(-1)).squeeze(-1)
+        if self.lm_head.bias is not None:
+            exact += self.lm_head.bias[top].float()
+        return logits.scatter_(-1, top, exact)
 
     def prefill(self, prompts: list[list[int]]) -> tuple[Batch, torch.Tensor]:
         """``_batch.prefill`` without padding (see ``_prefill``)."""
@@ -183,7 +209,7 @@ class Decoder:
             h, cache = layer.prefill(h, cos, sin, allowed, rows, cols, n, width)
             layers.append(cache)
         last = starts + lens - 1
-        logits = self.lm_head(self.norm(h[last]))
+        logits = self._logits(h[last])
         return Batch(Cache(layers=layers), mask, lens.clone(), width), logits
 
     @torch.inference_mode()
@@ -455,9 +481,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
-def _rms_norm(module: nn.Module):
+def _rms_norm(module: nn.Module, dtype: torch.dtype | None = None):
     """``module`` (an RMSNorm) as one fused op: its Python upcasts and multiplies in six."""
     weight, eps = module.weight, module.variance_epsilon
+    if dtype is not None:
+        weight = weight.detach().to(dtype)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, eps)
