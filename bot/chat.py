@@ -115,7 +115,8 @@ class Chat:
             params = self.sampling(**turn.params)
             hits = await self.memory.arecall(turn.text, turn.community)  # corrections this reply must use
             messages = self.engine.fit_context(self.memory.apply(self.context(turn), hits), params.max_new_tokens)
-            gen = self.engine.submit(messages, params)  # BusyError here logs nothing
+            # BusyError from submit logs nothing
+            gen = self.memory.answer(hits, self.engine.model_version) or self.engine.submit(messages, params)
         except BaseException as e:
             self.metrics.refused(turn.platform, e)
             raise

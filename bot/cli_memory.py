@@ -44,3 +44,97 @@ def cmd_memory(args, config: Config) -> int:
         print(f"{it['id']:>6} {it['status']:<12} {it['hits']:>5} {it['rated_up']:>4} {it['rated_down']:>4}  "
               f"{_short(it['prompt'], 40)} -> {_short(it['reply'], 40)}")
     return 0
+
+
+# -- replies on the lifelong set ----------------------------------------------------------------
+
+def _eval_args(p) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--split", choices=("tune", "heldout"), default="heldout")
+    p.add_argument("--every", type=int, default=1, help="teach every Nth item only (a quicker run)")
+    p.add_argument("--concurrency", type=int, default=16, help="replies in flight at once")
+
+
+async def _eval_replies(config: Config, split: str, every: int, concurrency: int) -> dict:
+    """The issue's reply-level figures: each item taught once by a correction, then asked again."""
+    import asyncio
+    import dataclasses
+
+    from bot.chat import Turn
+    from bot.runtime import services
+    from tuneloop.memory.evalset import build
+
+    items, queries = build(split)
+    items = items[::every]
+    keys = {i.key for i in items}
+    queries = [q for q in queries if q.expect is None or q.expect in keys]
+    facts = {i.key: i.fact for i in items}
+    gate = asyncio.Semaphore(concurrency)
+
+    async def ask(svc, text: str, user: str = "eval"):
+        async with gate:
+            ex = await svc.chat.respond(Turn(text=text, user=user, platform="eval"))
+        return ex, svc.store.memory_uses(ex.id)
+
+    def has(reply: str, fact: str) -> bool:
+        return fact.casefold() in reply.casefold()
+
+    off = dataclasses.replace(config, memory=dataclasses.replace(config.memory, enabled=False))
+    on = dataclasses.replace(config, memory=dataclasses.replace(config.memory, enabled=True))
+    async with services(off) as svc:  # the weights alone, before anything is taught
+        base = await asyncio.gather(*(ask(svc, q.text) for q in queries))
+    async with services(on) as svc:
+        async def teach(item):
+            first, _ = await ask(svc, item.prompt, user="learner")
+            svc.feedback.correct(first.id, "teacher", item.answer)
+            return await ask(svc, item.prompt, user="learner")  # the very next reply
+
+        nexts = await asyncio.gather(*(teach(i) for i in items))
+        after = await asyncio.gather(*(ask(svc, q.text) for q in queries))
+
+    def share(flags: list[bool]) -> float | None:
+        return round(sum(flags) / len(flags), 4) if flags else None
+
+    def rate(kind: str, results) -> float | None:
+        return share([has(ex.reply, facts[q.expect]) for q, (ex, _) in zip(queries, results) if q.kind == kind])
+
+    near = [(q, b, a) for q, b, a in zip(queries, base, after) if q.kind == "near_miss"]
+    unrelated = [(b, a) for q, b, a in zip(queries, base, after) if q.kind == "unrelated"]
+    all_facts = list(facts.values())
+    return {
+        "model": config.model.base, "split": split, "items": len(items),
+        "queries": {k: sum(q.kind == k for q in queries) for k in ("taught", "paraphrase", "near_miss", "unrelated")},
+        "memory_on": {
+            "next_reply_uses_correction": share([has(ex.reply, i.fact) and bool(uses)
+                                                 for i, (ex, uses) in zip(items, nexts)]),
+            "reliability": rate("taught", after),
+            "generalization": rate("paraphrase", after),
+            "near_miss_matched_memory": share([bool(a[1]) for _, _, a in near]),
+            "near_miss_took_taught_answer": share([any(has(a[0].reply, f) and not has(b[0].reply, f)
+                                                       for f in all_facts) for _, b, a in near]),
+            "unrelated_unchanged": share([a[0].reply == b[0].reply for b, a in unrelated]),
+        },
+        "memory_off": {"reliability": rate("taught", base), "generalization": rate("paraphrase", base)},
+    }
+
+
+@command("memory-eval", "the memory's reply-level figures on the lifelong set (a scratch store, "
+         "no training)")(_eval_args)
+def cmd_memory_eval(args, config: Config) -> int:
+    import asyncio
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    if args.every < 1 or args.concurrency < 1:
+        raise InputError("--every and --concurrency must be at least 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = dataclasses.replace(config, storage=dataclasses.replace(config.storage,
+                                                                          path=Path(tmp) / "eval.db"))
+        out = asyncio.run(_eval_replies(scratch, args.split, args.every, args.concurrency))
+    if args.json:
+        _print_json(out)
+    else:
+        for section in ("memory_on", "memory_off"):
+            print(section + ": " + ", ".join(f"{k} {v}" for k, v in out[section].items()))
+    return 0

@@ -83,14 +83,16 @@ def test_next_reply_uses_correction_for_paraphrase_not_near_miss(cfg):
                 [item] = [i for i in store.memory_items() if i["exchange_id"] == ex.id]
                 assert (item["prompt"], item["reply"], item["status"]) == (prompt, fix, "fast")
                 taught.append(item["id"])
-            # The very next reply, reworded, carries the correction; English and Chinese.
+            # The very next reply, reworded, is the correction; English and Chinese.
             for text, k in PARAPHRASES + [(p, k) for k, (p, _) in enumerate(TAUGHT)]:
-                ex = await chat.respond(Turn(text=text, user="carol", platform="web"))
+                deltas = []
+                ex = await chat.respond(Turn(text=text, user="carol", platform="web"), on_delta=deltas.append)
                 assert store.memory_uses(ex.id) == [taught[k]], text
-                assert TAUGHT[k][1] in note_of(ex.messages) and "You are tuneloop." in note_of(ex.messages)
+                assert (ex.reply, "".join(deltas), ex.finish_reason) == (TAUGHT[k][1], TAUGHT[k][1], "memory")
+                assert ex.messages[0] == {"role": "system", "content": "You are tuneloop."}  # no note
             for text in NEAR_MISSES:
                 ex = await chat.respond(Turn(text=text, user="carol", platform="web"))
-                assert store.memory_uses(ex.id) == [], text
+                assert store.memory_uses(ex.id) == [] and ex.finish_reason != "memory", text
                 assert ex.messages[0] == {"role": "system", "content": "You are tuneloop."}
             # Ratings of a reply that used an item rate the item; enough 👎 retire it.
             used = [await chat.respond(Turn(text=PARAPHRASES[0][0], user="dan", platform="web")) for _ in range(2)]
@@ -109,6 +111,26 @@ def test_next_reply_uses_correction_for_paraphrase_not_near_miss(cfg):
     asyncio.run(go())
 
 
+def test_context_mode_puts_the_correction_in_the_system_prompt(cfg):
+    cfg.write_text(cfg.read_text() + '[memory]\nreply = "context"\n')
+    config = load(cfg)
+
+    async def go():
+        async with services(config) as svc:
+            for prompt, fix in TAUGHT:
+                ex = await svc.chat.respond(Turn(text=prompt, user="alice", platform="web"))
+                svc.feedback.correct(ex.id, "bob", fix)
+            for text, k in PARAPHRASES:
+                ex = await svc.chat.respond(Turn(text=text, user="carol", platform="web"))
+                note = note_of(ex.messages)
+                assert note.startswith("You are tuneloop.") and TAUGHT[k][0] in note and TAUGHT[k][1] in note
+                assert ex.finish_reason != "memory" and len(svc.store.memory_uses(ex.id)) == 1
+            ex = await svc.chat.respond(Turn(text=NEAR_MISSES[0], user="carol", platform="web"))
+            assert ex.messages[0] == {"role": "system", "content": "You are tuneloop."}
+
+    asyncio.run(go())
+
+
 def test_forget_deletes_items_and_the_next_reply_stops_using_them(cfg):
     config = load(cfg)
 
@@ -122,8 +144,7 @@ def test_forget_deletes_items_and_the_next_reply_stops_using_them(cfg):
             assert svc.store.memory_items() == []
             assert svc.store.query("SELECT COUNT(*) AS n FROM memory_vectors")[0]["n"] == 0
             after = await svc.chat.respond(Turn(text=TAUGHT[0][0], user="carol", platform="web"))
-            assert svc.store.memory_uses(after.id) == []
-            assert TAUGHT[0][1] not in note_of(after.messages)
+            assert svc.store.memory_uses(after.id) == [] and after.finish_reason != "memory"
 
     asyncio.run(go())
 
@@ -190,6 +211,11 @@ def test_consolidation_takes_items_off_the_fast_path_and_back(tmp_path, encoder)
     assert store.memory_stats()["consolidated_share"] == 0.5
     store.set_memory_status({ids[0]: False}, "v3")  # a later version forgot it
     assert [h.item_id for h in memory.recall(PARAPHRASES[0][0])] == [ids[0]]
+    store.set_memory_status({ids[0]: True, ids[1]: True}, "v4")
+    assert memory.recall(PARAPHRASES[1][0]) == []
+    assert store.memory_unconsolidate(["v4"]) == 2  # v4 rolled back: both on the fast path again
+    assert [h.item_id for h in memory.recall(PARAPHRASES[1][0])] == [ids[1]]
+    assert store.memory_unconsolidate([]) == 0
     with pytest.raises(InputError):
         store.memory_items(status="slow")
     store.close()
@@ -199,11 +225,11 @@ def test_migration_makes_items_of_existing_corrections(tmp_path):
     from tuneloop.store import MIGRATIONS
 
     path = tmp_path / "old.db"
-    old = Store(path, migrations=MIGRATIONS[:4])
-    ex = old.add_exchange(platform="web", user="a", conversation_id="c", messages=[], prompt="Q?",
-                          reply="r", model_version="v0")
-    old.add_correction(ex.id, "b", "A.")
-    old.close()
+    Store(path, migrations=MIGRATIONS[:4]).close()
+    with sqlite3.connect(path) as raw:  # rows as a tuneloop of schema 4 wrote them
+        raw.execute("INSERT INTO exchanges (id, created_at, platform, user, conversation_id, messages, prompt, "
+                    "reply, model_version) VALUES (1, 0, 'web', 'a', 'c', '[]', 'Q?', 'r', 'v0')")
+        raw.execute("INSERT INTO corrections (exchange_id, user, text, created_at) VALUES (1, 'b', 'A.', 0)")
     with Store(path) as store:
         [item] = store.memory_items()
         assert (item["prompt"], item["reply"], item["user"]) == ("Q?", "A.", "b")

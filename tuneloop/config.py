@@ -259,6 +259,9 @@ class MemoryConfig:
     substitution_cosine: float = field(default=0.9, metadata=_meta(
         "least cosine at which a message that swaps a content word of the stored prompt for "
         "another still matches (above 1: never)", min=-1.0, max=2.0))
+    reply: str = field(default="verbatim", metadata=_meta(
+        "how a reply uses a match: verbatim (the correction is the reply) or context (a note in the "
+        "system prompt, and the model answers)", choices=("verbatim", "context")))
     max_bad_ratings: int = field(default=2, metadata=_meta(
         "an item stops being used once replies that used it have this many more 👎 than 👍", min=1))
 

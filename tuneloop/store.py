@@ -951,6 +951,16 @@ class Store:
                 counts[status] += cur.rowcount
         return counts
 
+    def memory_unconsolidate(self, versions: Sequence[str]) -> int:
+        """Items consolidated by any of ``versions`` (no longer live: rolled back, replaced by a
+        version not yet checked) go back to the fast path; how many did."""
+        if not versions:
+            return 0
+        with self.transaction():
+            return self.db.execute(
+                f"UPDATE memory_items SET status = 'fast', status_at = ? WHERE status = 'consolidated' "
+                f"AND status_version IN ({', '.join('?' * len(versions))})", [time.time(), *versions]).rowcount
+
     def memory_stats(self) -> dict[str, Any]:
         """Memory size, hits and consolidated share (the dashboard's figures)."""
         row = self.query(

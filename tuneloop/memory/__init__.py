@@ -18,12 +18,14 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
 from tuneloop.community import LOCAL
 from tuneloop.config import MemoryConfig
+from tuneloop.engine.base import Completion, Generation
 from tuneloop.errors import TuneloopError
 from tuneloop.memory.encoder import Encoder
 from tuneloop.memory.index import Index, Match
@@ -143,16 +145,37 @@ class Memory:
             return []
         return index.search(text, self.encoder.encode([text])[0], self.thresholds)[1]
 
-    @staticmethod
-    def apply(messages: list[dict[str, str]], hits: list[Hit]) -> list[dict[str, str]]:
-        """``messages`` with the hits' note appended to the system prompt (or as one)."""
-        if not hits:
+    def apply(self, messages: list[dict[str, str]], hits: list[Hit]) -> list[dict[str, str]]:
+        """``messages`` with the hits' note appended to the system prompt (or as one), in context mode.
+
+        A verbatim reply keeps the plain context: a 👍 on it then trains the
+        weights to answer without the note, which is what consolidation wants.
+        """
+        if not hits or self.config.reply != "context":
             return messages
         text = note(hits)
         if messages and messages[0].get("role") == "system":
             first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}
             return [first, *messages[1:]]
         return [{"role": "system", "content": text}, *messages]
+
+    def answer(self, hits: list[Hit], model_version: str) -> Generation | None:
+        """With ``[memory] reply = "verbatim"``, the matched correction itself as the reply: a
+        ``Generation`` that streams it in one piece (``finish_reason`` "memory"); else None."""
+        if not hits or self.config.reply != "verbatim":
+            return None
+        text, t0 = hits[0].reply, time.perf_counter()
+        gen = Generation(request_id=f"memory-{uuid.uuid4().hex[:12]}", deltas=None)  # type: ignore[arg-type]
+
+        async def deltas():
+            yield text
+            took = time.perf_counter() - t0
+            # No token was generated or read: zero, not an estimate.
+            gen.result = Completion(text=text, finish_reason="memory", prompt_tokens=0, completion_tokens=0,
+                                    time_to_first_token=took, total_time=took, model_version=model_version)
+
+        gen.deltas = deltas()
+        return gen
 
     def record(self, exchange_id: int, hits: list[Hit]) -> None:
         if hits:

@@ -22,6 +22,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from tuneloop.community import LOCAL
 from tuneloop.config import load
 from tuneloop.errors import TuneloopError
 
@@ -132,7 +133,7 @@ def cmd_bench(args) -> dict:
         texts = (texts * (args.queries // len(texts) + 1))[: args.queries]
         memory.recall(texts[0])  # first call pays one-time costs
         timing: dict[str, list[float]] = {"recall": [], "encode": [], "search": [], "generation_check": []}
-        idx = memory._indexes[""]
+        idx = memory._indexes[LOCAL]
         matched = 0
         for text in texts:
             t0 = time.perf_counter()

@@ -92,11 +92,16 @@ UNRELATED = {
 }
 
 
+#: the part of each relation's answer a reply must contain to count as using it
+FACT = {"owner": "p", "server": "x", "release": "d", "channel": "x", "office": "c"}
+
+
 @dataclass(frozen=True)
 class Item:
     key: str
     prompt: str
     answer: str
+    fact: str  # what a reply that uses the answer contains
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def build(split: str) -> tuple[list[Item], list[Query]]:
                             d=f"2027-{1 + n % 12:02d}-{1 + n % 28:02d}", c=["Oslo", "Lima", "Pune", "Kyoto",
                                                                            "成都", "杭州"][n % 6])
                 key = f"{lang}:{rel}:{e}"
-                items.append(Item(key, prompt.format(**fill), answer.format(**fill)))
+                items.append(Item(key, prompt.format(**fill), answer.format(**fill), fill[FACT[rel]]))
                 queries.append(Query(prompt.format(**fill), "taught", key))
                 queries += [Query(p.format(**fill), "paraphrase", key) for p in paras]
             for j, e in enumerate(entities[split + "_near"]):
