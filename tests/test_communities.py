@@ -18,9 +18,17 @@ import pytest_asyncio
 
 from bot import cli
 from bot.runtime import services
+from tests.fake_discord import wait_until
+from tests.fake_slack import TEAM, command_body, event_body, form, reaction_event
 from tests.serving import serving
+from tests.test_discord import ADMIN as DISCORD_ADMIN
+from tests.test_discord import ALICE as D_ALICE
+from tests.test_discord import BOB as D_BOB
+from tests.test_discord import answer, long_model, world  # noqa: F401 — fixtures
+from tests.test_slack import ADMIN as SLACK_ADMIN
+from tests.test_slack import ALICE, BOB, GENERAL, engine, fake, make_bot  # noqa: F401 — fixtures
 from trainer.data import export
-from tuneloop.config import load
+from tuneloop.config import TrustConfig, load
 from tuneloop.errors import ConfigError, NotFoundError
 from tuneloop.store import Store
 
@@ -335,3 +343,117 @@ def test_an_exchange_of_another_community_is_not_found_in_the_store(tmp_path):
             store.exchange(ex.id, "http:beta")
         assert store.conversation("c", community="http:beta") == []
         assert not store.conversation_exists("c", community="http:beta")
+
+
+# -- Slack: two workspaces on one install --------------------------------------------------------------
+
+
+OTHER_TEAM = "T0OTHER"
+
+
+async def slack_event(bot, event: dict, team: str) -> None:
+    body = event_body(event)
+    body["team_id"] = body["authorizations"][0]["team_id"] = team
+    status, _ = await bot.post(json.dumps(body), "application/json")
+    assert status == 200
+
+
+async def slack_command(bot, text: str, user: str, team: str) -> str:
+    body = {**command_body(text, user, GENERAL, bot.fake.response_url()), "team_id": team}
+    answered = len(bot.fake.responses)
+    status, _ = await bot.post(form(body), "application/x-www-form-urlencoded")
+    assert status == 200
+    await bot.fake.wait_for(lambda: len(bot.fake.responses) > answered, what="the answer")
+    return bot.fake.responses[-1]["text"]
+
+
+@in_module_loop
+async def test_slack_workspaces_are_communities(make_bot, fake):  # noqa: F811
+    bot = await make_bot()
+    # Slack corrections under review here, so that the queue has something to keep apart.
+    bot.svc.feedback.trust.config = TrustConfig(slack="review")
+    msg, ex = await bot.mention("what is our wifi password")
+    assert ex.community == f"slack:{TEAM}"
+    reply = fake.bot_replies(GENERAL, msg["ts"])[0]
+    # The same channel and message seen from another workspace: neither a rating nor a correction lands.
+    await slack_event(bot, reaction_event("reaction_added", BOB, "-1", GENERAL, reply["ts"]), OTHER_TEAM)
+    await slack_event(bot, fake.user_message(GENERAL, BOB, "!fix It is hunter2.", thread_ts=msg["ts"]), OTHER_TEAM)
+    await bot.settle()
+    assert bot.svc.store.ratings(ex.id) == {} and bot.svc.store.corrections(ex.id, in_effect=False) == []
+    # In its own workspace, a non-admin's correction waits for review.
+    await slack_event(bot, fake.user_message(GENERAL, BOB, "!fix It is on the fridge.", thread_ts=msg["ts"]), TEAM)
+    await bot.settle()
+    (pending,) = bot.svc.store.corrections(ex.id, in_effect=False)
+    assert pending["status"] == "pending"
+    # The other workspace's admin neither sees nor approves it.
+    assert await slack_command(bot, "review", SLACK_ADMIN, OTHER_TEAM) == "Nothing waits for review."
+    answer = await slack_command(bot, f"approve {pending['id']}", SLACK_ADMIN, OTHER_TEAM)
+    assert answer == f"Sorry: correction {pending['id']} not found"
+    # Its own workspace's admin does.
+    assert f"#{pending['id']} by {BOB}" in await slack_command(bot, "review", SLACK_ADMIN, TEAM)
+    assert await slack_command(bot, f"approve {pending['id']}", SLACK_ADMIN, TEAM) == (
+        f"Correction {pending['id']} is live.")
+    assert [c["text"] for c in bot.svc.store.corrections(ex.id)] == ["It is on the fridge."]
+    # A mention from the other workspace is that workspace's exchange.
+    other = fake.user_message(GENERAL, ALICE, f"<@{fake.bot_user_id}> hello from elsewhere")
+    await slack_event(bot, other, OTHER_TEAM)
+    await slack_event(bot, fake.mention_event(other), OTHER_TEAM)
+    await bot.settle()
+    (theirs,) = bot.svc.store.conversation(f"slack:{GENERAL}:{other['ts']}")
+    assert theirs.community == f"slack:{OTHER_TEAM}" and len(theirs.messages) == 1 + bool(
+        bot.svc.config.model.system_prompt)
+    assert bot.svc.store.communities() == sorted([f"slack:{TEAM}", f"slack:{OTHER_TEAM}"])
+
+
+# -- Discord: two servers, and direct messages ---------------------------------------------------------
+
+
+async def discord_command(w, user, sub: str, channel: str, **options: str) -> str:
+    interaction = await w.fake.slash(user, sub, options, channel=channel)
+    ups = await wait_until(lambda: w.fake.followups_for(interaction))
+    assert all(f["flags"] & 64 for f in ups)  # ephemeral: only the admin sees the queue
+    return "\n".join(f["content"] for f in ups)
+
+
+@in_module_loop
+async def test_discord_servers_and_dms_are_communities(world):  # noqa: F811 — the fixture
+    dfake = world.fake
+    other_guild, other_channel = await dfake.add_guild()
+    await wait_until(lambda: world.adapter.client.get_guild(int(other_guild)))
+    here = f"discord:{dfake.guild_id}"
+
+    msg = await dfake.say(D_ALICE, "who won the office quiz", mention_bot=True)
+    ex, (reply,) = await answer(world, msg)
+    assert ex.community == here
+    theirs = await dfake.say(D_BOB, "who won the office quiz", mention_bot=True, channel=other_channel)
+    ex2, _ = await answer(world, theirs)
+    assert ex2.community == f"discord:{other_guild}"
+    dm = dfake.open_dm(D_ALICE)
+    private = await dfake.say(D_ALICE, "just between us", channel=dm)
+    ex3, _ = await answer(world, private)
+    assert ex3.community == f"dm:discord:{D_ALICE.id}"
+
+    await dfake.say(D_BOB, "!fix Team Heron won.", reply_to=reply["id"])
+    (pending,) = await wait_until(lambda: world.store.corrections(ex.id, in_effect=False))
+    assert pending["status"] == "pending"  # [trust] discord = "review"
+    # The other server's admin neither sees it nor approves it; this server's admin does.
+    assert await discord_command(world, DISCORD_ADMIN, "review", other_channel) == "Nothing waits for review."
+    out = await discord_command(world, DISCORD_ADMIN, "approve", other_channel, correction=str(pending["id"]))
+    assert out == f"⚠️ correction {pending['id']} not found"
+    assert f"#{pending['id']} by {D_BOB.id}" in await discord_command(world, DISCORD_ADMIN, "review", dfake.general)
+    out = await discord_command(world, D_BOB, "approve", dfake.general, correction=str(pending["id"]))
+    assert out.startswith("🚫") and world.store.corrections(ex.id) == []
+    out = await discord_command(world, DISCORD_ADMIN, "approve", dfake.general, correction=str(pending["id"]))
+    assert out == f"Correction {pending['id']} is live."
+    assert [c["text"] for c in world.store.corrections(ex.id)] == ["Team Heron won."]
+    # The other server's question is unaffected: nothing of here in its figures or training rows.
+    assert world.store.scoped(f"discord:{other_guild}").feedback_exchanges() == []
+    assert [r["id"] for r in world.store.scoped(here).feedback_exchanges()] == [ex.id]
+    # Memory: the next same question is answered with the correction here, and never there.
+    again_here = await dfake.say(D_ALICE, "who won the office quiz?", mention_bot=True)
+    again_there = await dfake.say(D_BOB, "who won the office quiz?", mention_bot=True, channel=other_channel)
+    (mine, _), (other, _) = await answer(world, again_here), await answer(world, again_there)
+    (item,) = [m["id"] for m in world.store.memory_items() if m["correction_id"] == pending["id"]]
+    assert world.store.memory_uses(mine.id) == [item]
+    assert world.store.memory_uses(other.id) == []
+    assert "Team Heron" not in json.dumps(other.messages)
