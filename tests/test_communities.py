@@ -19,7 +19,7 @@ import pytest_asyncio
 from bot import cli
 from bot.runtime import services
 from tests.fake_discord import wait_until
-from tests.fake_slack import TEAM, command_body, event_body, form, reaction_event
+from tests.fake_slack import TEAM, block_action_body, command_body, event_body, form, reaction_event
 from tests.serving import serving
 from tests.test_discord import ADMIN as DISCORD_ADMIN
 from tests.test_discord import ALICE as D_ALICE
@@ -403,6 +403,49 @@ async def test_slack_workspaces_are_communities(make_bot, fake):  # noqa: F811
     assert theirs.community == f"slack:{OTHER_TEAM}" and len(theirs.messages) == 1 + bool(
         bot.svc.config.model.system_prompt)
     assert bot.svc.store.communities() == sorted([f"slack:{TEAM}", f"slack:{OTHER_TEAM}"])
+
+
+def review_click(user: str, verb: str, correction_id: int, team: str) -> dict:
+    body = block_action_body(user, f"tuneloop_review_{verb}")
+    body["team"]["id"] = body["user"]["team_id"] = team
+    body["actions"][0].update(value=str(correction_id), block_id=f"tuneloop_review_{correction_id}")
+    return body
+
+
+@in_module_loop
+async def test_slack_app_home_reviews_its_own_workspaces_queue(make_bot, fake):  # noqa: F811
+    bot = await make_bot()
+    bot.svc.feedback.trust.config = TrustConfig(slack="review")
+    msg, ex = await bot.mention("when is the standup")
+    for user, text in ((BOB, "!fix At 9:30."), (ALICE, "!fix Never.")):
+        await slack_event(bot, fake.user_message(GENERAL, user, text, thread_ts=msg["ts"]), TEAM)
+    await bot.settle()
+    keep, drop = (c["id"] for c in bot.svc.store.corrections(ex.id, in_effect=False))
+
+    async def home(user: str, team: str) -> str:
+        await slack_event(bot, {"type": "app_home_opened", "user": user, "channel": "D0HOME", "tab": "home",
+                                "event_ts": "1700000000.1"}, team)
+        await bot.settle()
+        return json.dumps(fake.calls_to("views.publish")[-1].args["view"])
+
+    mine = await home(SLACK_ADMIN, TEAM)
+    assert "Waiting for review* (2)" in mine and f'"value": "{keep}"' in mine and "At 9:30." in mine
+    theirs = await home(SLACK_ADMIN, OTHER_TEAM)
+    assert "Waiting for review*: nothing" in theirs and "At 9:30." not in theirs
+    assert "tuneloop_review" not in await home(BOB, TEAM)  # not an admin: no queue, no buttons
+    # A click from another workspace (a forged or stale id) changes nothing.
+    await bot.interactive(review_click(SLACK_ADMIN, "approve", keep, OTHER_TEAM))
+    await bot.settle()
+    assert bot.svc.store.corrections(ex.id) == []
+    assert f"correction {keep} not found" in json.dumps(fake.calls_to("views.publish")[-1].args["view"])
+    await bot.interactive(review_click(BOB, "approve", keep, TEAM))
+    await bot.settle()
+    assert bot.svc.store.corrections(ex.id) == []
+    await bot.interactive(review_click(SLACK_ADMIN, "approve", keep, TEAM))
+    await bot.interactive(review_click(SLACK_ADMIN, "reject", drop, TEAM))
+    await bot.settle()
+    assert [c["text"] for c in bot.svc.store.corrections(ex.id)] == ["At 9:30."]
+    assert "Waiting for review*: nothing" in await home(SLACK_ADMIN, TEAM)
 
 
 # -- Discord: two servers, and direct messages ---------------------------------------------------------

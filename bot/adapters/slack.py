@@ -52,6 +52,7 @@ from bot.adapters.handled import HandledSignal
 from bot.adapters.slack_text import ENTITY, MAX_MESSAGE_CHARS, SlackPoster, escape, plain_text
 from bot.adapters.slack_views import (
     HOME_ACTIONS,
+    REVIEW_ACTIONS,
     SUGGEST_SHORTCUT,
     SUGGEST_VIEW,
     home_view,
@@ -66,6 +67,7 @@ from bot.services import Services
 from tuneloop import community
 from tuneloop.engine import Message
 from tuneloop.errors import BusyError, ConfigError, InputError, NotFoundError, TuneloopError
+from tuneloop.learning import trust
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +251,7 @@ class SlackAdapter:
         app.shortcut(SUGGEST_SHORTCUT)(self._tracked(self._on_suggest))
         app.view(SUGGEST_VIEW)(self._tracked(self._on_suggest_submit))
         app.action(re.compile("^(" + "|".join(HOME_ACTIONS) + ")$"))(self._tracked(self._on_home_action))
+        app.action(re.compile("^(" + "|".join(REVIEW_ACTIONS) + ")$"))(self._tracked(self._on_review_action))
         # Whatever else Slack sends is acknowledged and dropped: an unhandled
         # request would get a 404, and Slack retries those.
         any_id = re.compile(".*")
@@ -522,10 +525,19 @@ class SlackAdapter:
         await self._publish_home(user, where, note)
         log.info("slack home action: user=%s command=%s", user, command)
 
+    async def _on_review_action(self, ack: Callable, body: dict, action: dict) -> None:
+        await ack()
+        user, where = (body.get("user") or {}).get("id", ""), self._community(body)
+        command = f"{REVIEW_ACTIONS[action['action_id']]} {action.get('value', '')}"
+        note = self._admin(user, command, where)  # refuses non-admins, and other workspaces' ids
+        await self._publish_home(user, where, note)
+        log.info("slack review action: user=%s community=%s command=%s", user, where, command)
+
     async def _publish_home(self, user: str, where: str, note: str | None = None) -> None:
         status = self._admin(user, "status", where)
-        view = home_view(status, is_admin=self.svc.admin.is_admin(Caller(PLATFORM, user, community=where)),
-                         note=note)
+        admin = self.svc.admin.is_admin(Caller(PLATFORM, user, community=where))
+        queue = trust.pending(self.svc.store, where) if admin else None
+        view = home_view(status, is_admin=admin, note=note, queue=queue)
         await self.client.views_publish(user_id=user, view=view)
 
     # ------------------------------------------------------------------ the rest

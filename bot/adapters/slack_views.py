@@ -18,6 +18,13 @@ HOME_ACTIONS = {
     "tuneloop_home_rollback": "rollback",
     "tuneloop_home_refresh": "status",
 }
+#: App Home review button action ids -> the admin command each runs on the correction id in its value
+REVIEW_ACTIONS = {
+    "tuneloop_review_approve": "approve",
+    "tuneloop_review_reject": "reject",
+}
+#: pending corrections shown on the App Home (Block Kit allows 100 blocks a view)
+MAX_REVIEW_ITEMS = 10
 _MAX_SECTION = 2900  # Block Kit caps a section's text at 3,000 characters
 
 
@@ -25,8 +32,23 @@ def _section(text: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": text[:_MAX_SECTION] or " "}}
 
 
-def home_view(status: str, *, is_admin: bool, note: str | None = None) -> dict[str, Any]:
-    """The App Home tab: the learning loop's status, and buttons for admins."""
+def _review_blocks(queue: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    blocks = [_section(f"*Waiting for review* ({len(queue)})" if queue else "*Waiting for review*: nothing")]
+    for row in queue[:MAX_REVIEW_ITEMS]:
+        agree = f" · {row['agreeing']} agree" if row.get("agreeing", 0) > 1 else ""
+        blocks.append(_section(f"#{row['id']} by <@{row['user']}>{agree}\n*Asked:* {row['prompt'][:800]}\n"
+                               f"*Bot:* {row['reply'][:800]}\n*Correction:* {row['correction'][:800]}"))
+        blocks.append({"type": "actions", "block_id": f"tuneloop_review_{row['id']}", "elements": [
+            {"type": "button", "action_id": "tuneloop_review_approve", "style": "primary", "value": str(row["id"]),
+             "text": {"type": "plain_text", "text": "Approve"}},
+            {"type": "button", "action_id": "tuneloop_review_reject", "style": "danger", "value": str(row["id"]),
+             "text": {"type": "plain_text", "text": "Reject"}}]})
+    return blocks
+
+
+def home_view(status: str, *, is_admin: bool, note: str | None = None,
+              queue: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The App Home tab: the learning loop's status, and for admins buttons and the review queue."""
     blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": "tuneloop"}}]
     if note:
         blocks.append(_section(f"> {note}"))
@@ -45,6 +67,8 @@ def home_view(status: str, *, is_admin: bool, note: str | None = None) -> dict[s
                          "deny": {"type": "plain_text", "text": "Cancel"}}},
         ] + buttons
     blocks.append({"type": "actions", "block_id": "tuneloop_home", "elements": buttons})
+    if is_admin and queue is not None:
+        blocks += _review_blocks(queue)
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text":
                    "Rate my replies with :+1: / :-1:, or reply `!fix` with a better answer. "
                    "`/tuneloop help` lists the commands."}]})
