@@ -25,19 +25,23 @@ log-probabilities are therefore computed once, before training, with no
 second model in memory (this holds for full fine-tuning too).
 
 Why the project's own loop and not TRL's ``SFTTrainer`` / ``KTOTrainer`` /
-``DPOTrainer``: feedback runs are a few dozen examples on a model of
-0.1-10 M parameters, where fixed per-step costs dominate. Measured on the
-TINY starter, 16 prompt/completion rows, LoRA r=16 on all linear layers,
-batch 8, 24 steps, fp32, 2 CPU cores shared with a concurrent model build
-(so absolute times are inflated, the ratio is what counts): TRL 1.16
-``SFTTrainer`` 92 s (3.8 s/step; dataset preparation itself was only
-0.16 s), this loop 46 s (1.9 s/step). The Trainer's per-step extras
-(entropy and token-accuracy metrics over the full vocabulary, callbacks,
-its collator) are the difference. ``KTOTrainer`` would also build a KL
-dataset and ``DPOTrainer`` a reference model copy; here the reference is
-scored once (see above). The semantics are TRL's (same row layouts, same
-losses, same prompt masking), and the loop runs through ``accelerate`` so
-plain python, ``accelerate launch`` and ``torchrun`` share one code path.
+``DPOTrainer``: measured on the same rows and the same LoRA, on the starter
+and on SmolLM2-135M-Instruct (figures in docs/benchmarks.md), TRL's
+``SFTTrainer`` took well over 15% longer per step on a CPU, whose per-step
+extras (entropy and token-accuracy metrics, gradient checkpointing on by
+default, callbacks, its collator) are what a few dozen feedback rows cannot
+amortise. ``KTOTrainer`` would also build a KL dataset and ``DPOTrainer`` a
+reference pass per batch; here the reference is scored once (see above). The
+semantics are TRL's (same row layouts, same prompt masking): the SFT loss and
+the DPO loss (``loss_type = ["sigmoid", "sft"]``) equal TRL's on the same
+batch, which ``tests/test_learning_loop.py`` checks with TRL's own code. The
+loop runs through ``accelerate``, so plain python, ``accelerate launch`` and
+``torchrun`` share one code path.
+
+Adapters (``peft``): LoRA, DoRA, AdaLoRA and IA3, each from peft's own config
+and each merged into the weights for serving, so the engine's fused step and
+hot-swap treat a version like the base. Prefix tuning is not offered: its
+virtual tokens cannot be merged into the weights.
 """
 
 from __future__ import annotations
