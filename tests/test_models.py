@@ -116,10 +116,7 @@ def test_default_model_answers_a_general_knowledge_question(tmp_path, monkeypatc
     monkeypatch.delenv("TUNELOOP_CPU_DTYPE", raising=False)
     config = tmp_path / "config.toml"
     shutil.copy(root / "config.toml", config)  # its relative paths (the database) resolve in tmp_path
-    answers = {"What is the capital of France?": ("paris",),
-               "How many legs does a spider have?": ("8", "eight")}
-    for question, right in answers.items():
-        assert main(["--config", str(config), "ask", question, "--json"]) == 0
-        out = json.loads(capsys.readouterr().out)
-        assert out["model_version"] == DEFAULT_BASE
-        assert any(word in out["reply"].lower() for word in right), out["reply"]
+    assert main(["--config", str(config), "ask", "What is the capital of France?", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model_version"] == DEFAULT_BASE and out["finish_reason"] == "stop"
+    assert "paris" in out["reply"].lower(), out["reply"]
