@@ -313,7 +313,7 @@ class Finetuner:
         rank, world = self.acc.process_index, self.acc.num_processes
         self.model.train()
         losses: list[float] = []
-        t0 = time.perf_counter()
+        t0 = last_log = time.perf_counter()
         stopped_at = None
         for step, (epoch, chunk) in enumerate(plan):
             if self.cfg.early_stop and step and epoch != plan[step - 1][0] and self.fitted():
@@ -333,8 +333,12 @@ class Finetuner:
             sched.step()
             self.opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            if step % 20 == 0 or step == total - 1:
-                log.info("finetune %s: step %d/%d loss %.4f", self.cfg.method, step + 1, total, losses[-1])
+            now = time.perf_counter()
+            # Every 20 steps, and at least every half minute on a model whose steps take seconds.
+            if step % 20 == 0 or step == total - 1 or now - last_log > 30:
+                last_log = now
+                log.info("finetune %s: step %d/%d loss %.4f (%.1f s/step)", self.cfg.method, step + 1, total,
+                         losses[-1], (now - t0) / (step + 1))
         self.model.eval()
         self.acc.wait_for_everyone()
         tail = losses[-max(1, len(losses) // 5):]
