@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from bot import cli
+from bot.chat import Turn
 from bot.runtime import services
 from tests.fake_discord import wait_until
 from tests.fake_slack import TEAM, block_action_body, command_body, event_body, form, reaction_event
@@ -257,6 +258,14 @@ async def test_200_scripted_requests_leak_nothing_across_communities(server, htt
             ex = svc.store.exchange(eid)
             leaks += ex.community != name
             leaks += any(f"{other}-secret" in m["content"] for m in ex.messages)
+    # A later turn of each shared conversation, from the store (as Slack, Discord and the CLI continue one).
+    for name in own:
+        other = "beta" if name == "http:acme" else "acme"
+        for i in range(10):
+            context = svc.chat.context(Turn(text="and then?", user="u0", platform="api", community=name,
+                                            conversation_id=f"shared-{i}"))
+            leaks += any(f"{other}-secret" in m["content"] for m in context)
+            assert any(f"{name.split(':')[1]}-secret" in m["content"] for m in context)
     # Feedback through the other community's key: every one a 404.
     cross = 0
     for eid in own["http:acme"][:20]:
