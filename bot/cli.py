@@ -74,9 +74,11 @@ def _check_conversation(config: Config, conversation: str | None) -> None:
     """Fail on an unknown conversation id before the model loads."""
     if conversation:
         from bot.runtime import open_store
+        from tuneloop.community import LOCAL
 
         with open_store(config) as store:
-            if not store.conversation_exists(conversation):
+            # The terminal talks in the local community: another's conversation is not there to continue.
+            if not store.conversation_exists(conversation, LOCAL):
                 raise InputError(f"conversation {conversation} not found")
 
 

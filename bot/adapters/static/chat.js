@@ -131,10 +131,12 @@ function addTools(bubble, exchangeId) {
     const text = fixText.value.trim();
     if (!text) return;
     try {
-      await sendFeedback(exchangeId, { correction: text });
+      const out = await sendFeedback(exchangeId, { correction: text });
       fix.classList.remove("open");
       fixText.value = "";
-      status.textContent = "correction saved — thanks!";
+      status.textContent = out.correction.status === "pending"
+        ? "correction saved — an admin will review it before I learn it. Thanks!"
+        : "correction saved — thanks!";
     } catch (e) {
       status.textContent = "⚠ " + e.message;
     }
