@@ -460,8 +460,8 @@ async def test_slack_app_home_reviews_its_own_workspaces_queue(make_bot, fake): 
 # -- Discord: two servers, and direct messages ---------------------------------------------------------
 
 
-async def discord_command(w, user, sub: str, channel: str, **options: str) -> str:
-    interaction = await w.fake.slash(user, sub, options, channel=channel)
+async def discord_command(w, caller, sub: str, channel: str, **options: str) -> str:
+    interaction = await w.fake.slash(caller, sub, options, channel=channel)
     ups = await wait_until(lambda: w.fake.followups_for(interaction))
     assert all(f["flags"] & 64 for f in ups)  # ephemeral: only the admin sees the queue
     return "\n".join(f["content"] for f in ups)
@@ -509,3 +509,10 @@ async def test_discord_servers_and_dms_are_communities(world):  # noqa: F811 —
     assert world.store.memory_uses(mine.id) == [item]
     assert world.store.memory_uses(other.id) == []
     assert "Team Heron" not in json.dumps(other.messages)
+    # Blocking on Discord: the user's pending corrections here leave the queue, and nothing of theirs counts.
+    await dfake.say(D_BOB, "!fix Team Falcon won.", reply_to=reply["id"])
+    await wait_until(lambda: len(world.store.scoped(here).review_queue()) == 1)
+    out = await discord_command(world, DISCORD_ADMIN, "block", dfake.general, user=f"<@{D_BOB.id}>")
+    assert out == f"{D_BOB.id} is blocked: 1 pending corrections dropped; nothing of theirs will be trained on."
+    assert world.store.scoped(here).review_queue() == [] and world.store.is_blocked(D_BOB.id, here)
+    assert not world.store.is_blocked(D_BOB.id, f"discord:{other_guild}")  # this server only
