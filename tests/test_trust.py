@@ -266,3 +266,19 @@ def test_migration_keeps_old_corrections_live_in_the_local_community(tmp_path):
         assert c["status"] == "live"
         assert [m["community"] for m in new.memory_items()] == ["local"]
         assert new.communities() == ["local"]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trust": {"discord": "maybe"}}, 'trust.discord: must be one of "", live, review, got \'maybe\''),
+    ({"trust": {"corrections": ""}}, "trust.corrections: must be one of live, review, got ''"),
+    ({"trust": {"quorum": 1}}, "trust.quorum: must be >= 2, got 1"),
+    ({"server": {"api_keys": [{"community": "acme"}]}}, "server.api_keys: key_env is required"),
+    ({"discord": {"dm_community": "dm:discord:a b"}}, "discord.dm_community: community"),
+])
+def test_bad_trust_and_key_config_is_one_line(tmp_path, raw, message):
+    from tuneloop.config import parse
+    from tuneloop.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse(raw, tmp_path)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)

@@ -369,7 +369,8 @@ def _build_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
         meta = fields[key].metadata
         value = _coerce(full, hints[key], value, base_dir)
         if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{full}: must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+            choices = ", ".join(str(c) if c else '""' for c in meta["choices"])
+            raise ConfigError(f"{full}: must be one of {choices}, got {value!r}")
         if meta.get("min") is not None and value < meta["min"]:
             raise ConfigError(f"{full}: must be >= {meta['min']}, got {value!r}")
         if meta.get("max") is not None and value > meta["max"]:
