@@ -147,7 +147,7 @@ class Chat:
         self.metrics.exchange(ex.platform, prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
                               ttft_ms=ex.ttft_ms, total_ms=ex.total_ms, finish_reason=ex.finish_reason)
         log.info("exchange logged: id=%d platform=%s community=%s channel=%s user=%s conversation=%s "
-                 "version=%s tokens=%d+%d ms=%.0f finish=%s", ex.id, ex.platform, ex.community, ex.channel, ex.user,
+                 "version=%s tokens=%s+%s ms=%.0f finish=%s", ex.id, ex.platform, ex.community, ex.channel, ex.user,
                  ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,
                  done.total_time * 1000, done.finish_reason)
         return ex

@@ -649,8 +649,12 @@ class WebAdapter:
         return web.json_response({"status": "ok", "model_version": self.services.engine.model_version})
 
 
-def _usage(ex) -> dict[str, int]:
-    p, c = ex.prompt_tokens or 0, ex.completion_tokens or 0
+def _usage(ex) -> dict[str, int] | None:
+    # A back end that counted nothing (an OpenAI-compatible server that sends
+    # no usage) gives null usage, not zeros that read as counted.
+    p, c = ex.prompt_tokens, ex.completion_tokens
+    if p is None or c is None:
+        return None
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
