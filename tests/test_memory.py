@@ -169,6 +169,9 @@ def test_enabled_false_turns_the_fast_path_off(cfg, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["stats"]["enabled"] is False and out["stats"]["items"] == 1
     assert out["items"][0]["reply"] == TAUGHT[0][1] and out["items"][0]["status"] == "fast"
+    assert main(["--config", str(cfg), "memory", "--community", "local"]) == 0
+    assert "1 items (1 fast, 0 consolidated" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "memory", "--community", "elsewhere"]) != 0  # one line, not a list
 
 
 def test_bad_corrections_store_nothing(cfg):
@@ -209,6 +212,8 @@ def test_consolidation_takes_items_off_the_fast_path_and_back(tmp_path, encoder)
     assert [h.item_id for h in memory.recall(PARAPHRASES[1][0])] == [ids[1]]
     assert store.memory_item(ids[0])["status_version"] == "v2"
     assert store.memory_stats()["consolidated_share"] == 0.5
+    assert store.scoped("local").memory_stats()["items"] == 2 and store.scoped("other").memory_stats()["items"] == 0
+    assert store.scoped("other").memory_items() == []
     store.set_memory_status({ids[0]: False}, "v3")  # a later version forgot it
     assert [h.item_id for h in memory.recall(PARAPHRASES[0][0])] == [ids[0]]
     store.set_memory_status({ids[0]: True, ids[1]: True}, "v4")
@@ -283,3 +288,16 @@ def test_eval_and_bench_commands_report_the_issue_figures(capsys):
     assert bench["items"] == 300 and bench["queries"] == 20
     assert all(bench["ms"][k]["p50"] > 0 for k in ("recall", "encode", "search"))
     assert bench["index_mb"] > 0
+
+
+def test_memory_eval_command_on_the_lifelong_set(cfg, capsys):
+    # Every 23rd item of the held-out split: one per relation and language.
+    code = main(["--config", str(cfg), "memory-eval", "--every", "23", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["reply"] == "verbatim" and out["items"] == 4
+    on = out["memory_on"]
+    assert on["next_reply_uses_correction"] == 1.0 and on["reliability"] == 1.0
+    assert on["near_miss_matched_memory"] == 0.0 and on["unrelated_matched_memory"] == 0.0
+    assert on["unrelated_unchanged"] == 1.0
+    assert out["memory_off"]["reliability"] == 0.0  # the tiny model knows none of the made-up facts
+    assert not (Path(cfg).parent / "t.db").exists()  # a scratch store, not the bot's

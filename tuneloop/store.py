@@ -902,12 +902,14 @@ class Store:
         " WHERE u.item_id = m.id AND r.rating < 0) AS rated_down")
 
     def memory_items(self, status: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        """Items, newest first, with ``hits`` (replies that used them) and the ratings of those replies."""
+        """Items (of the scoped community, when scoped), newest first, with ``hits`` (replies that
+        used them) and the ratings of those replies."""
         if status is not None and status not in ("fast", "consolidated"):
             raise InputError(f"memory status must be fast or consolidated, got {status!r}")
-        where, params = ("WHERE m.status = ?", [status]) if status else ("", [])
-        return self.query(f"SELECT m.*, {self._MEMORY_FIGURES} FROM memory_items m {where} "
-                          f"ORDER BY m.id DESC LIMIT ?", [*params, limit])
+        where, params = ("AND m.status = ?", [status]) if status else ("", [])
+        scope, sp = self._scope("m")
+        return self.query(f"SELECT m.*, {self._MEMORY_FIGURES} FROM memory_items m WHERE 1 = 1{scope} {where} "
+                          f"ORDER BY m.id DESC LIMIT ?", [*sp, *params, limit])
 
     def memory_item(self, item_id: int) -> dict[str, Any]:
         rows = self.query(f"SELECT m.*, {self._MEMORY_FIGURES} FROM memory_items m WHERE m.id = ?", [item_id])
@@ -962,13 +964,17 @@ class Store:
                 f"AND status_version IN ({', '.join('?' * len(versions))})", [time.time(), *versions]).rowcount
 
     def memory_stats(self) -> dict[str, Any]:
-        """Memory size, hits and consolidated share (the dashboard's figures)."""
+        """Memory size, hits and consolidated share (the dashboard's figures; the scoped community's
+        when scoped)."""
+        scope, sp = self._scope("m")
+        uses = f"(SELECT u.* FROM memory_uses u JOIN memory_items m ON m.id = u.item_id WHERE 1 = 1{scope})"
         row = self.query(
             "SELECT COUNT(*) AS items, COALESCE(SUM(status = 'consolidated'), 0) AS consolidated, "
-            "(SELECT COUNT(*) FROM memory_uses) AS hits, "
-            "(SELECT COUNT(DISTINCT exchange_id) FROM memory_uses) AS replies FROM memory_items")[0]
+            f"(SELECT COUNT(*) FROM {uses}) AS hits, "
+            f"(SELECT COUNT(DISTINCT exchange_id) FROM {uses}) AS replies FROM memory_items m WHERE 1 = 1{scope}",
+            [*sp, *sp, *sp])[0]
         rated = self.query("SELECT SUM(r.rating > 0) AS up, SUM(r.rating < 0) AS down FROM ratings r "
-                           "WHERE r.exchange_id IN (SELECT exchange_id FROM memory_uses)")[0]
+                           f"WHERE r.exchange_id IN (SELECT exchange_id FROM {uses})", sp)[0]
         n = row["items"]
         return {"items": n, "fast": n - row["consolidated"], "consolidated": row["consolidated"],
                 "consolidated_share": round(row["consolidated"] / n, 4) if n else None,
