@@ -68,6 +68,9 @@ def test_rewordings_are_cleaned_and_become_items_without_a_verdict():
         "What do we call the build server?"
     assert data.clean_rewording(q, " what is our build server called?") is None  # the same question
     assert data.clean_rewording(q, " Our build server is Docker.") is None  # an answer, not a question
+    # Another question, not a rewording: nothing of "wifi password lab" kept.
+    assert data.clean_rewording("What is the wifi password in the lab?", "How do you access the internet?") is None
+    assert data.clean_rewording("Who is our office dog?", "Who is the dog?") == "Who is the dog?"
     assert data.reword_prompt(q, data.REWORD_SHOTS[0]).endswith(f"Original: {q}\nReworded:")
     item = {"exchange_id": 3, "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": q}],
             "reply": "Docker.", "verdict": "down", "corrections": ["Kestrel."]}

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -183,12 +184,32 @@ def reword_prompt(question: str, shots: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + f"\nOriginal: {question.strip()}\nReworded:"
 
 
+_FUNCTION_WORDS = frozenset(
+    "a an the is are was were be do does did what which who whom whose when where why how our your my their "
+    "his her its we you i they it of in on at to for from with by and or can could would should will of "
+    "this that these those there here me us them".split())
+
+
+def _content_words(text: str) -> set[str]:
+    words = re.findall(r"[\w'-]+", text.casefold())
+    return {w for w in words if w not in _FUNCTION_WORDS and len(w) > 1}
+
+
 def clean_rewording(question: str, text: str) -> str | None:
-    """The first line of a generated rewording, or ``None`` when it is no new question."""
+    """The first line of a generated rewording, or ``None`` when it is no new question about the same thing.
+
+    The same thing: it keeps at least half of the question's content words. A
+    small model's "rewording" is sometimes another question ("How do you access
+    the internet?" for "What is the wifi password in the lab?"); trained with
+    the correction as its answer, it would teach a wrong reply to that question.
+    """
     line = text.strip().split("\n")[0].strip()
     if not line.endswith("?") or len(line) > 2 * len(question) + 40:
         return None
     if line.casefold().rstrip("?").strip() == question.casefold().rstrip("?").strip():
+        return None
+    content = _content_words(question)
+    if content and 2 * len(content & _content_words(line)) < len(content):
         return None
     return line
 
