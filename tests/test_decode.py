@@ -188,10 +188,10 @@ def test_widen_keeps_the_thread_count_that_measured_faster(slow):
 
     widen = _Widen(narrow, wide, period=12, probes=2)
     assert [widen(1, work, i) for i in range(16)] == list(range(16))
-    assert seen[:8] == [wide] * 8  # until the first round of probes
-    assert seen[8:12] == [narrow, wide, narrow, wide]  # probes alternate
     fast = narrow if slow == "wide" else wide
-    assert widen.choice == fast and set(seen[12:]) == {fast}
+    assert seen[:4] == [narrow, wide, narrow, wide]  # a period starts with probes that alternate
+    assert widen.choice == fast and set(seen[4:12]) == {fast}  # then keeps the faster
+    assert seen[12:16] == [narrow, wide, narrow, wide]  # and measures again each period
     assert torch.get_num_threads() == before
 
 
