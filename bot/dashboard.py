@@ -42,7 +42,8 @@ def dashboard(store: Store, bucket: int | None = None, corrections: int = 20) ->
     return {
         "now": now,
         "bucket_s": bucket,
-        "totals": {k: totals[k] for k in ("exchanges", "pending", "ratings", "corrections", "approval_rate")},
+        "totals": {k: totals[k] for k in ("exchanges", "pending", "ratings", "corrections", "approval_rate",
+                                          "review")},
         "by_platform": totals["by_platform"],
         "timeline": timeline,
         "versions": versions,

@@ -179,9 +179,10 @@ async def test_dashboard_needs_an_admin_key_and_shows_its_community_only(server,
     async with http.get(base + "/api/dashboard", headers=auth(ADMIN)) as r:
         assert r.status == 200
         data = await r.json()
-    acme = svc.store.scoped("http:acme").stats()["exchanges"]
-    assert data["totals"]["exchanges"] == acme < svc.store.stats()["exchanges"]
-    assert sum(p["exchanges"] for p in data["timeline"]) == acme
+    acme = svc.store.scoped("http:acme").stats()
+    assert data["totals"]["exchanges"] == acme["exchanges"] < svc.store.stats()["exchanges"]
+    assert data["totals"]["review"] == acme["review"]
+    assert sum(p["exchanges"] for p in data["timeline"]) == acme["exchanges"]
 
 
 @in_module_loop

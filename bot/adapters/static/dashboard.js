@@ -119,7 +119,7 @@ function render(data) {
   document.getElementById("version").textContent = "serving " + (e.model_version || "?");
   figures(document.getElementById("totals"), [
     ["exchanges", t.exchanges], ["👍", t.ratings.up], ["👎", t.ratings.down],
-    ["approval", pct(t.approval_rate)], ["corrections", t.corrections],
+    ["approval", pct(t.approval_rate)], ["corrections", t.corrections], ["waiting for review", t.review ?? 0],
     ...Object.entries(data.by_platform).map(([p, s]) => [p + " exchanges", s.exchanges]),
   ]);
   figures(document.getElementById("engine"), [
@@ -151,7 +151,9 @@ function render(data) {
   const rows = data.corrections.map((c) => {
     const tr = document.createElement("tr");
     tr.append(cell(c.exchange_id), cell(new Date(c.created_at * 1000).toLocaleString()), cell(c.user),
-              cell(c.prompt), cell(c.reply), cell(c.correction), cell(c.model_version.split("/").pop()));
+              cell(c.prompt), cell(c.reply),
+              cell(c.status && c.status !== "live" ? `${c.correction} (${c.status})` : c.correction),
+              cell(c.model_version.split("/").pop()));
     return tr;
   });
   const body = document.getElementById("corrections");
