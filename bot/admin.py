@@ -7,7 +7,10 @@ ids, and Discord role ids. A refusal is logged with the caller's id.
 
 The learning actions (retrain, models, promote, rollback, status of runs)
 go to a ``LearningControl`` — ``tuneloop.learning.control.Control`` in the serving
-process. Without one, they answer that training is not available.
+process — for the caller's own community (a Slack workspace's admin retrains,
+promotes and rolls back that workspace's line only; the CLI's caller, of no
+community, acts on ``local``'s). Without one, they answer that training is not
+available.
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ log = logging.getLogger(__name__)
 class LearningControl(Protocol):
     """What the learning loop offers admins (``tuneloop.learning.control.Control``)."""
 
-    def start_run(self, reason: str) -> dict[str, Any]: ...  # {"run_id": ..., ...}; raises TrainingError
-    def status(self) -> dict[str, Any]: ...  # live version, last run, feedback since, next run
-    def models(self) -> list[dict[str, Any]]: ...  # each version, metrics, verdict, "live": bool
-    def promote(self, version: str) -> dict[str, Any]: ...
-    def rollback(self, version: str | None = None) -> dict[str, Any]: ...
+    # Each acts on ``community``'s line of versions (None: local's; under scope global: the one line).
+    def start_run(self, reason: str, *, community: str | None = None
+                  ) -> dict[str, Any]: ...  # {"run_id": ..., ...}; raises TrainingError
+    def status(self, community: str | None = None
+               ) -> dict[str, Any]: ...  # live version, last run, feedback since, next run
+    def models(self, community: str | None = None
+               ) -> list[dict[str, Any]]: ...  # each version, metrics, verdict, "live": bool
+    def promote(self, version: str, by: str = "", community: str | None = None) -> dict[str, Any]: ...
+    def rollback(self, version: str | None = None, by: str = "",
+                 community: str | None = None) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -112,22 +120,24 @@ class Admin:
             return self._trust(caller, name, args, usage)
         if self.control is None:
             return "Training is not available in this process (the learning loop is not running)."
+        where = caller.community
+        by = f"{caller.platform}:{caller.user}"
         if name == "status":
-            return format_status(self.control.status())
+            return format_status(self.control.status(community=where))
         if name == "models":
-            return format_models(self.control.models())
+            return format_models(self.control.models(community=where))
         if name == "retrain":
-            run = self.control.start_run(f"{caller.platform}:{caller.user}")
+            run = self.control.start_run(by, community=where)
             return f"Training run {run['run_id']} started."
         if name == "promote":
             if len(args) != 1:
                 raise InputError(f"usage: {usage}")
-            out = self.control.promote(args[0])
+            out = self.control.promote(args[0], by=by, community=where)
             return f"{out['version']} is live."
         if name == "rollback":
             if len(args) > 1:
                 raise InputError(f"usage: {usage}")
-            out = self.control.rollback(args[0] if args else None)
+            out = self.control.rollback(args[0] if args else None, by=by, community=where)
             return f"Rolled back: {out['version']} is live."
         raise AssertionError(name)
 

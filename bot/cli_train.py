@@ -3,6 +3,10 @@
 They work whether or not ``tuneloop run`` is running: they act on the store
 and the registry, and a running server follows the registry's live pointer
 within seconds. A run is a separate process (``python -m trainer.run``).
+
+``--community C`` picks the community whose line (versions, live pointer,
+runs) a command acts on under ``[trainer] scope = "community"``; without it,
+``local``, the CLI's and the loopback web chat's own.
 """
 
 from __future__ import annotations
@@ -30,7 +34,25 @@ def _control(config: Config) -> Iterator[Control]:
         yield Control(config, store)
 
 
+def _community_arg(p):
+    p.add_argument("--community", help="the community whose versions to act on (default: local; "
+                   "`tuneloop stats` lists them)")
+
+
+def _community(args, control: Control) -> str | None:
+    """``--community``, checked: a known community under scope community; one error line otherwise."""
+    from bot.cli import community_arg
+
+    if args.community is None:
+        return None
+    if control.config.trainer.scope == "global":
+        raise InputError('--community needs [trainer] scope = "community"; under "global" one line of '
+                         "versions serves every community")
+    return community_arg(control.store, args.community)
+
+
 def _retrain_args(p):
+    _community_arg(p)
     p.add_argument("--wait", action="store_true", help="return when the run has finished")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
@@ -39,7 +61,7 @@ def _retrain_args(p):
 @command("retrain", "start a training run now (on any feedback not trained on yet)")(_retrain_args)
 def cmd_retrain(args, config: Config) -> int:
     with _control(config) as control:
-        started = control.start_run("cli")
+        started = control.start_run("cli", community=_community(args, control))
         if not args.wait:
             if args.json:
                 _print_json(started)
@@ -74,12 +96,13 @@ def cmd_retrain(args, config: Config) -> int:
 
 def _json_args(p):
     p.add_argument("--json", action="store_true", help="print JSON")
+    _community_arg(p)
 
 
 def _show(config: Config, args, read, text) -> int:
-    """Print what ``read(control)`` returns, as JSON or through ``text``."""
+    """Print what ``read(control, community)`` returns, as JSON or through ``text``."""
     with _control(config) as control:
-        value = read(control)
+        value = read(control, _community(args, control))
     if args.json:
         _print_json(value)
     else:
@@ -91,39 +114,45 @@ def _show(config: Config, args, read, text) -> int:
 def cmd_models(args, config: Config) -> int:
     from bot.admin import format_models
 
-    return _show(config, args, lambda c: c.models(), format_models)
+    return _show(config, args, lambda c, community: c.models(community), format_models)
 
 
 @command("status", "live version, last run, feedback since then, a run going")(_json_args)
 def cmd_status(args, config: Config) -> int:
     from bot.admin import format_status
 
-    return _show(config, args, lambda c: c.status(), format_status)
+    return _show(config, args, lambda c, community: c.status(community), format_status)
 
 
 def _promote_args(p):
     p.add_argument("version", help="a version id (v3) or base")
+    _community_arg(p)
 
 
 @command("promote", "make VERSION live (a running server swaps it in within seconds)")(_promote_args)
 def cmd_promote(args, config: Config) -> int:
     with _control(config) as control:
-        out = control.promote(args.version, by="cli")
+        out = control.promote(args.version, by="cli", community=_community(args, control))
     if out.get("warning"):
         print(f"warning: {out['warning']}", file=sys.stderr)
-    print(f"{out['version']} is live (was {out['previous']})")
+    print(f"{out['version']} is live{_in(out)} (was {out['previous']})")
     return 0
+
+
+def _in(out) -> str:
+    return "" if out.get("community") in (None, "local", "*") else f" in {out['community']}"
 
 
 def _rollback_args(p):
     p.add_argument("version", nargs="?", help="version to go back to (default: the live one's parent)")
+    _community_arg(p)
 
 
 @command("rollback", "go back to VERSION, by default the live version's parent")(_rollback_args)
 def cmd_rollback(args, config: Config) -> int:
     with _control(config) as control:
-        out = control.rollback(args.version, by="cli")
-    print(f"rolled back: {out['version']} is live (was {out['previous']})")
+        out = control.rollback(args.version, by="cli", community=_community(args, control))
+    print(f"rolled back: {out['version']} is live{_in(out)} (was {out['previous']})")
     return 0
 
 

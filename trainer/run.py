@@ -1,6 +1,6 @@
 """One training run: dataset from the store → fine-tune → gate → registry.
 
-    python -m trainer.run [--config FILE] [--run-id N] [--reason TEXT]
+    python -m trainer.run [--config FILE] [--run-id N] [--reason TEXT] [--community C]
     accelerate launch -m trainer.run ...      torchrun --nproc-per-node 2 -m trainer.run ...
 
 One code path for all three: ``accelerate`` finds the process group the
@@ -8,6 +8,13 @@ launcher set up (or none). The main process takes the run lock, reads the
 store, generates the replay set with the live model and writes the run's
 dataset to its work area; every process trains on its share of each batch;
 the main process alone runs the gate and writes the registry and the store.
+
+A run trains one line of versions (``tuneloop.learning.registry``): under
+``[trainer] scope = "community"`` the community's (``--community``, default
+``local``), on that community's live, non-blocked feedback only, with the
+gate's controls and replay set drawn from that community's own exchanges
+(then the shared fixed prompts); under ``"global"`` the one line, on every
+community's feedback.
 
 It runs in its own process, never in the bot's: serving goes on while it
 trains, and a running bot picks up a promoted version from the registry's
@@ -29,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer import data
+from tuneloop import community as communities
 from tuneloop.config import Config, load
 from tuneloop.errors import TrainingError, TuneloopError
-from tuneloop.learning.registry import ADAPTER, Registry
+from tuneloop.learning.registry import ADAPTER, GLOBAL, Registry
 from tuneloop.learning.runs import Runs, run_name
 
 log = logging.getLogger(__name__)
@@ -213,7 +221,15 @@ def eval_data(ds: dict[str, Any]):
                     [(k[0], tuple(k[1])) for k in e["knowledge"]])
 
 
-def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path) -> dict[str, Any]:
+def line_key(config: Config, community: str | None) -> str:
+    """The line a run trains: ``community`` (None: local) under scope community, ``*`` under global."""
+    if config.trainer.scope == "global":
+        return GLOBAL
+    return communities.check(community or communities.LOCAL)
+
+
+def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path,
+         registry: Registry | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from trainer import evaluate as ev
@@ -224,7 +240,7 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path) ->
     new_replies = _split(asyncio.run(greedy(config, base_path, candidate, [p for g in groups.values() for p in g],
                                             version="candidate")), groups)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    registry = Registry(config.trainer.registry)
+    registry = registry or Registry(config.trainer.registry)
     live_model = ev.load_model(base_path, registry.adapter(ds["live"]))
     live = ev.measure(live_model, tokenizer, data_, ds["live_replies"], config.trainer.max_len)
     del live_model
@@ -246,8 +262,10 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path) ->
     }
 
 
-def run(config: Config, run_id: int | None = None, reason: str = "manual") -> dict[str, Any] | None:
-    """One whole run; returns its outcome on the main process (``None`` on the others)."""
+def run(config: Config, run_id: int | None = None, reason: str = "manual",
+        community: str | None = None) -> dict[str, Any] | None:
+    """One whole run of ``community``'s line; returns its outcome on the main process (``None`` on
+    the others)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
@@ -260,7 +278,8 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
     acc = Accelerator(cpu=not cuda)
     main = acc.is_main_process
     t = config.trainer
-    registry = Registry(t.registry)
+    key = line_key(config, community)
+    registry = Registry.line(t.registry, key)
     lock = registry.lock()
     store = runs = None
     box: list[Any] = [None, None]
@@ -268,7 +287,7 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
         store = Store(config.storage.path)
         runs = Runs(store)
         if run_id is None:
-            run_id = runs.create(reason, os.getpid())
+            run_id = runs.create(reason, os.getpid(), community=key)
         if lock.acquire():
             box = [run_id, None]
         else:
@@ -280,7 +299,7 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
     if refused:
         raise TrainingError(refused)
     name = run_name(run_id)
-    work = registry.root / ".staging" / name
+    work = registry.staging(name, create=False)
     try:
         base_path = resolve_base(config.model.base, progress=False)
         if main:
@@ -289,13 +308,15 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
             registry.clean_staging(keep=name)
             work = registry.staging(name)
             t0 = time.perf_counter()
-            ds = build_dataset(config, store, registry, run_id, base_path)
+            # The community's rows only: feedback, the replay set and the gate's controls.
+            ds = build_dataset(config, store.scoped(None if key == GLOBAL else key), registry, run_id,
+                               base_path)
             ds["seconds"] = round(time.perf_counter() - t0, 1)
             tmp = work / "dataset.json.tmp"
             tmp.write_text(json.dumps(ds, ensure_ascii=False), encoding="utf-8")
             os.replace(tmp, work / "dataset.json")
             runs.update(run_id, stage="train", data_cutoff=ds["cutoff"], dataset_hash=ds["dataset_hash"])
-            log.info("%s: dataset %s (%s)", name, ds["dataset_hash"], ds["counts"])
+            log.info("%s: community %s, dataset %s (%s)", name, key, ds["dataset_hash"], ds["counts"])
         acc.wait_for_everyone()
         ds = json.loads((work / "dataset.json").read_text(encoding="utf-8"))
         fcfg = finetune_config(config)
@@ -308,14 +329,15 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
             return None
         runs.update(run_id, stage="gate")
         t0 = time.perf_counter()
-        report = gate(config, base_path, ds, candidate)
+        report = gate(config, base_path, ds, candidate, registry)
         # Where a run's time goes: the dataset stage is mostly the live model's
         # greedy replies (replay set and the gate's "before"), training is the
         # finetuner's loop, the gate is the candidate's replies and likelihoods.
         seconds = {"dataset": ds["seconds"], "train": stats["seconds"],
                    "gate": round(time.perf_counter() - t0, 1)}
         verdict = "passed" if report["passed"] else "rejected"
-        meta = {"parent": ds["live"], "run_id": name, "reason": reason, "base": config.model.base,
+        meta = {"parent": ds["live"], "run_id": name, "reason": reason, "community": key,
+                "base": config.model.base,
                 "data_cutoff": ds["cutoff"], "base_path": str(base_path),
                 "dataset_hash": ds["dataset_hash"], "dataset": ds["counts"], "method": t.method,
                 "hyperparameters": {**config_dict(fcfg), "replay_ratio": t.replay_ratio,
@@ -325,7 +347,8 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual") -> di
         version = registry.add(work / "version", meta, report)
         if report["passed"]:
             registry.set_live(version, action="promote", by=name)
-        outcome = {"run_id": name, "status": "done", "version": version, "promoted": report["passed"],
+        outcome = {"run_id": name, "community": key, "status": "done", "version": version,
+                   "promoted": report["passed"],
                    "verdict": verdict, "dataset_hash": ds["dataset_hash"], "metrics": report["metrics"],
                    "checks": report["checks"], "train": stats, "seconds": seconds,
                    "live": registry.live() or "base"}
@@ -355,13 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config file (default: $TUNELOOP_CONFIG or ./config.toml)")
     p.add_argument("--run-id", type=int, help="the queued run this process carries out")
     p.add_argument("--reason", default="manual")
+    p.add_argument("--community", help='the community whose line to train (scope = "community"; '
+                   "default: local)")
     p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        outcome = run(load(args.config), args.run_id, args.reason)
+        outcome = run(load(args.config), args.run_id, args.reason, args.community)
     except TuneloopError as e:
         print(f"trainer: error: {e}", file=sys.stderr)
         return 1

@@ -158,6 +158,10 @@ class TrainerConfig:
         'when to consider a run: "interval:SECONDS" or a 5-field cron expression'))
     min_feedback: int = field(default=20, metadata=_meta("new feedback items needed for a scheduled run", min=1))
     registry: Path = field(default=Path("data/models"), metadata=_meta("folder of model versions", path=True))
+    scope: str = field(default="community", metadata=_meta(
+        "community: each community trains on its own feedback, has its own versions and live adapter "
+        "(one without is served by the base model); global: one line of versions trained on every "
+        "community's feedback", choices=("community", "global")))
     method: str = field(default="sft", metadata=_meta("training objective", choices=("sft", "kto", "dpo")))
     lora: bool = field(default=True, metadata=_meta(
         "train an adapter of kind `peft` (false: full fine-tuning)"))

@@ -245,10 +245,19 @@ def _m6_communities_and_trust(db: sqlite_utils.Database) -> None:
                "WHEN NEW.status != 'live' BEGIN DELETE FROM memory_items WHERE correction_id = NEW.id; END")
 
 
+def _m7_run_community(db: sqlite_utils.Database) -> None:
+    # A training run trains one line of versions: a community's ([trainer]
+    # scope = "community") or '*', every community's (scope = "global"). Runs
+    # from before lines were per community trained on what migration 6 made
+    # 'local''s: they are local's.
+    db.execute(f"ALTER TABLE training_runs ADD COLUMN community TEXT NOT NULL DEFAULT '{LOCAL}'")
+
+
 #: migration N brings the schema from version N-1 to N. Append, never edit.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_platform_refs,
                                                              _m3_training_runs, _m4_reply_parts,
-                                                             _m5_memory, _m6_communities_and_trust]
+                                                             _m5_memory, _m6_communities_and_trust,
+                                                             _m7_run_community]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -826,11 +835,12 @@ class Store:
     # -- training runs ------------------------------------------------------------------
     # Rows as stored; ``tuneloop.learning.runs`` gives them their meaning.
 
-    def add_training_run(self, reason: str, pid: int | None = None) -> int:
+    def add_training_run(self, reason: str, pid: int | None = None, community: str = LOCAL) -> int:
+        """A queued run of ``community``'s line ('*': the global line)."""
         with self.transaction():
             return self.db.execute(
-                "INSERT INTO training_runs (reason, status, pid, created_at) VALUES (?, 'queued', ?, ?)",
-                [reason, pid, time.time()]).lastrowid
+                "INSERT INTO training_runs (reason, status, pid, created_at, community) "
+                "VALUES (?, 'queued', ?, ?, ?)", [reason, pid, time.time(), community]).lastrowid
 
     def update_training_run(self, run_id: int, **fields: Any) -> None:
         unknown = set(fields) - _RUN_COLUMNS
@@ -868,11 +878,13 @@ class Store:
         return rows[0]
 
     def training_runs(self, statuses: Sequence[str] = RUN_STATUSES, *, newest_first: bool = False,
-                      limit: int = -1) -> list[dict[str, Any]]:
-        """Runs whose status is one of ``statuses``, in order of creation."""
+                      limit: int = -1, community: str | None = None) -> list[dict[str, Any]]:
+        """Runs whose status is one of ``statuses`` (of one line's ``community`` when given), in order
+        of creation."""
+        where, params = (" AND community = ?", [community]) if community is not None else ("", [])
         order = "DESC" if newest_first else "ASC"
-        return self.query(f"SELECT * FROM training_runs WHERE status IN ({', '.join('?' * len(statuses))}) "
-                          f"ORDER BY id {order} LIMIT ?", [*statuses, limit])
+        return self.query(f"SELECT * FROM training_runs WHERE status IN ({', '.join('?' * len(statuses))})"
+                          f"{where} ORDER BY id {order} LIMIT ?", [*statuses, *params, limit])
 
     # -- memory of corrections (tuneloop.memory) ------------------------------------
 

@@ -1,7 +1,10 @@
 """What admins can do with the learning loop: ``bot.admin.LearningControl``.
 
 Boundary: the store (run records, feedback counts), the registry (versions,
-the live pointer) and the training process it starts. It loads no model:
+the live pointer) and the training process it starts. Every action takes a
+``community``: under ``[trainer] scope = "community"`` it acts on that
+community's line (None: ``local``, the operator's own), under ``"global"`` on
+the one line whatever is asked. It loads no model:
 the bot's ``tuneloop run`` and the CLI both use it, and a running server
 follows what either did through the registry's ``LIVE`` pointer.
 
@@ -25,9 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tuneloop.community import LOCAL
 from tuneloop.config import Config
 from tuneloop.errors import NotFoundError, TrainingError
-from tuneloop.learning.registry import BASE, Registry
+from tuneloop.learning.registry import BASE, GLOBAL, Registry
 from tuneloop.learning.runs import FINISHED, Runs, parse_run, run_name
 from tuneloop.store import Store
 
@@ -47,22 +51,47 @@ class Control:
         self._child_runs: dict[int, int] = {}  # pid -> run id (a torchrun worker records its own pid)
         self._closed = False
 
+    # -- lines ---------------------------------------------------------------------------
+
+    def key(self, community: str | None) -> str:
+        """The run community of ``community``'s line: itself (None: local), or ``*`` under scope global."""
+        if self.config.trainer.scope == "global":
+            return GLOBAL
+        return LOCAL if community is None else community
+
+    def line(self, community: str | None) -> Registry:
+        """The registry line ``community`` trains and is served from."""
+        return Registry.line(self.registry.root, self.key(community))
+
+    def _data(self, key: str) -> Store:
+        return self.store.scoped(None if key == GLOBAL else key)
+
+    def due(self) -> list[tuple[str, int]]:
+        """``(community, new feedback)`` of each line with ``min_feedback`` new items, most first."""
+        keys = [GLOBAL] if self.config.trainer.scope == "global" else self.store.communities()
+        found = [(k, self.new_feedback(k)) for k in keys]
+        return sorted(((k, n) for k, n in found if n >= self.config.trainer.min_feedback),
+                      key=lambda kn: (-kn[1], kn[0]))
+
     # -- runs --------------------------------------------------------------------------
 
-    def new_feedback(self) -> int:
-        """Feedback stored since the last finished run read the store."""
-        last = self.runs.last_done()
-        return self.store.count_feedback_since(last["data_cutoff"] if last else None)
+    def new_feedback(self, community: str | None = None) -> int:
+        """Feedback of ``community``'s line stored since its last finished run read the store."""
+        key = self.key(community)
+        last = self.runs.last_done(key)
+        return self._data(key).count_feedback_since(last["data_cutoff"] if last else None)
 
-    def untrained_feedback(self) -> int:
-        """Feedback the live version has not trained on (all of it when the base model is live).
+    def untrained_feedback(self, community: str | None = None) -> int:
+        """Feedback the line's live version has not trained on (all of it when the base model is live).
 
         An admin's retrain needs at least one such item; a rejected run or a
         rollback therefore does not block a retrain with other settings.
         """
-        live = self.registry.live()
-        cutoff = self.registry.meta(live).get("data_cutoff") if live else None
-        return self.store.count_feedback_since(cutoff)
+        key = self.key(community)
+        line = Registry.line(self.registry.root, key)
+        live = line.live()
+        cutoff = line.meta(live).get("data_cutoff") if live else None
+        return self._data(key).count_feedback_since(cutoff)
 
     def running(self) -> dict[str, Any] | None:
         self.reap()
@@ -77,10 +106,12 @@ class Control:
                 self._child_runs.pop(pid, None)
         self.runs.reap(lock_held=self.registry.lock().held_elsewhere())
 
-    def command(self, run_id: int, reason: str) -> list[str]:
+    def command(self, run_id: int, reason: str, community: str = GLOBAL) -> list[str]:
         t = self.config.trainer
         py = t.python or sys.executable
         args = ["-m", "trainer.run", "--run-id", str(run_id), "--reason", reason]
+        if community != GLOBAL:
+            args += ["--community", community]
         if self.config.source is not None:
             args += ["--config", str(self.config.source)]
         if t.launcher == "torchrun":
@@ -89,13 +120,17 @@ class Control:
             return [py, "-m", "accelerate.commands.launch", f"--num_processes={t.processes}", *args]
         return [py, *args]
 
-    def start_run(self, reason: str, *, scheduled: bool = False) -> dict[str, Any]:
-        """Start a run now in its own process; refuse while one is going or without new feedback.
+    def start_run(self, reason: str, *, scheduled: bool = False, community: str | None = None
+                  ) -> dict[str, Any]:
+        """Start a run of ``community``'s line now in its own process; refuse while one is going
+        (of any line) or without new feedback.
 
         An admin's run needs one feedback item the live version has not trained
         on; a scheduled one needs ``min_feedback`` items stored since the last
         finished run (so a rejected run is not retried on the same data).
         """
+        key = self.key(community)
+        whose = "" if key in (GLOBAL, LOCAL) else f" of {key}"
         if self._closed:
             raise TrainingError("the server is stopping; start the run once it is back")
         going = self.running()
@@ -103,14 +138,16 @@ class Control:
             which = going["run_id"] if going else "a run"
             raise TrainingError(f"{which} is going; wait for it to finish (tuneloop status)")
         if scheduled:
-            new, need = self.new_feedback(), self.config.trainer.min_feedback
+            new, need = self.new_feedback(key), self.config.trainer.min_feedback
             if new < need:
-                raise TrainingError(f"{new} new feedback items since the last run; a scheduled run needs {need}")
+                raise TrainingError(f"{new} new feedback items{whose} since the last run; a scheduled run "
+                                    f"needs {need}")
         else:
-            new = self.untrained_feedback()
+            new = self.untrained_feedback(key)
             if new == 0:
-                raise TrainingError("no feedback the live version has not trained on; nothing to train on")
-        run_id = self.runs.create(reason)
+                raise TrainingError(f"no feedback{whose} the live version has not trained on; nothing to "
+                                    "train on")
+        run_id = self.runs.create(reason, community=key)
         logs = self.registry.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = (logs / f"{run_name(run_id)}.log").open("ab")
@@ -119,7 +156,7 @@ class Control:
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            proc = subprocess.Popen(self.command(run_id, reason), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(self.command(run_id, reason, key), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except OSError as e:
             self.runs.update(run_id, status="failed", finished_at=time.time(), error=f"cannot start: {e}")
@@ -129,9 +166,9 @@ class Control:
         self._children[proc.pid] = proc
         self._child_runs[proc.pid] = run_id
         self.runs.update(run_id, pid=proc.pid)
-        log.info("training run started: run=%s reason=%s pid=%d new_feedback=%d", run_name(run_id), reason,
-                 proc.pid, new)
-        return {"run_id": run_name(run_id), "pid": proc.pid, "new_feedback": new,
+        log.info("training run started: run=%s community=%s reason=%s pid=%d new_feedback=%d",
+                 run_name(run_id), key, reason, proc.pid, new)
+        return {"run_id": run_name(run_id), "community": key, "pid": proc.pid, "new_feedback": new,
                 "log": str(logs / f"{run_name(run_id)}.log")}
 
     def wait(self, run_id: str | int, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
@@ -152,9 +189,11 @@ class Control:
         row = self.runs.get(parse_run(run_id))
         metrics = dict(row["metrics"] or {})
         checks = metrics.pop("checks", [])
-        return {"run_id": row["run_id"], "status": row["status"], "version": row["version"],
+        return {"run_id": row["run_id"], "community": row["community"], "status": row["status"],
+                "version": row["version"],
                 "promoted": bool(row["promoted"]), "dataset_hash": row["dataset_hash"], "metrics": metrics,
-                "checks": checks, "error": row["error"], "live": self.registry.live() or BASE,
+                "checks": checks, "error": row["error"],
+                "live": Registry.line(self.registry.root, row["community"]).live() or BASE,
                 "seconds": None if not row["finished_at"] or not row["started_at"]
                 else round(row["finished_at"] - row["started_at"], 1)}
 
@@ -196,48 +235,58 @@ class Control:
 
     # -- LearningControl ----------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self, community: str | None = None) -> dict[str, Any]:
+        key = self.key(community)
         going = self.running()
-        last = self.runs.last_finished()
+        last = self.runs.last_finished(key)
         return {
-            "live_version": self.registry.live() or BASE,
+            "community": key,
+            "live_version": Registry.line(self.registry.root, key).live() or BASE,
             "last_run": None if last is None else {
                 "run_id": last["run_id"], "status": last["status"], "version": last["version"],
                 "promoted": last["promoted"], "error": last["error"], "finished_at": last["finished_at"]},
-            "new_feedback": self.new_feedback(),
+            "new_feedback": self.new_feedback(key),
             "min_feedback": self.config.trainer.min_feedback,
-            "running": None if going is None else f"{going['run_id']} ({going['stage'] or going['status']})",
+            # One run at a time over every line: a run of another community holds this one's too.
+            "running": None if going is None else (
+                f"{going['run_id']} ({going['stage'] or going['status']})"
+                + ("" if going["community"] == key else f" of {going['community']}")),
             "next_run": self.next_run(),
         }
 
-    def models(self) -> list[dict[str, Any]]:
-        live = self.registry.live()
+    def models(self, community: str | None = None) -> list[dict[str, Any]]:
+        line = self.line(community)
+        live = line.live()
         out = [{"version": BASE, "model": self.config.model.base, "verdict": "base", "live": live is None,
                 "parent": None, "metrics": {}}]
-        for meta in self.registry.list():
+        for meta in line.list():
             out.append({k: meta.get(k) for k in ("version", "parent", "verdict", "live", "metrics", "created_at",
                                                  "dataset_hash", "run_id", "method")})
         return out
 
-    def promote(self, version: str, by: str = "") -> dict[str, Any]:
+    def promote(self, version: str, by: str = "", community: str | None = None) -> dict[str, Any]:
+        line = self.line(community)
         if version != BASE:
-            self.registry.path(version)
-        entry = self.registry.promote(version, by=by)
-        out = {"version": entry["to"], "previous": entry["from"]}
-        if version != BASE and self.registry.meta(version).get("verdict") != "passed":
+            line.path(version)
+        entry = line.promote(version, by=by)
+        out = {"version": entry["to"], "previous": entry["from"], "community": self.key(community)}
+        if version != BASE and line.meta(version).get("verdict") != "passed":
             out["warning"] = f"{version} was rejected by the gate; promoted by an admin's decision"
         return out
 
-    def rollback(self, version: str | None = None, by: str = "") -> dict[str, Any]:
+    def rollback(self, version: str | None = None, by: str = "", community: str | None = None
+                 ) -> dict[str, Any]:
+        line = self.line(community)
         if version is not None and version != BASE:
-            self.registry.path(version)
-        entry = self.registry.rollback(version, by=by)
-        return {"version": entry["to"], "previous": entry["from"]}
+            line.path(version)
+        entry = line.rollback(version, by=by)
+        return {"version": entry["to"], "previous": entry["from"], "community": self.key(community)}
 
-    def version(self, version: str) -> dict[str, Any]:
+    def version(self, version: str, community: str | None = None) -> dict[str, Any]:
         if version == BASE:
             raise NotFoundError("the base model has no training report")
-        return {"meta": self.registry.meta(version), "report": self.registry.report(version)}
+        line = self.line(community)
+        return {"meta": line.meta(version), "report": line.report(version)}
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -10,6 +10,19 @@ Layout under ``[trainer] registry``::
                       folder when trained without LoRA), meta.json, report.json
     .staging/run-N/   a run's work area; a version folder is built here and
                       renamed into place whole
+    communities/slack+T0123/
+                      a community's own line ([trainer] scope = "community"):
+                      LIVE, history.jsonl and versions as above, numbered
+                      apart; ``:`` in the key is written ``+`` (never in a key)
+
+Lines. Under scope = "community" each community has its line; ``local``'s is
+the top folder, where every version from before communities learned apart
+already is (they trained on what is now local's data). Under scope =
+"global" the top folder is the one line, trained on every community. A
+version is served under its *adapter name*: its id on the top line (``v3``),
+``COMMUNITY/ID`` on a community's (``slack:T0123/v3``), unique across lines.
+One run at a time over all lines: ``train.lock``, the work areas and the
+run logs are the top folder's.
 
 Atomicity. A version folder appears by one ``rename`` of a complete folder,
 so no reader sees half a version. The live version is the content of
@@ -34,6 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tuneloop import community as communities
 from tuneloop.errors import InputError, NotFoundError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -43,6 +57,9 @@ LIVE = "LIVE"
 META = "meta.json"
 REPORT = "report.json"
 ADAPTER = "adapter"
+#: the run community of the global line (scope = "global")
+GLOBAL = "*"
+COMMUNITIES = "communities"
 _VERSION_RE = re.compile(r"^v(\d+)$")
 
 
@@ -106,15 +123,50 @@ class RunLock:
 
 
 class Registry:
-    """The versions folder. Cheap to create; every call reads the disk afresh."""
+    """One line of versions. Cheap to create; every call reads the disk afresh.
 
-    def __init__(self, root: str | Path):
+    ``Registry(root)`` is the top line; ``Registry.line(root, community)`` a
+    community's (``community`` is None for the top line, whoever uses it).
+    """
+
+    def __init__(self, root: str | Path, *, community: str | None = None, top: str | Path | None = None):
         self.root = Path(root)
+        #: the registry folder every line shares (lock, work areas, logs)
+        self.top = Path(top) if top is not None else self.root
+        self.community = community
+
+    @classmethod
+    def line(cls, root: str | Path, community: str | None) -> Registry:
+        """``community``'s line under the registry folder ``root`` (None, ``local``, ``*``: the top line)."""
+        if community in (None, communities.LOCAL, GLOBAL):
+            return cls(root, community=community)
+        communities.check(community)
+        return cls(Path(root) / COMMUNITIES / community.replace(":", "+"), community=community, top=root)
+
+    def lines(self) -> dict[str, Registry]:
+        """Every community line that exists under this registry folder, by community key."""
+        folder = self.top / COMMUNITIES
+        if not folder.is_dir():
+            return {}
+        out = {}
+        for p in sorted(folder.iterdir()):
+            key = p.name.replace("+", ":")
+            try:
+                out[key] = Registry.line(self.top, key)
+            except InputError:
+                continue  # not a folder of ours
+        return out
+
+    def adapter_name(self, version: str | None) -> str | None:
+        """The name ``version`` is served under (None: the base model)."""
+        if version is None:
+            return None
+        return version if self.root == self.top else f"{self.community}/{version}"
 
     # -- reading ----------------------------------------------------------------
 
     def lock(self) -> RunLock:
-        return RunLock(self.root / "train.lock")
+        return RunLock(self.top / "train.lock")
 
     def live(self) -> str | None:
         """The live version id; ``None`` when the base model is live."""
@@ -173,14 +225,15 @@ class Registry:
 
     # -- writing ------------------------------------------------------------------
 
-    def staging(self, run: str) -> Path:
-        folder = self.root / ".staging" / run
-        folder.mkdir(parents=True, exist_ok=True)
+    def staging(self, run: str, *, create: bool = True) -> Path:
+        folder = self.top / ".staging" / run
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     def clean_staging(self, keep: str | None = None) -> None:
         """Remove work areas of earlier runs (a run killed mid-way leaves one)."""
-        base = self.root / ".staging"
+        base = self.top / ".staging"
         if base.is_dir():
             for p in base.iterdir():
                 if p.name != keep:

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+from tuneloop.community import LOCAL
 from tuneloop.store import ACTIVE_RUN, RUN_STATUSES, Store
 
 ACTIVE = ACTIVE_RUN
@@ -50,8 +51,9 @@ class Runs:
     def __init__(self, store: Store):
         self.store = store
 
-    def create(self, reason: str, pid: int | None = None) -> int:
-        return self.store.add_training_run(reason, pid)
+    def create(self, reason: str, pid: int | None = None, community: str = LOCAL) -> int:
+        """A queued run of ``community``'s line (``registry.GLOBAL``: the global line)."""
+        return self.store.add_training_run(reason, pid, community)
 
     def update(self, run_id: int, **fields: Any) -> None:
         if "metrics" in fields and not isinstance(fields["metrics"], (str, type(None))):
@@ -63,16 +65,18 @@ class Runs:
     def get(self, run_id: int) -> dict[str, Any]:
         return _row(self.store.training_run(run_id))
 
-    def latest(self, statuses: tuple[str, ...] = RUN_STATUSES) -> dict[str, Any] | None:
-        rows = self.store.training_runs(statuses, newest_first=True, limit=1)
+    def latest(self, statuses: tuple[str, ...] = RUN_STATUSES, community: str | None = None
+               ) -> dict[str, Any] | None:
+        """The newest run of ``statuses`` (of ``community``'s line when given)."""
+        rows = self.store.training_runs(statuses, newest_first=True, limit=1, community=community)
         return _row(rows[0]) if rows else None
 
-    def last_done(self) -> dict[str, Any] | None:
-        return self.latest(("done",))
+    def last_done(self, community: str | None = None) -> dict[str, Any] | None:
+        return self.latest(("done",), community)
 
-    def last_finished(self) -> dict[str, Any] | None:
+    def last_finished(self, community: str | None = None) -> dict[str, Any] | None:
         """The newest run that ended, whichever way."""
-        return self.latest(FINISHED)
+        return self.latest(FINISHED, community)
 
     def active(self) -> list[dict[str, Any]]:
         return [_row(r) for r in self.store.training_runs(ACTIVE)]
