@@ -39,6 +39,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from tuneloop.engine._batch import Batch, SlabLayer, last_logits, prefill
+from tuneloop.engine.lora import Plan
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Decoder:
         self.norm = _rms_norm(inner.norm)
         self.norm_fp32 = _rms_norm(inner.norm, torch.float32)
         self.lm_head = model.lm_head
-        self.layers = [_Layer(layer, transposed) for layer in inner.layers]
+        self.layers = [_Layer(layer, transposed, i) for i, layer in enumerate(inner.layers)]
         first = self.layers[0]
         self.kv_heads, self.group = first.kv_heads, first.heads // first.kv_heads
         self._steps = self._packed = _direct
@@ -136,15 +137,16 @@ class Decoder:
             return None, problem
         return decoder, "matches transformers' forward on a test batch"
 
-    def step(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, batch: Batch, lora: Plan | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` for the next token after ``ids`` ``[B, 1]``; writes one cache column.
 
         Mirrors ``model(input_ids=ids, attention_mask=..., position_ids=...,
-        past_key_values=batch.cache)`` for one new token per row.
+        past_key_values=batch.cache)`` for one new token per row. ``lora``
+        adds each row's own adapter (``lora.Plan``, by row), unmerged.
         """
-        return self._steps(ids.shape[0], self._step, ids, batch)
+        return self._steps(ids.shape[0], self._step, ids, batch, lora)
 
-    def _step(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, batch: Batch, lora: Plan | None) -> torch.Tensor:
         mask, pos = batch.step_inputs()
         n, length = mask.shape
         h = self.embed(ids.view(n))  # [B, C]
@@ -155,7 +157,7 @@ class Decoder:
         bias = bias[:, None, None, :].expand(n, self.kv_heads, self.group, length)
         bias = bias.reshape(n * self.kv_heads, self.group, length)
         for layer, cache in zip(self.layers, batch.cache.layers, strict=True):
-            h = layer(h, cos, sin, bias, cache)
+            h = layer(h, cos, sin, bias, cache, lora)
         return self._logits(h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -181,11 +183,11 @@ class Decoder:
             exact += self.lm_head.bias[top].float()
         return logits.scatter_(-1, top, exact)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[Batch, torch.Tensor]:
-        """``_batch.prefill`` without padding (see ``_prefill``)."""
-        return self._packed(sum(len(p) for p in prompts), self._prefill, prompts)
+    def prefill(self, prompts: list[list[int]], lora: Plan | None = None) -> tuple[Batch, torch.Tensor]:
+        """``_batch.prefill`` without padding (see ``_prefill``); ``lora`` by token, prompt after prompt."""
+        return self._packed(sum(len(p) for p in prompts), self._prefill, prompts, lora)
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[Batch, torch.Tensor]:
+    def _prefill(self, prompts: list[list[int]], lora: Plan | None) -> tuple[Batch, torch.Tensor]:
         """``_batch.prefill`` without padding: every prompt's tokens in one matrix.
 
         The linear layers see only real tokens (the bench's 32 prompts of 12-26
@@ -210,7 +212,7 @@ class Decoder:
         allowed = causal[None, None] & mask.bool()[:, None, None, :]  # [B, 1, T, T]
         layers = []
         for layer in self.layers:
-            h, cache = layer.prefill(h, cos, sin, allowed, rows, cols, n, width)
+            h, cache = layer.prefill(h, cos, sin, allowed, rows, cols, n, width, lora)
             layers.append(cache)
         last = starts + lens - 1
         logits = self._logits(h[last])
@@ -360,8 +362,10 @@ class _Widen:
 class _Layer:
     """One decoder layer's weights, q/k/v and gate/up fused."""
 
-    def __init__(self, layer: nn.Module, transposed: bool) -> None:
+    def __init__(self, layer: nn.Module, transposed: bool, index: int = 0) -> None:
         attn, mlp = layer.self_attn, layer.mlp
+        # Keys of this layer's groups in a ``lora.Plan`` (``lora.fused_groups``).
+        self.keys = tuple((index, g) for g in ("qkv", "o", "gate_up", "down"))
         self.in_norm = _rms_norm(layer.input_layernorm)
         self.post_norm = _rms_norm(layer.post_attention_layernorm)
         self.heads = attn.config.num_attention_heads
@@ -375,10 +379,12 @@ class _Layer:
         self.down_proj = _Fused(mlp.down_proj, transposed=transposed)
         self.act = mlp.act_fn
 
-    def __call__(self, h, cos, sin, bias, cache: SlabLayer) -> torch.Tensor:
+    def __call__(self, h, cos, sin, bias, cache: SlabLayer, lora: Plan | None = None) -> torch.Tensor:
         n, hq, hk, d = h.shape[0], self.heads, self.kv_heads, self.head_dim
         x = self.in_norm(h)
         qkv = self.qkv(x)
+        if lora is not None:
+            lora.add(self.keys[0], x, qkv)
         # Queries and keys sit side by side in ``qkv``: rotate them in one go.
         qk = _rotate(qkv[:, : (hq + hk) * d].view(n, hq + hk, d), cos, sin)
         keys, values = cache.append(qk[:, hq:], qkv[:, (hq + hk) * d :].view(n, hk, d))  # [B, Hk, L, D]
@@ -391,16 +397,31 @@ class _Layer:
         else:
             probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)
         out = torch.bmm(probs, values.reshape(n * hk, length, d)).view(n, hq * d)
-        h = self.o_proj.add_to(h, out)
-        x = self.post_norm(h)
-        gu = self.gate_up(x)
-        return self.down_proj.add_to(h, self.act(gu[:, : self.inter]) * gu[:, self.inter :])
+        return self._rest(h, out, lora)
 
-    def prefill(self, h, cos, sin, allowed, rows, cols, n: int, width: int) -> tuple[torch.Tensor, SlabLayer]:
+    def _rest(self, h: torch.Tensor, out: torch.Tensor, lora: Plan | None) -> torch.Tensor:
+        """The attention's output projection, the residual, and the MLP."""
+        h = self.o_proj.add_to(h, out)
+        if lora is None:
+            x = self.post_norm(h)
+            gu = self.gate_up(x)
+            return self.down_proj.add_to(h, self.act(gu[:, : self.inter]) * gu[:, self.inter :])
+        o, gate_up, down = self.keys[1:]
+        lora.add(o, out, h)
+        x = self.post_norm(h)
+        gu = lora.add(gate_up, x, self.gate_up(x))
+        act = self.act(gu[:, : self.inter]) * gu[:, self.inter :]
+        return lora.add(down, act, self.down_proj.add_to(h, act))
+
+    def prefill(
+        self, h, cos, sin, allowed, rows, cols, n: int, width: int, lora: Plan | None = None
+    ) -> tuple[torch.Tensor, SlabLayer]:
         """Packed tokens ``h`` [N, C] through the layer; their keys and values as a cache layer."""
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         x = self.in_norm(h)
         qkv = self.qkv(x)
+        if lora is not None:
+            lora.add(self.keys[0], x, qkv)
         qk = _rotate(qkv[:, : (hq + hk) * d].view(-1, hq + hk, d), cos, sin)
         keys = h.new_zeros(n, hk, width, d)
         values = h.new_zeros(n, hk, width, d)
@@ -413,11 +434,7 @@ class _Layer:
             queries.transpose(1, 2), keys, values, attn_mask=allowed, scale=self.scaling, enable_gqa=hq != hk
         )
         out = out.transpose(1, 2)[rows, cols].reshape(-1, hq * d)
-        h = self.o_proj.add_to(h, out)
-        x = self.post_norm(h)
-        gu = self.gate_up(x)
-        h = self.down_proj.add_to(h, self.act(gu[:, : self.inter]) * gu[:, self.inter :])
-        return h, SlabLayer(keys, values, width)
+        return self._rest(h, out, lora), SlabLayer(keys, values, width)
 
 
 class _Fused:

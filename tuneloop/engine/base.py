@@ -105,12 +105,18 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, messages: list[Message], params: SamplingParams,
-               request_id: str | None = None) -> Generation:
-        """Queue a conversation; raise ``BusyError`` when the queue is full."""
+               request_id: str | None = None, adapter: str | None = None) -> Generation:
+        """Queue a conversation; raise ``BusyError`` when the queue is full.
 
-    async def complete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        ``adapter`` names a loaded adapter (``load_adapter``) for this request
+        alone; None: what the engine serves by default (the base, or the
+        version ``swap_adapter`` put in). An unknown name raises ``ModelError``.
+        """
+
+    async def complete(self, messages: list[Message], params: SamplingParams,
+                       adapter: str | None = None) -> Completion:
         """Submit and wait for the whole reply."""
-        gen = self.submit(messages, params)
+        gen = self.submit(messages, params, adapter=adapter)
         async for _ in gen:
             pass
         assert gen.result is not None
@@ -136,6 +142,25 @@ class Engine(abc.ABC):
         weights they started with or are reported with the version that
         produced them.
         """
+
+    @abc.abstractmethod
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load the LoRA adapter folder ``path`` under ``name``, for requests that name it.
+
+        Unlike ``swap_adapter``, the weights served by default stay as they
+        are: each request names its own adapter, and one batch mixes them.
+        Loading a name again replaces it; requests already submitted finish
+        on the adapter they started with. ``ModelError`` (one line) for a
+        folder that cannot be served this way.
+        """
+
+    @abc.abstractmethod
+    async def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (``ModelError`` if unknown); requests in flight keep it till they end."""
+
+    @abc.abstractmethod
+    def adapter_names(self) -> list[str]:
+        """The names ``load_adapter`` loaded, sorted."""
 
     @abc.abstractmethod
     def stats(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from tuneloop.engine.base import Engine, Generation, Message, SamplingParams, drain
+from tuneloop.engine.lora import read_adapter
 from tuneloop.engine.output import REPLACEMENT, OutputProcessor
 from tuneloop.engine.runner import ModelRunner
 from tuneloop.engine.scheduler import Scheduler
@@ -184,12 +185,17 @@ class LocalEngine(Engine):
         return tok(text, add_special_tokens=False)["input_ids"]
 
     def submit(
-        self, messages: list[Message], params: SamplingParams, request_id: str | None = None
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter: str | None = None,
     ) -> Generation:
         if self._closing:
             raise EngineError("engine is shutting down")
         if not self._running:
             raise EngineError("engine is not started")
+        lora = None if adapter is None else self.runner.bank.get(adapter)  # ModelError if unknown
         loop = asyncio.get_running_loop()
         prompt = self.encode(messages)
         window = self.context_window
@@ -205,7 +211,7 @@ class LocalEngine(Engine):
         if params.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
-        seq = Sequence(rid, prompt, params, max_new, loop, asyncio.Queue(), time.perf_counter(), gen)
+        seq = Sequence(rid, prompt, params, max_new, loop, asyncio.Queue(), time.perf_counter(), gen, lora=lora)
         self.scheduler.add(seq)
         generation = Generation(rid, None)  # type: ignore[arg-type]
         generation.deltas = drain(
@@ -244,6 +250,30 @@ class LocalEngine(Engine):
 
     async def swap_adapter(self, adapter_path: str | None, version: str) -> None:
         await self.run_exclusive(lambda: self.runner.swap(adapter_path, version))
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if not self._running:
+            raise EngineError("engine is not started")
+        # Read off the engine thread; checked and stacked on it, between two steps.
+        adapter = await asyncio.get_running_loop().run_in_executor(
+            None, read_adapter, name, path, self.runner.model
+        )
+        await self.run_between(lambda: self.runner.add_adapter(adapter))
+
+    async def unload_adapter(self, name: str) -> None:
+        if not self._running:
+            raise EngineError("engine is not started")
+        await self.run_between(lambda: self.runner.remove_adapter(name))
+
+    def adapter_names(self) -> list[str]:
+        bank = self.runner.bank
+        return sorted(bank.named) if bank is not None else []
+
+    async def run_between(self, fn):
+        """Run ``fn()`` on the engine thread between two steps; the running rows stay in the batch."""
+        fut = asyncio.get_running_loop().create_future()
+        self.scheduler.add_between((fn, fut))
+        return await fut
 
     async def run_exclusive(self, fn):
         """Run ``fn()`` on the engine thread once the running requests have finished.
@@ -291,6 +321,11 @@ class LocalEngine(Engine):
     def _run(self) -> None:
         while self.scheduler.wait_for_work():
             try:
+                betweens = self.scheduler.take_between()
+                for between in betweens:
+                    self._do_job(*between)
+                if betweens and self.scheduler.idle:
+                    continue
                 job = self.scheduler.take_job()
                 if job is not None:
                     self._do_job(*job)
@@ -304,6 +339,8 @@ class LocalEngine(Engine):
                 self._fail_all(EngineError(f"inference failed: {type(e).__name__}: {e}"))
         # Whatever is left (stop() cancels first, so normally nothing).
         self._fail_all(EngineError("engine is shutting down"))
+        for _, fut in self.scheduler.take_between():
+            self._settle(fut, None, EngineError("engine is shutting down"))
 
     def _fail_all(self, error: Exception) -> None:
         # What the failed step had already made goes first: a reader that got
@@ -320,7 +357,10 @@ class LocalEngine(Engine):
             result = fn()
         except Exception as e:  # noqa: BLE001 — the caller gets it; the engine keeps serving
             error = e
+        LocalEngine._settle(fut, result, error)
 
+    @staticmethod
+    def _settle(fut: asyncio.Future, result, error: Exception | None) -> None:
         def settle() -> None:
             if fut.done():
                 return

@@ -30,6 +30,11 @@ server without runtime loading answers 404 there: the version is then served
 only if the server lists it in ``/v1/models`` (preloaded with
 ``--lora-modules v3=/path``), else ``swap_adapter`` raises ``ModelError``.
 ``swap_adapter(None, ...)`` goes back to the base model name.
+
+Adapters per request (``load_adapter``): each is loaded on the server under
+its name the same way (a name loaded again is unloaded there first, with
+``POST /v1/unload_lora_adapter``), and a request that names one sends it as
+its ``model``; vLLM batches requests for different adapters together.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class OpenAIEngine(Engine):
         self._rate: list[tuple[float, int]] = []
         self._total_requests = 0
         self._total_tokens = 0
+        self._adapters: dict[str, str] = {}  # name -> folder, loaded by load_adapter
 
     @classmethod
     def from_config(cls, config) -> OpenAIEngine:
@@ -141,11 +147,13 @@ class OpenAIEngine(Engine):
     # -- requests -------------------------------------------------------------------------
 
     def submit(self, messages: list[Message], params: SamplingParams,
-               request_id: str | None = None) -> Generation:
+               request_id: str | None = None, adapter: str | None = None) -> Generation:
         if self._closing:
             raise EngineError("engine is shutting down")
         if not self._running:
             raise EngineError("engine is not started")
+        if adapter is not None and adapter not in self._adapters:
+            raise ModelError(f"unknown adapter {adapter!r}; loaded: {', '.join(sorted(self._adapters)) or 'none'}")
         if len(self._inflight) >= self.max_inflight:
             raise BusyError(f"engine busy: {len(self._inflight)} requests in flight; try again shortly")
         rid = request_id or uuid.uuid4().hex[:12]
@@ -154,10 +162,10 @@ class OpenAIEngine(Engine):
         # The HTTP stream is read by a task of its own, so that cancel() can stop
         # it without touching the caller's task.
         state: dict[str, Any] = {"cancelled": False, "settled": False}
+        model, submitted = adapter or self.model_version, time.perf_counter()
         task = asyncio.get_running_loop().create_task(
-            self._produce(rid, list(messages), params, queue, state), name=f"tuneloop-openai-{rid}")
+            self._produce(rid, list(messages), params, queue, state, model), name=f"tuneloop-openai-{rid}")
         state["task"] = task
-        model, submitted = self.model_version, time.perf_counter()
 
         def settle(t: asyncio.Task) -> None:
             # A task cancelled before it ran never reached its own clean-up.
@@ -191,8 +199,7 @@ class OpenAIEngine(Engine):
         return body
 
     async def _produce(self, rid: str, messages: list[Message], params: SamplingParams,
-                       queue: asyncio.Queue, state: dict[str, Any]) -> None:
-        model = self.model_version
+                       queue: asyncio.Queue, state: dict[str, Any], model: str) -> None:
         submitted = time.perf_counter()
         first: float | None = None
         text, finish, usage, stream = "", None, None, None
@@ -298,6 +305,10 @@ class OpenAIEngine(Engine):
             self.model_version = self.base_model
             log.info("openai backend: serving the base model %s", self.base_model)
             return
+        await self._load_on_server(version, str(adapter_path))
+        self.model_version = version
+
+    async def _load_on_server(self, version: str, adapter_path: str) -> None:
         try:
             await self.client.post("/load_lora_adapter", cast_to=str,
                                    body={"lora_name": version, "lora_path": str(adapter_path)})
@@ -317,7 +328,37 @@ class OpenAIEngine(Engine):
                 raise self._error(e) from None
         except openai.OpenAIError as e:
             raise self._error(e) from None
-        self.model_version = version
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if not self._running or self.client is None:
+            raise EngineError("engine is not started")
+        if name in self._adapters:
+            # vLLM refuses a name it has (400): replace it. Requests already
+            # sent finish on the server as it decides (vLLM keeps them on theirs).
+            await self._unload_on_server(name)
+            self._adapters.pop(name, None)
+        await self._load_on_server(name, str(path))
+        self._adapters[name] = str(path)
+
+    async def unload_adapter(self, name: str) -> None:
+        if not self._running or self.client is None:
+            raise EngineError("engine is not started")
+        if name not in self._adapters:
+            raise ModelError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self._adapters)) or 'none'}")
+        await self._unload_on_server(name)
+        del self._adapters[name]
+
+    async def _unload_on_server(self, name: str) -> None:
+        try:
+            await self.client.post("/unload_lora_adapter", cast_to=str, body={"lora_name": name})
+            log.info("openai backend: unloaded adapter %s on the server", name)
+        except openai.NotFoundError:
+            pass  # no runtime loading (a preloaded adapter stays), or the server no longer has it
+        except openai.OpenAIError as e:
+            raise self._error(e) from None
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self._adapters)
 
     async def _served_models(self) -> set[str]:
         assert self.client is not None

@@ -7,6 +7,12 @@ scheduler's order. A step is a prefill of newcomers (merged into the batch)
 or one decoding step of every row, through tuneloop's fused decoder
 (``_decode.Decoder``) where the architecture has one, else transformers'
 ``forward``. It samples nothing and knows no text.
+
+Adapters served per request (``lora.AdapterBank``) are added row by row to
+the base weights' outputs, in the fused step and (through forward hooks) in
+transformers' forward; ``swap`` instead merges one version into the weights
+for every request. A per-request adapter is a delta over whatever weights
+are loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from tuneloop.engine._batch import Batch, last_logits, prefill
 from tuneloop.engine._decode import Decoder
+from tuneloop.engine.lora import Adapter, AdapterBank, Hooks, Plan, fused_groups, linear_groups
 from tuneloop.engine.scheduler import ScheduledBatch
 from tuneloop.engine.sequence import Sequence
 from tuneloop.errors import ModelError
@@ -55,6 +62,9 @@ class ModelRunner:
         self._adapter: str | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
         self._torch_threads = 1
+        self.bank: AdapterBank | None = None  # adapters named per request
+        self._hooks: Hooks | None = None  # the bank's way into transformers' forward
+        self._plan: Plan | None = None  # the running rows grouped by adapter
 
     # --------------------------------------------------------------- weights
 
@@ -112,6 +122,22 @@ class ModelRunner:
         else:
             why = "[model] fused_decode = false"
         log.info("decode step: %s (%s)", self.decode_step, why)
+        self._build_bank()
+
+    def _build_bank(self) -> None:
+        """The adapter bank laid out for the decode step in use; adapters already loaded stay."""
+        old = self.bank
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        groups = fused_groups(self.model) if self.decoder is not None else linear_groups(self.model)
+        self.bank = AdapterBank(self.model, groups)
+        if old is not None:
+            self.bank.named = old.named
+            self.bank.sync([s.lora for s in self.rows])
+        if self.decoder is None:
+            self._hooks = Hooks(self.bank)
+        self._plan = self.bank.plan([s.lora for s in self.rows])
 
     @property
     def decode_step(self) -> str:
@@ -168,25 +194,49 @@ class ModelRunner:
             return None
         ids = torch.tensor([[s.tokens[-1]] for s in batch.seqs], device=self.device)
         if self.decoder is not None:
-            logits = self.decoder.step(ids, self.kv)
+            logits = self.decoder.step(ids, self.kv, self._plan)
         else:
             mask, pos = self.kv.step_inputs()
-            logits = last_logits(self.model, ids, mask, pos, self.kv.cache)
+            with self._hooked(self._plan):
+                logits = last_logits(self.model, ids, mask, pos, self.kv.cache)
         self.kv.advance()
         return logits
 
+    def _hooked(self, plan: Plan | None):
+        """Context in which transformers' forward adds ``plan``'s per-row deltas."""
+        import contextlib
+
+        hooks = self._hooks
+
+        @contextlib.contextmanager
+        def active():
+            hooks.plan = plan
+            try:
+                yield
+            finally:
+                hooks.plan = None
+
+        return active() if hooks is not None and plan is not None else contextlib.nullcontext()
+
     def reset(self) -> None:
-        """Forget the batch (after a failed step)."""
-        self.kv, self.rows = None, []
+        """Forget the batch (after a failed step, or idle)."""
+        self.kv, self.rows, self._plan = None, [], None
+        if self.bank is not None and len(self.bank.live) != len(self.bank.named):
+            self.bank.sync([])  # adapters replaced or unloaded while rows used them
 
     def _prefill(self, newcomers: list[Sequence], kept: list[Sequence]) -> torch.Tensor:
         for seq in newcomers:
-            seq.version = self.version
+            seq.version = seq.lora.name if seq.lora is not None else self.version
         prompts = [seq.prompt for seq in newcomers]
+        bank = self.bank
+        bank.sync([s.lora for s in kept + newcomers])
+        adapters = [s.lora for s in newcomers]
         if self.decoder is not None:
-            fresh, logits = self.decoder.prefill(prompts)
+            # A packed prefill: the plan's rows are the prompts' tokens.
+            fresh, logits = self.decoder.prefill(prompts, bank.plan(adapters, [len(p) for p in prompts]))
         else:
-            fresh, logits = prefill(self.model, prompts, self.pad, self.device)
+            with self._hooked(bank.plan(adapters)):
+                fresh, logits = prefill(self.model, prompts, self.pad, self.device)
         parts = [(fresh, None)]
         if kept:
             parts.insert(0, (self.kv, self._rows_of(kept)))
@@ -194,6 +244,7 @@ class ModelRunner:
         # Room for every column the rows may still write (``Batch`` grows if a guess falls short).
         self.kv = Batch.merge(parts, max(s.room for s in rows) + 1)
         self.rows = rows
+        self._plan = bank.plan([s.lora for s in rows])
         return logits
 
     def _keep(self, seqs: list[Sequence]) -> None:
@@ -205,6 +256,7 @@ class ModelRunner:
             return
         self.kv = Batch.merge([(self.kv, self._rows_of(seqs))], max(s.room for s in seqs) + 1)
         self.rows = list(seqs)
+        self._plan = self.bank.plan([s.lora for s in seqs])
 
     def _rows_of(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Indices of ``seqs`` among the cache's rows; None when they are all of them."""
@@ -212,3 +264,101 @@ class ModelRunner:
             return None
         where = {id(s): i for i, s in enumerate(self.rows)}
         return torch.tensor([where[id(s)] for s in seqs], device=self.kv.mask.device)
+
+    # -------------------------------------------------------------- adapters
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        """Serve ``adapter`` under its name from the next step on (on the engine thread, between steps).
+
+        Checked first (``check_adapter``); a name loaded before is replaced
+        for new requests, while running rows finish on the one they began with.
+        """
+        problem = self.check_adapter(adapter)
+        if problem:
+            raise ModelError(f"cannot serve adapter {adapter.name} per request: {problem}")
+        self.bank.load(adapter)
+        self.bank.sync([s.lora for s in self.rows])
+        self._plan = self.bank.plan([s.lora for s in self.rows])
+        log.info("adapter %s loaded from %s (rank %d, %d modules, %s step)", adapter.name, adapter.path,
+                 adapter.rank, len(adapter.weights), self.decode_step)
+
+    def remove_adapter(self, name: str) -> None:
+        self.bank.unload(name)
+        self.bank.sync([s.lora for s in self.rows])
+        self._plan = self.bank.plan([s.lora for s in self.rows])
+        log.info("adapter %s unloaded", name)
+
+    @torch.inference_mode()
+    def check_adapter(self, adapter: Adapter) -> str:
+        """Per-row logits against the merged model's on a test batch; '' when they agree.
+
+        A ragged batch of three prompts, the first and last with ``adapter``
+        and the middle one without, through this runner's own prefill and
+        three decoding steps; the reference is transformers' forward on a
+        float32 copy of the weights, with the adapter merged by peft for the
+        first and last rows and without it for the middle one. In float32 the
+        logits must agree to 1e-3 (relative to the largest); in a half
+        precision, rounding alone moves them by about as much as the base
+        step's own distance from float32, so the adapter rows may be at most
+        three times as far as the middle row is (and always 1e-3).
+        """
+        import copy
+
+        from peft import PeftModel
+
+        bank = AdapterBank(self.model, self.bank.groups)
+        bank.load(adapter)
+        bank.sync([])
+        vocab = self.model.get_input_embeddings().num_embeddings
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in (5, 2, 7)]
+        adapters = [adapter, None, adapter]
+        base = copy.deepcopy(self.model).float()
+        merged = PeftModel.from_pretrained(copy.deepcopy(base), adapter.path).merge_and_unload().eval()
+        refs = [prefill(m, prompts, 0, self.device) for m in (merged, base)]
+        if self.decoder is not None:
+            ours, first = self.decoder.prefill(prompts, bank.plan(adapters, [len(p) for p in prompts]))
+        else:
+            with self._hooked(bank.plan(adapters)):
+                ours, first = prefill(self.model, prompts, self.pad, self.device)
+        plan = bank.plan(adapters)
+        ours = Batch.merge([(ours, None)], 4)
+        batches = [Batch.merge([(b, None)], 4) for b, _ in refs]
+        pick = torch.tensor([0, 1, 0])  # which reference each row follows: merged, base, merged
+
+        def mixed(logits: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([logits[int(k)][i] for i, k in enumerate(pick)])
+
+        want = mixed([logits for _, logits in refs])
+        errors = []  # per computation: (adapter rows, base row) relative errors
+        got = first
+        for step in range(4):
+            scale = max(1.0, float(want.abs().max()))
+            diff = (got.float() - want.float()).abs().amax(-1) / scale
+            errors.append((float(diff[[0, 2]].max()), float(diff[1])))
+            if step == 3:
+                break
+            ids = want.argmax(-1, keepdim=True)
+            if self.decoder is not None:
+                got = self.decoder.step(ids, ours, plan)
+            else:
+                mask, pos = ours.step_inputs()
+                with self._hooked(plan):
+                    got = last_logits(self.model, ids, mask, pos, ours.cache)
+            ours.advance()
+            outs = []
+            for m, b in zip((merged, base), batches, strict=True):
+                mask, pos = b.step_inputs()
+                outs.append(last_logits(m, ids, mask, pos, b.cache))
+                b.advance()
+            want = mixed(outs)
+        worst = max(e for e, _ in errors)
+        base_err = max(e for _, e in errors)
+        if self.model.dtype == torch.float32:
+            tol, why = 1e-3, "tolerance 1e-3"
+        else:
+            tol = max(1e-3, 3 * base_err)
+            why = f"the row without an adapter: {base_err:.2g}, tolerance {tol:.2g}"
+        if worst <= tol:
+            return ""
+        return f"its rows' logits differ from the merged model's by {worst:.2g} (relative; {why})"

@@ -43,6 +43,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # replaced, not mutated, under the lock
         self.total_requests = 0
         self.job: tuple[Callable[[], object], object] | None = None  # (fn, future) of run_exclusive
+        self.between: list[tuple[Callable[[], object], object]] = []  # (fn, future) of run_between
         self._lock = threading.Condition()
         self._open = True
         self._decode_next = False
@@ -92,6 +93,12 @@ class Scheduler:
             self.job = job
             self._lock.notify()
 
+    def add_between(self, job: tuple[Callable[[], object], object]) -> None:
+        """Run ``job`` on the engine thread before the next step, the running rows kept."""
+        with self._lock:
+            self.between.append(job)
+            self._lock.notify()
+
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
@@ -117,9 +124,16 @@ class Scheduler:
     def wait_for_work(self) -> bool:
         """Block until there is something to do; False once closed."""
         with self._lock:
-            while self._open and not self.waiting and not self.running and self.job is None:
+            while (self._open and not self.waiting and not self.running and self.job is None
+                   and not self.between):
                 self._lock.wait()
             return self._open
+
+    def take_between(self) -> list[tuple[Callable[[], object], object]]:
+        """The jobs to run between this step and the next."""
+        with self._lock:
+            jobs, self.between = self.between, []
+            return jobs
 
     def take_job(self) -> tuple[Callable[[], object], object] | None:
         """The pending exclusive job, once no row is running (the batch has drained)."""

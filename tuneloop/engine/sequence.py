@@ -17,6 +17,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from tuneloop.engine.base import SamplingParams
+from tuneloop.engine.lora import Adapter
 
 
 class SequenceStatus(enum.Enum):
@@ -42,6 +43,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error" once it has ended
     cancel_requested: bool = False
     version: str = ""  # the model version whose weights prefilled it
+    # The adapter the request named, held from submit to its end: a reload or
+    # an unload of that name meanwhile does not change what it decodes with.
+    lora: Adapter | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # stable decoded text, stop strings cut
     sent: int = 0  # characters of ``text`` released to the stream (pending or delivered)
