@@ -190,6 +190,14 @@ class FakeServer:
         self.models.append(body["lora_name"])
         return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
 
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append((request.path, body))
+        if not self.lora_loading or body["lora_name"] not in self.models:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        self.models.remove(body["lora_name"])
+        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append((request.path, body))
@@ -223,6 +231,7 @@ async def fake():
     app = web.Application()
     app.router.add_get("/v1/models", server.list_models)
     app.router.add_post("/v1/load_lora_adapter", server.load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", server.unload_lora_adapter)
     app.router.add_post("/v1/chat/completions", server.chat)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -322,3 +331,28 @@ async def test_swap_without_runtime_loading_needs_a_preloaded_version(fake, on_f
     assert message.startswith(f"cannot serve v8: the model server at {fake.url} has no runtime LoRA loading")
     assert f"--lora-modules v8={tmp_path / 'v8'}" in message and "\n" not in message
     assert on_fake.model_version == "v3"
+
+
+async def test_each_request_sends_its_adapter_as_the_model(fake, on_fake, tmp_path):
+    fake.lora_loading = True
+    await on_fake.load_adapter("c1-v2", str(tmp_path / "a"))
+    await on_fake.load_adapter("c2-v1", str(tmp_path / "b"))
+    assert fake.requests[-1] == ("/v1/load_lora_adapter", {"lora_name": "c2-v1", "lora_path": str(tmp_path / "b")})
+    assert on_fake.adapter_names() == ["c1-v2", "c2-v1"]
+    done = await asyncio.gather(*(on_fake.complete(HELLO, SamplingParams(max_new_tokens=8), adapter=a)
+                                  for a in ("c1-v2", None, "c2-v1")))
+    assert sorted(b["model"] for b in fake.chats()[-3:]) == ["base-model", "c1-v2", "c2-v1"]
+    assert [c.model_version for c in done] == ["c1-v2", "base-model", "c2-v1"]
+
+    # Loaded again: unloaded on the server first (vLLM refuses a name it has).
+    await on_fake.load_adapter("c1-v2", str(tmp_path / "a2"))
+    assert fake.requests[-2:] == [("/v1/unload_lora_adapter", {"lora_name": "c1-v2"}),
+                                  ("/v1/load_lora_adapter", {"lora_name": "c1-v2", "lora_path": str(tmp_path / "a2")})]
+    await on_fake.unload_adapter("c1-v2")
+    assert fake.requests[-1] == ("/v1/unload_lora_adapter", {"lora_name": "c1-v2"})
+    with pytest.raises(ModelError, match=r"^unknown adapter 'c1-v2'; loaded: c2-v1$"):
+        on_fake.submit(HELLO, SamplingParams(max_new_tokens=8), adapter="c1-v2")
+    with pytest.raises(ModelError, match=r"^unknown adapter 'zz'"):
+        await on_fake.unload_adapter("zz")
+    await on_fake.unload_adapter("c2-v1")
+    assert on_fake.adapter_names() == []
