@@ -142,7 +142,7 @@ class Encoder:
             return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
-            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         return True
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
