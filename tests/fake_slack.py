@@ -6,11 +6,18 @@ call, and can answer a method with HTTP 429 + Retry-After a number of
 times. ``apps.connections.open`` hands out the URL of its own websocket,
 where tests push Socket Mode envelopes and read the acks. Helpers build
 Events API payloads and sign them the way Slack does for HTTP mode.
+
+Several workspaces: ``grant(code, team)`` is what Slack does when someone
+approves an install in ``team``: ``oauth.v2.access`` then exchanges ``code``
+(once, with the app's client id and secret) for a bot token of that team.
+Every call records the token it came with, ``auth.test`` answers for the
+token's team and bot, and a message is posted by the bot of its token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import itertools
@@ -25,6 +32,8 @@ from aiohttp import WSMsgType, web
 
 TEAM = "T0TEAM"
 APP = "A0APP"
+CLIENT_ID = "1111.2222"
+CLIENT_SECRET = "fake-client-secret"
 
 
 @dataclass
@@ -33,6 +42,17 @@ class Call:
     args: dict[str, Any]
     status: int
     at: float = field(default_factory=time.monotonic)
+    #: the token the call came with (Bearer header or ``token`` argument)
+    token: str = ""
+
+
+@dataclass
+class Workspace:
+    """A bot token's identity: the workspace it was granted in and its bot."""
+
+    team_id: str
+    bot_user_id: str
+    bot_id: str
 
 
 class FakeSlack:
@@ -52,6 +72,10 @@ class FakeSlack:
         self._connected = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        #: bot tokens handed out by oauth.v2.access; any other xoxb- token is the default workspace's
+        self.workspaces: dict[str, Workspace] = {}
+        #: install codes not yet exchanged -> the token and workspace they give
+        self._codes: dict[str, tuple[str, Workspace]] = {}
 
     # ------------------------------------------------------------------ server
 
@@ -86,6 +110,15 @@ class FakeSlack:
     def rate_limit(self, method: str, times: int = 1, retry_after: int = 1) -> None:
         """Answer the next ``times`` calls of ``method`` with 429 and Retry-After."""
         self._limits[method] = [times, retry_after]
+
+    def grant(self, code: str, team_id: str, bot_user_id: str | None = None, bot_id: str | None = None) -> str:
+        """Someone approved an install in ``team_id``: ``code`` now exchanges for a bot token; that token."""
+        token = f"xoxb-{team_id}-{uuid.uuid4().hex[:12]}"
+        self._codes[code] = (token, Workspace(team_id, bot_user_id or f"U0BOT{team_id}", bot_id or f"B0BOT{team_id}"))
+        return token
+
+    def workspace(self, token: str) -> Workspace:
+        return self.workspaces.get(token) or Workspace(TEAM, self.bot_user_id, self.bot_id)
 
     def calls_to(self, method: str, ok_only: bool = True) -> list[Call]:
         return [c for c in self.calls if c.method == method and (c.status == 200 or not ok_only)]
@@ -144,24 +177,47 @@ class FakeSlack:
         limit = self._limits.get(method)
         if limit and limit[0] > 0:
             limit[0] -= 1
-            self.calls.append(Call(method, args, 429))
+            self.calls.append(Call(method, args, 429, token=token))
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
                                      headers={"Retry-After": str(limit[1])})
+        if method == "oauth.v2.access":  # the app's own credentials, not a token
+            return self._reply(method, args, self.oauth_v2_access(auth, args), token)
         want = "xapp-" if method == "apps.connections.open" else "xoxb-"
         if not token.startswith(want):
-            return self._reply(method, args, {"ok": False, "error": "not_authed"})
+            return self._reply(method, args, {"ok": False, "error": "not_authed"}, token)
         handler = getattr(self, "api_" + method.replace(".", "_"), None)
         if handler is None:
-            return self._reply(method, args, {"ok": False, "error": "unknown_method"})
-        return self._reply(method, args, handler(args))
+            return self._reply(method, args, {"ok": False, "error": "unknown_method"}, token)
+        args["_token"] = token
+        return self._reply(method, args, handler(args), token)
 
-    def _reply(self, method: str, args: dict[str, Any], body: dict[str, Any]) -> web.Response:
-        self.calls.append(Call(method, args, 200))
+    def _reply(self, method: str, args: dict[str, Any], body: dict[str, Any], token: str = "") -> web.Response:
+        args.pop("_token", None)
+        self.calls.append(Call(method, args, 200, token=token))
         return web.json_response(body)
 
+    def oauth_v2_access(self, auth: str, a: dict) -> dict:
+        """Slack's answer for an approved install: the app's credentials (Basic auth or arguments), a code."""
+        client_id, client_secret = a.get("client_id"), a.get("client_secret")
+        if auth.startswith("Basic "):
+            client_id, _, client_secret = base64.b64decode(auth[6:]).decode().partition(":")
+        if (client_id, client_secret) != (CLIENT_ID, CLIENT_SECRET):
+            return {"ok": False, "error": "invalid_client_id" if client_id != CLIENT_ID else "bad_client_secret"}
+        grant = self._codes.pop(a.get("code", ""), None)
+        if grant is None:
+            return {"ok": False, "error": "invalid_code"}
+        token, ws = grant
+        self.workspaces[token] = ws
+        return {"ok": True, "app_id": APP, "authed_user": {"id": "U0INSTALLER"}, "scope": "chat:write,commands",
+                "token_type": "bot", "access_token": token, "bot_user_id": ws.bot_user_id,
+                "team": {"id": ws.team_id, "name": f"Team {ws.team_id}"}, "enterprise": None,
+                "is_enterprise_install": False}
+
     def api_auth_test(self, a: dict) -> dict:
+        ws = self.workspace(a["_token"])
         return {"ok": True, "url": "https://fake.slack.com/", "team": "Fake", "user": "tuneloop",
-                "team_id": TEAM, "user_id": self.bot_user_id, "bot_id": self.bot_id, "is_enterprise_install": False}
+                "team_id": ws.team_id, "user_id": ws.bot_user_id, "bot_id": ws.bot_id, "app_id": APP,
+                "is_enterprise_install": False}
 
     def api_apps_connections_open(self, a: dict) -> dict:
         return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"}
@@ -175,8 +231,9 @@ class FakeSlack:
         if len(text or "") > 40000:
             return {"ok": False, "error": "msg_too_long"}
         ts = self.new_ts()
-        msg = {"type": "message", "subtype": "bot_message", "text": text, "ts": ts, "bot_id": self.bot_id,
-               "user": self.bot_user_id, "app_id": APP}
+        ws = self.workspace(a["_token"])  # posted by the bot whose token made the call
+        msg = {"type": "message", "subtype": "bot_message", "text": text, "ts": ts, "bot_id": ws.bot_id,
+               "user": ws.bot_user_id, "app_id": APP}
         if a.get("thread_ts"):
             msg["thread_ts"] = a["thread_ts"]
         self.messages.setdefault(channel, {})[ts] = msg
@@ -268,12 +325,12 @@ class FakeSlack:
 # ---------------------------------------------------------------------- payloads
 
 
-def event_body(event: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
-    """An Events API ``event_callback`` around ``event``."""
-    return {"token": "legacy-verification-token", "team_id": TEAM, "api_app_id": APP, "event": event,
+def event_body(event: dict[str, Any], event_id: str | None = None, team: str = TEAM) -> dict[str, Any]:
+    """An Events API ``event_callback`` around ``event``, from workspace ``team``."""
+    return {"token": "legacy-verification-token", "team_id": team, "api_app_id": APP, "event": event,
             "type": "event_callback", "event_id": event_id or "Ev" + uuid.uuid4().hex[:10].upper(),
             "event_time": int(time.time()), "is_ext_shared_channel": False,
-            "authorizations": [{"enterprise_id": None, "team_id": TEAM, "user_id": "U0BOT", "is_bot": True,
+            "authorizations": [{"enterprise_id": None, "team_id": team, "user_id": "U0BOT", "is_bot": True,
                                 "is_enterprise_install": False}],
             "event_context": "4-" + uuid.uuid4().hex}
 

@@ -23,6 +23,7 @@ from bot.feedback import Feedback
 from bot.replies import ReplyStream
 from bot.services import Services
 from tests.fake_slack import (
+    TEAM,
     FakeSlack,
     block_action_body,
     command_body,
@@ -193,10 +194,12 @@ async def make_bot(tmp_path, engine, fake, tiny_model, monkeypatch):
 
 
 def add_feedback(bot: Bot) -> None:
-    """One rated exchange the live version has not trained on: what an admin's retrain needs."""
+    """One rated exchange of the workspace the live version has not trained on: what an admin's
+    retrain there needs (retrain trains on the caller's own workspace only)."""
     ex = bot.svc.store.add_exchange(platform="slack", user=ALICE, conversation_id=f"slack:{DM}:1.1",
                                     messages=[{"role": "user", "content": "hello"}], prompt="hello",
-                                    reply="hi there", model_version="base", channel=DM, thread="1.1")
+                                    reply="hi there", model_version="base", channel=DM, thread="1.1",
+                                    community=f"slack:{TEAM}")
     bot.svc.store.rate(ex.id, BOB, "up")
 
 

@@ -120,6 +120,45 @@ class SlackConfig:
     channels: list[str] = field(default_factory=list, metadata=_meta(
         "channel ids answered without a mention"))
     add_reactions: bool = field(default=True, metadata=_meta("add 👍/👎 to every reply as a hint"))
+    oauth: bool = field(default=False, metadata=_meta(
+        "http mode: workspaces install the app through Slack's OAuth flow (install_path), each one's bot "
+        "token kept in the [storage] database; false: the one workspace of bot_token_env"))
+    client_id_env: str = field(default="SLACK_CLIENT_ID", metadata=_meta("oauth: env var with the app's client id"))
+    client_secret_env: str = field(default="SLACK_CLIENT_SECRET", metadata=_meta(
+        "oauth: env var with the app's client secret"))
+    scopes: list[str] = field(default_factory=lambda: list(SLACK_BOT_SCOPES), metadata=_meta(
+        "oauth: bot scopes an install asks for (those of slack-manifest.yml)"))
+    install_path: str = field(default="/slack/install", metadata=_meta(
+        "oauth: the page that starts an install (GET)"))
+    redirect_uri_path: str = field(default="/slack/oauth_redirect", metadata=_meta(
+        "oauth: where Slack sends the installer back (GET); the app's Redirect URL ends with it"))
+    redirect_uri: str = field(default="", metadata=_meta(
+        "oauth: the full public Redirect URL, https://HOST + redirect_uri_path; empty: the app's only one"))
+
+    def __post_init__(self) -> None:
+        if not self.oauth:
+            return
+        if self.mode != "http":
+            raise ConfigError('slack.oauth: needs mode = "http" (Slack sends installers back to '
+                              f'{self.redirect_uri_path} and events to /slack/events)')
+        for key in ("install_path", "redirect_uri_path"):
+            value = getattr(self, key)
+            if not value.startswith("/") or value == "/slack/events" or any(c in value for c in " ?#"):
+                raise ConfigError(f"slack.{key}: must be a path like /slack/install other than /slack/events, "
+                                  f"got {value!r}")
+        if self.install_path == self.redirect_uri_path:
+            raise ConfigError(f"slack.redirect_uri_path: must differ from install_path ({self.install_path})")
+        if not self.scopes or any(not s or not all(c.isalnum() or c in ":._-" for c in s) for s in self.scopes):
+            raise ConfigError(f'slack.scopes: must be Slack scope names like "chat:write", got {self.scopes!r}')
+        if self.redirect_uri and not (self.redirect_uri.startswith(("https://", "http://"))
+                                      and self.redirect_uri.endswith(self.redirect_uri_path)):
+            raise ConfigError(f"slack.redirect_uri: must be a URL ending with redirect_uri_path "
+                              f"({self.redirect_uri_path}), got {self.redirect_uri!r}")
+
+
+#: the bot scopes of slack-manifest.yml: what an OAuth install asks for unless [slack] scopes says otherwise
+SLACK_BOT_SCOPES = ("app_mentions:read", "channels:history", "groups:history", "im:history", "mpim:history",
+                    "chat:write", "reactions:read", "reactions:write", "commands")
 
 
 @dataclass

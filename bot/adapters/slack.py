@@ -6,6 +6,15 @@ mode (bolt verifies the signature: a bad or stale one gets 401 and nothing
 runs); ``start()`` checks the bot token and, in Socket Mode, connects the
 websocket; ``stop()`` disconnects and lets replies in flight finish.
 
+With ``[slack] oauth = true`` (HTTP mode) there is no one bot token: any
+workspace installs the app through bolt's OAuth flow (``GET install_path``,
+then Slack sends the installer to ``GET redirect_uri_path``), and slack_sdk's
+SQLite installation and state stores keep each workspace's bot token in the
+``[storage]`` database file. Bolt's authorize finds the token of the
+workspace of each request; every Web API call made for that request uses it
+(``SlackAdapter.api``), and the workspace's team id is its community, as
+with one token. A workspace that uninstalls the app has its tokens deleted.
+
 What arrives and where it goes:
 
 - ``app_mention``, a DM, a message in ``[slack] channels`` -> ``Chat.respond``,
@@ -39,6 +48,8 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.listener.async_builtins import AsyncTokenRevocationListeners
+from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
@@ -46,6 +57,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncRateLimitErrorRetryHandler,
     AsyncServerErrorRetryHandler,
 )
+from slack_sdk.oauth.installation_store.sqlite3 import SQLite3InstallationStore
+from slack_sdk.oauth.state_store.sqlite3 import SQLite3OAuthStateStore
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.handled import HandledSignal
@@ -81,6 +94,13 @@ _HISTORY_LIMIT = 40
 _CORRECTION_STORED = "white_check_mark"
 #: what the event being handled came to, as ``_done`` logs it; read when the handler ends
 _OUTCOME: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("slack_outcome", default=None)
+#: OAuth installs: the Web API client with the token of the workspace being served (bolt's ``context.client``)
+_WORKSPACE_CLIENT: contextvars.ContextVar[AsyncWebClient | None] = contextvars.ContextVar(
+    "slack_workspace_client", default=None)
+#: set by the first of our middlewares: a request that never sets it was refused by bolt's own
+_REACHED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("slack_reached", default=None)
+#: how long an install's state (the OAuth ``state`` parameter) is accepted, as Slack's docs suggest
+_STATE_SECONDS = 600
 
 
 def conversation_id(channel: str, thread_ts: str) -> str:
@@ -113,7 +133,10 @@ class SlackAdapter:
         self.handled = HandledSignal()
         self.max_message_chars = max_message_chars
         self.ping_interval = ping_interval
-        self.bot_token = self._secret(cfg.bot_token_env, "bot_token_env", "the bot token, xoxb-...")
+        #: OAuth installs: each workspace's token comes from the installation store, per request
+        self.oauth = cfg.mode == "http" and cfg.oauth
+        self.bot_token = (None if self.oauth else
+                          self._secret(cfg.bot_token_env, "bot_token_env", "the bot token, xoxb-..."))
         self.app_token = (self._secret(cfg.app_token_env, "app_token_env", "the app-level token, xapp-...")
                           if cfg.mode == "socket" else None)
         signing_secret = (self._secret(cfg.signing_secret_env, "signing_secret_env", "the signing secret")
@@ -128,8 +151,11 @@ class SlackAdapter:
         # bolt reads $SLACK_BOT_TOKEN on its own and warns that the client's token wins; it is the same token.
         quiet = _Drop("`token` will be unused")
         bolt_log.addFilter(quiet)
+        self.installations: SQLite3InstallationStore | None = None
+        oauth_settings = self._oauth_settings() if self.oauth else None
         try:
             self.app = AsyncApp(client=self.client, signing_secret=signing_secret or "",
+                                oauth_settings=oauth_settings,
                                 request_verification_enabled=cfg.mode == "http",
                                 process_before_response=False, logger=bolt_log,
                                 # The handlers ignore the bot's own events themselves, so that
@@ -156,6 +182,29 @@ class SlackAdapter:
     def _is_admin(self, user: str, body: dict) -> bool:
         return self.svc.admin.is_admin(Caller(PLATFORM, user, community=self._community(body)))
 
+    def _oauth_settings(self) -> AsyncOAuthSettings:
+        """Bolt's OAuth flow, its installations and states in the store's own database file."""
+        cfg = self.config
+        client_id = self._secret(cfg.client_id_env, "client_id_env", "the app's client id, for OAuth installs")
+        client_secret = self._secret(cfg.client_secret_env, "client_secret_env",
+                                     "the app's client secret, for OAuth installs")
+        database = str(self.svc.store.path)
+        self.installations = SQLite3InstallationStore(database=database, client_id=client_id)
+        return AsyncOAuthSettings(
+            client_id=client_id, client_secret=client_secret, scopes=list(cfg.scopes), user_scopes=[],
+            redirect_uri=cfg.redirect_uri or None, install_path=cfg.install_path,
+            redirect_uri_path=cfg.redirect_uri_path, installation_store=self.installations,
+            # Only bot tokens are asked for: a workspace's bot is all that answers there.
+            installation_store_bot_only=True,
+            state_store=SQLite3OAuthStateStore(database=database, expiration_seconds=_STATE_SECONDS),
+            state_expiration_seconds=_STATE_SECONDS, logger=logging.getLogger("slack_bolt.oauth"))
+
+    @property
+    def api(self) -> AsyncWebClient:
+        """The Web API client for the request being handled: with an OAuth install, the one holding
+        that workspace's token; else the one token's client."""
+        return _WORKSPACE_CLIENT.get() or self.client
+
     def _secret(self, env: str, key: str, what: str) -> str:
         value = self.svc.config.secret(env)
         if not value:
@@ -169,8 +218,16 @@ class SlackAdapter:
         """HTTP mode: serve the Events API, commands and interactivity at ``POST /slack/events``."""
         if self.config.mode == "http":
             web_app.router.add_post(EVENTS_PATH, self.handle_http)
+        if self.oauth:
+            web_app.router.add_get(self.config.install_path, self.handle_oauth)
+            web_app.router.add_get(self.config.redirect_uri_path, self.handle_oauth)
 
     async def start(self) -> None:
+        if self.oauth:  # no token of its own: each workspace's is checked by bolt's authorize per request
+            self.installations.init()  # its tables, now: a database that cannot take them fails the start
+            log.info("slack: OAuth installs at GET %s (redirect %s); tokens in %s", self.config.install_path,
+                     self.config.redirect_uri_path, self.svc.store.path)
+            return
         try:
             auth = await self.client.auth_test()
             self.bot_user_id, self.bot_id = auth.get("user_id"), auth.get("bot_id")
@@ -221,6 +278,8 @@ class SlackAdapter:
 
     def describe(self) -> str:
         where = "POST " + EVENTS_PATH if self.config.mode == "http" else "socket mode"
+        if self.oauth:
+            where += f", installs at GET {self.config.install_path}"
         return (f"slack: running ({where}) as {self.bot_user_id or '?'}; answering mentions, DMs and "
                 f"{len(self.config.channels)} channel(s)")
 
@@ -232,15 +291,36 @@ class SlackAdapter:
             log.warning("slack: unreadable request body on %s; refused", EVENTS_PATH)
             self.handled.fire("http", "refused")
             return web.json_response({"error": "unreadable body"}, status=400)
+        reached: list[bool] = []
+        _REACHED.set(reached)
         resp = await self.app.async_dispatch(bolt_req)
         if resp.status >= 400:  # refused before any listener ran (a bad signature, nothing matched)
             self.handled.fire("http", "refused")
+        elif self.oauth and not reached and bolt_req.body.get("type") != "url_verification":
+            # bolt's authorize found no installation for the workspace: it answers 200 and runs nothing
+            log.warning("slack: request from team=%s refused: the app is not installed there (%s)",
+                        bolt_req.context.team_id, self.config.install_path)
+            self.handled.fire("http", "refused")
+        return await to_aiohttp_response(resp)
+
+    async def handle_oauth(self, request: web.Request) -> web.Response:
+        """``GET install_path`` (a state, a cookie and the "Add to Slack" link) and ``GET
+        redirect_uri_path`` (state checked, code exchanged by ``oauth.v2.access``, installation stored)."""
+        flow = self.app.oauth_flow
+        bolt_req = await to_bolt_request(request)
+        if request.path == self.config.install_path:
+            resp = await flow.handle_installation(bolt_req)
+        else:
+            resp = await flow.handle_callback(bolt_req)
+            # bolt answers a refused install (bad state, denied, a refused code) with a page, not an error
+            log.info("slack oauth: install %s (HTTP %d)", "done" if resp.status == 200 else "refused", resp.status)
         return await to_aiohttp_response(resp)
 
     # ------------------------------------------------------------------ wiring
 
     def _register(self) -> None:
         app = self.app
+        app.middleware(self._workspace_client)
         app.middleware(self._dedupe)
         app.event("app_mention")(self._tracked(self._on_mention))
         app.event("message")(self._tracked(self._on_message))
@@ -252,6 +332,9 @@ class SlackAdapter:
         app.view(SUGGEST_VIEW)(self._tracked(self._on_suggest_submit))
         app.action(re.compile("^(" + "|".join(HOME_ACTIONS) + ")$"))(self._tracked(self._on_home_action))
         app.action(re.compile("^(" + "|".join(REVIEW_ACTIONS) + ")$"))(self._tracked(self._on_review_action))
+        if self.oauth:
+            app.event("app_uninstalled")(self._tracked(self._on_uninstalled))
+            app.event("tokens_revoked")(self._tracked(self._on_tokens_revoked))
         # Whatever else Slack sends is acknowledged and dropped: an unhandled
         # request would get a 404, and Slack retries those.
         any_id = re.compile(".*")
@@ -283,6 +366,14 @@ class SlackAdapter:
                                   outcome[-1] if outcome else "done")
 
         return run
+
+    async def _workspace_client(self, context: dict, next: Callable[[], Awaitable[BoltResponse]]) -> BoltResponse:
+        reached = _REACHED.get()
+        if reached is not None:
+            reached.append(True)
+        if self.oauth:  # the listener's task is created after this and inherits the variable
+            _WORKSPACE_CLIENT.set(context.client)
+        return await next()
 
     async def _dedupe(self, body: dict, next: Callable[[], Awaitable[BoltResponse]]) -> BoltResponse | None:
         event_id = body.get("event_id") if body.get("type") == "event_callback" else None
@@ -361,7 +452,7 @@ class SlackAdapter:
                         conversation_id=cid, history=history, params=dict(self.sampling))
             # The first message is the reply's reference as soon as it is posted:
             # a reaction while the reply still streams rates it.
-            stream = ReplyStream(SlackPoster(self.client, channel, thread_ts), self.svc.store,
+            stream = ReplyStream(SlackPoster(self.api, channel, thread_ts), self.svc.store,
                                  max_chars=self.max_message_chars, interval=self.edit_interval,
                                  anchor="first", clock=self.clock, render=escape, keep_whole=ENTITY)
             try:
@@ -389,7 +480,7 @@ class SlackAdapter:
     async def _thread_history(self, channel: str, thread_ts: str, before: str, me: str | None) -> list[Message]:
         """The thread so far, read from Slack, as chat messages (the bot's own are the assistant's)."""
         try:
-            r = await self.client.conversations_replies(channel=channel, ts=thread_ts, limit=200)
+            r = await self.api.conversations_replies(channel=channel, ts=thread_ts, limit=200)
         except SlackApiError as e:
             log.warning("slack: cannot read thread channel=%s ts=%s (%s); answering without it", channel,
                         thread_ts, e.response.get("error"))
@@ -464,7 +555,7 @@ class SlackAdapter:
                           response_type="ephemeral")
             log.info("slack shortcut: user=%s ts=%s outcome=ignored why=not a bot reply", user, message.get("ts"))
             return
-        await self.client.views_open(trigger_id=shortcut["trigger_id"], view=suggest_view(ex, channel))
+        await self.api.views_open(trigger_id=shortcut["trigger_id"], view=suggest_view(ex, channel))
         log.info("slack shortcut: user=%s ts=%s exchange=%d outcome=modal opened", user, message.get("ts"), ex.id)
 
     async def _on_suggest_submit(self, ack: Callable, body: dict, view: dict) -> None:
@@ -538,7 +629,17 @@ class SlackAdapter:
         admin = self.svc.admin.is_admin(Caller(PLATFORM, user, community=where))
         queue = trust.pending(self.svc.store, where) if admin else None
         view = home_view(status, is_admin=admin, note=note, queue=queue)
-        await self.client.views_publish(user_id=user, view=view)
+        await self.api.views_publish(user_id=user, view=view)
+
+    # ------------------------------------------------------------------ installs
+
+    async def _on_uninstalled(self, body: dict, event: dict, context: dict) -> None:
+        await AsyncTokenRevocationListeners(self.installations).handle_app_uninstalled_events(context)
+        self._done(body, event, "uninstalled", team=context.team_id)
+
+    async def _on_tokens_revoked(self, body: dict, event: dict, context: dict) -> None:
+        await AsyncTokenRevocationListeners(self.installations).handle_tokens_revoked_events(event, context)
+        self._done(body, event, "tokens revoked", team=context.team_id)
 
     # ------------------------------------------------------------------ the rest
 
@@ -556,14 +657,14 @@ class SlackAdapter:
 
     async def _react(self, channel: str, ts: str, name: str) -> None:
         try:
-            await self.client.reactions_add(channel=channel, timestamp=ts, name=name)
+            await self.api.reactions_add(channel=channel, timestamp=ts, name=name)
         except SlackApiError as e:  # a hint only: a missing scope must not lose the reply
             if e.response.get("error") != "already_reacted":
                 log.warning("slack: reactions.add %s failed: %s", name, e.response.get("error"))
 
     async def _ephemeral(self, channel: str, user: str, text: str, thread_ts: str | None = None) -> None:
         try:
-            await self.client.chat_postEphemeral(channel=channel, user=user, text=text, thread_ts=thread_ts)
+            await self.api.chat_postEphemeral(channel=channel, user=user, text=text, thread_ts=thread_ts)
         except SlackApiError as e:
             log.warning("slack: chat.postEphemeral failed: %s", e.response.get("error"))
 
