@@ -1,9 +1,11 @@
 """The figures behind ``/dashboard``, from the store's read-only queries.
 
-Exchanges and approval over time and per model version, and the latest
-corrections; answered exchanges only, as ``tuneloop stats`` counts them
-(replies still streaming are ``pending``). The engine's load is added by the
-web adapter.
+Exchanges and approval over time and per model version, the latest
+corrections, and the review queue (the corrections waiting for an admin,
+``trust.pending``) that the page's Approve / Reject buttons act on; answered
+exchanges only, as ``tuneloop stats`` counts them (replies still streaming are
+``pending``). The engine's load is added by the web adapter. ``store`` is
+scoped to the viewer's community (``Store.scoped``), or not for the operator.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tuneloop.learning import trust
 from tuneloop.store import Store
 
 _MIN, _HOUR, _DAY = 60, 3600, 86400
+#: queue rows shown; the page says how many more wait (``totals.review``)
+REVIEW_ROWS = 100
 
 
 def pick_bucket(span_s: float) -> int:
@@ -48,4 +53,5 @@ def dashboard(store: Store, bucket: int | None = None, corrections: int = 20) ->
         "timeline": timeline,
         "versions": versions,
         "corrections": store.latest_corrections(corrections),
+        "review_queue": trust.pending(store, store.community)[:REVIEW_ROWS],
     }

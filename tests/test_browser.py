@@ -177,3 +177,36 @@ async def test_dashboard_load_chart_uses_the_page_clock(server, browser):
     now = seconds(updated)
     # Every point was drawn at most the chart's three minutes before the last update.
     assert all(0 <= (now - seconds(label)) % 86400 <= 180 for label in labels), (labels, updated)
+
+
+async def test_dashboard_review_buttons(server, page):
+    """A correction waiting for review is approved, another rejected, by clicking the dashboard's buttons."""
+    base, svc = server
+
+    def waiting(prompt: str, text: str) -> int:
+        ex = svc.store.add_exchange(platform="api", user="mallory", conversation_id=f"api-{prompt}",
+                                    messages=[{"role": "user", "content": prompt}], prompt=prompt,
+                                    reply="no idea", model_version="base", community="http:acme")
+        # Through a non-admin HTTP key's channel: it waits for review.
+        decision = svc.feedback.correct(ex.id, "mallory", text, platform="api", community="http:acme",
+                                        channel="http")
+        assert decision.status == "pending"
+        return decision.correction_id
+
+    keep, drop = waiting("capital of atlantis", "Poseidonia"), waiting("best editor", "ed")
+    await page.goto(base + "/dashboard")
+    row = page.locator(f'#review-queue tr[data-correction-id="{keep}"]')
+    await row.wait_for()
+    assert "Poseidonia" in await row.inner_text() and "http:acme" in await row.inner_text()
+
+    await row.locator("button.approve").click()
+    await page.locator("#review-status", has_text=f"correction {keep} approved").wait_for()
+    assert svc.store.correction(keep)["status"] == "live"
+    assert await row.count() == 0
+    other = page.locator(f'#review-queue tr[data-correction-id="{drop}"]')
+    await other.locator("button.reject").click()
+    await page.locator("#review-status", has_text=f"correction {drop} rejected").wait_for()
+    assert svc.store.correction(drop)["status"] == "rejected"
+    # The next poll finds the queue empty and says so.
+    await page.locator("#review-queue td", has_text="nothing waits for review").wait_for(timeout=10_000)
+    assert page.errors == []

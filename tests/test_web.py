@@ -441,3 +441,105 @@ async def test_concurrent_streams(server, client):
 
     for text, exchange_id in await asyncio.gather(one(1), one(2)):
         assert svc.store.exchange(exchange_id).reply == text
+
+
+# -- the dashboard's review queue ----------------------------------------------------------------
+
+def pending_correction(svc, community: str, prompt: str, text: str, user: str = "mallory") -> int:
+    """A correction through a non-admin HTTP key's channel: it waits for review (``[trust] http``)."""
+    ex = svc.store.add_exchange(platform="api", user=user, conversation_id=f"api-{prompt}",
+                                messages=[{"role": "user", "content": prompt}], prompt=prompt, reply="no idea",
+                                model_version="base", community=community)
+    decision = svc.feedback.correct(ex.id, user, text, platform="api", community=community, channel="http")
+    assert decision.status == "pending"
+    return decision.correction_id
+
+
+async def review(http, base, correction_id, decision, headers=None, **kwargs):
+    async with http.post(f"{base}/api/corrections/{correction_id}/review", headers=headers,
+                         **({"json": {"decision": decision}} | kwargs)) as r:
+        return r.status, await r.json()
+
+
+async def test_operator_reviews_every_communitys_queue_from_the_dashboard(server, http):
+    base, svc = server
+    a = pending_correction(svc, "http:acme", "capital of atlantis", "Poseidonia")
+    z = pending_correction(svc, "http:zeta", "best editor", "ed")
+    async with http.get(base + "/api/dashboard") as r:
+        data = await r.json()
+    queue = {c["id"]: c for c in data["review_queue"]}
+    assert {a, z} <= set(queue) and data["totals"]["review"] >= 2
+    assert (queue[a]["community"], queue[a]["prompt"], queue[a]["correction"]) == (
+        "http:acme", "capital of atlantis", "Poseidonia")
+
+    status, out = await review(http, base, a, "approve")
+    assert status == 200 and out["correction"]["status"] == "live" and out["correction"]["community"] == "http:acme"
+    row = svc.store.correction(a)
+    assert (row["status"], row["reviewed_by"]) == ("live", "web:operator")
+    status, out = await review(http, base, z, "reject")
+    assert status == 200 and svc.store.correction(z)["status"] == "rejected"
+    async with http.get(base + "/api/dashboard") as r:
+        assert not {a, z} & {c["id"] for c in (await r.json())["review_queue"]}
+
+    # Bad input: one line each, and nothing changes.
+    status, out = await review(http, base, z, "approve")
+    assert status == 400 and out["error"]["message"] == f"correction {z} is rejected, not pending review"
+    status, out = await review(http, base, 10**9, "approve")
+    assert status == 404 and out["error"]["message"] == f"correction {10**9} not found"
+    status, out = await review(http, base, "abc", "approve")
+    assert status == 400 and "whole number" in out["error"]["message"]
+    status, out = await review(http, base, a, "maybe")
+    assert status == 400 and out["error"]["message"] == 'decision must be "approve" or "reject", got "maybe"'
+    # A form post (what a page on another site can send without asking) is refused.
+    c = pending_correction(svc, "http:acme", "tallest tree", "Hyperion")
+    status, out = await review(http, base, c, None, json=None, data={"decision": "approve"})
+    assert status == 400 and "Content-Type: application/json" in out["error"]["message"]
+    assert svc.store.correction(c)["status"] == "pending" and "\n" not in out["error"]["message"]
+
+
+KEYS = {"TL_WEB_ACME_ADMIN": "acme-admin-key", "TL_WEB_ACME_USER": "acme-user-key",
+        "TL_WEB_ZETA_ADMIN": "zeta-admin-key"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def keyed(tiny_model, tmp_path_factory):
+    from tuneloop.config import parse
+
+    d = tmp_path_factory.mktemp("web-keys")
+    keys = [{"community": "acme", "key_env": "TL_WEB_ACME_ADMIN", "admin": True},
+            {"community": "acme", "key_env": "TL_WEB_ACME_USER"},
+            {"community": "zeta", "key_env": "TL_WEB_ZETA_ADMIN", "admin": True}]
+    config = parse({"model": {"base": str(tiny_model), "device": "cpu", "max_new_tokens": 8},
+                    "storage": {"path": str(d / "tuneloop.db")}, "server": {"api_keys": keys},
+                    "trainer": {"enabled": False}}, d)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in KEYS.items():
+            mp.setenv(name, value)
+        async with services(config) as svc, serving(svc) as base:
+            yield base, svc
+
+
+def bearer(env: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[env]}"}
+
+
+async def test_admin_key_reviews_its_own_community_only(keyed, http):
+    base, svc = keyed
+    acme = pending_correction(svc, "http:acme", "capital of atlantis", "Poseidonia")
+    zeta = pending_correction(svc, "http:zeta", "best editor", "ed")
+    async with http.get(base + "/api/dashboard", headers=bearer("TL_WEB_ACME_ADMIN")) as r:
+        assert [c["id"] for c in (await r.json())["review_queue"]] == [acme]
+
+    status, out = await review(http, base, zeta, "approve", headers=bearer("TL_WEB_ACME_ADMIN"))
+    assert status == 404 and out["error"]["message"] == f"correction {zeta} not found"
+    status, _ = await review(http, base, acme, "approve", headers=bearer("TL_WEB_ACME_USER"))
+    assert status == 403
+    status, _ = await review(http, base, acme, "approve")
+    assert status == 401
+    assert svc.store.correction(acme)["status"] == svc.store.correction(zeta)["status"] == "pending"
+
+    status, out = await review(http, base, acme, "approve", headers=bearer("TL_WEB_ACME_ADMIN"))
+    assert status == 200 and out["correction"]["status"] == "live"
+    assert svc.store.correction(acme)["reviewed_by"] == "web:TL_WEB_ACME_ADMIN"
+    status, out = await review(http, base, zeta, "reject", headers=bearer("TL_WEB_ZETA_ADMIN"))
+    assert status == 200 and svc.store.correction(zeta)["status"] == "rejected"

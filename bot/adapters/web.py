@@ -7,7 +7,8 @@ Routes
     POST /v1/chat/completions           OpenAI chat completions, streaming (SSE) or not
     GET  /v1/models                     the served model version
     POST /api/exchanges/{id}/feedback   {"user", "rating": "up"|"down"|null} and/or {"correction"}
-    GET  /api/dashboard                 figures behind /dashboard (``?bucket=SECONDS``)
+    GET  /api/dashboard                 figures behind /dashboard (``?bucket=SECONDS``), the review queue
+    POST /api/corrections/{id}/review   {"decision": "approve"|"reject"}: the dashboard's review buttons
     GET  /                              the web chat page
     GET  /dashboard                     the dashboard page
     GET  /static/{file}                 the pages' scripts and styles
@@ -22,8 +23,9 @@ binds only a loopback address (``check_exposure``), every request acts in the
 cookie ``/login`` sets): 401 without a valid one. A key acts within its
 community: its completions are that community's exchanges, its feedback can
 reach only those (another community's exchange is 404, as a missing one),
-and its dashboard shows only their figures. The dashboard and ``/metrics``
-need an admin key (403 otherwise). Keys are read from the environment at
+and its dashboard shows only their figures. The dashboard, its review
+endpoint and ``/metrics`` need an admin key (403 otherwise); an admin key
+reviews its own community's corrections only (another's is 404). Keys are read from the environment at
 each request, so unsetting or changing a key's variable revokes it at once.
 
 Every completion is an exchange logged through ``Chat.respond``; the answer's
@@ -61,6 +63,7 @@ from bot.metrics import CONTENT_TYPE, Metrics
 from tuneloop import errors
 from tuneloop.community import LOCAL
 from tuneloop.config import ApiKey, Config
+from tuneloop.learning import trust
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,7 @@ COOKIE = "tuneloop_key"
 #: paths that need a key when keys are configured, and those that need an admin key
 _KEYED = ("/v1/", "/api/")
 _ADMIN_ONLY = ("/api/dashboard", "/metrics")
+_ADMIN_PREFIXES = ("/api/corrections/",)
 
 
 @dataclass(frozen=True)
@@ -244,13 +248,14 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     request[IDENTITY] = identity
     if path in ("/", "/dashboard") and (identity is None or (path == "/dashboard" and not identity.admin)):
         raise web.HTTPFound(f"/login?next={path}")
-    if path.startswith(_KEYED) or path in _ADMIN_ONLY:
+    admin_only = path in _ADMIN_ONLY or path.startswith(_ADMIN_PREFIXES)
+    if path.startswith(_KEYED) or admin_only:
         if identity is None:
             log.info("request refused: %s %s -> 401 (no valid API key)", request.method, path)
             raise web.HTTPUnauthorized(
                 text="a valid API key is required: send Authorization: Bearer KEY",
                 headers={"WWW-Authenticate": 'Bearer realm="tuneloop"'})
-        if path in _ADMIN_ONLY and not identity.admin:
+        if admin_only and not identity.admin:
             raise errors.PermissionDenied(f"{path} needs an admin API key")
     return await handler(request)
 
@@ -431,6 +436,7 @@ class WebAdapter:
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_post("/api/exchanges/{id}/feedback", self.feedback)
         app.router.add_get("/api/dashboard", self.dashboard_data)
+        app.router.add_post("/api/corrections/{id}/review", self.review)
         app.router.add_get("/", self.page("index.html"))
         app.router.add_get("/dashboard", self.page("dashboard.html"))
         app.router.add_static("/static/", STATIC, append_version=False)
@@ -621,6 +627,29 @@ class WebAdapter:
         data = await asyncio.get_running_loop().run_in_executor(None, dashboard, store, bucket)
         data["engine"] = self.services.engine.stats()
         return web.json_response(data)
+
+    async def review(self, request: web.Request) -> web.Response:
+        """Approve (live: memory and training data at once) or reject a correction waiting for review."""
+        # Only a JSON request: a page elsewhere cannot send one to this server without a CORS
+        # preflight, which is never granted, so it cannot approve through the operator's browser.
+        if request.content_type != "application/json":
+            raise errors.InputError("send the decision as JSON (Content-Type: application/json): "
+                                    '{"decision": "approve"} or {"decision": "reject"}')
+        raw_id = request.match_info["id"]
+        try:
+            correction_id = int(raw_id)
+        except ValueError:
+            raise errors.InputError(f"correction id must be a whole number, got {raw_id!r}") from None
+        decision = (await read_json(request)).get("decision")
+        if decision not in ("approve", "reject"):
+            raise errors.InputError(f'decision must be "approve" or "reject", got {json.dumps(decision)[:50]}')
+        identity: Identity = request[IDENTITY]
+        # With keys, an admin key reviews its own community; without, the operator reviews all.
+        row = trust.review(self.services.store, correction_id, decision == "approve",
+                           by=f"web:{identity.key or 'operator'}",
+                           community=identity.community if identity.key else None)
+        return web.json_response({"correction": {k: row[k] for k in (
+            "id", "exchange_id", "status", "community", "user", "text", "reviewed_by")}})
 
     async def login_page(self, request: web.Request, note: str = "") -> web.Response:
         html = _LOGIN_PAGE.format(note=f'<p class="muted">{note}</p>' if note else "",

@@ -1,4 +1,5 @@
-// The dashboard: polls /api/dashboard and draws its charts as inline SVG.
+// The dashboard: polls /api/dashboard, draws its charts as inline SVG, and lists the
+// corrections waiting for review with Approve / Reject buttons (POST /api/corrections/ID/review).
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -159,7 +160,62 @@ function render(data) {
   const body = document.getElementById("corrections");
   if (rows.length) body.replaceChildren(...rows);
   else body.replaceChildren(Object.assign(document.createElement("tr"), { innerHTML: '<td colspan="7" class="muted">no corrections yet</td>' }));
+  renderQueue(data.review_queue || [], t.review ?? 0);
   document.getElementById("updated").textContent = "updated " + clockTime(now);
+}
+
+// The queue is redrawn only when its rows change: a poll must not replace a row
+// under the admin's pointer, nor wipe the error shown beside a refused decision.
+let shownQueue = null;
+
+function renderQueue(queue, waiting) {
+  const key = JSON.stringify(queue.map((c) => [c.id, c.agreeing]));
+  if (key === shownQueue) return;
+  shownQueue = key;
+  const body = document.getElementById("review-queue");
+  const more = waiting > queue.length ? ` (${waiting} waiting, the oldest ${queue.length} shown)` : "";
+  document.getElementById("review-more").textContent = more;
+  if (!queue.length) {
+    body.replaceChildren(Object.assign(document.createElement("tr"),
+      { innerHTML: '<td colspan="9" class="muted">nothing waits for review</td>' }));
+    return;
+  }
+  body.replaceChildren(...queue.map((c) => {
+    const tr = document.createElement("tr");
+    tr.dataset.correctionId = c.id;
+    const buttons = document.createElement("td");
+    buttons.className = "review-buttons";
+    for (const [decision, label] of [["approve", "Approve"], ["reject", "Reject"]]) {
+      const b = document.createElement("button");
+      b.className = decision;
+      b.textContent = label;
+      b.addEventListener("click", () => decide(tr, c.id, decision));
+      buttons.append(b);
+    }
+    tr.append(cell(c.id), cell(new Date(c.created_at * 1000).toLocaleString()), cell(c.community), cell(c.user),
+              cell(c.prompt), cell(c.reply), cell(c.correction), cell(c.agreeing), buttons);
+    return tr;
+  }));
+}
+
+async function decide(tr, id, decision) {
+  for (const b of tr.querySelectorAll("button")) b.disabled = true;
+  const status = document.getElementById("review-status");
+  try {
+    const resp = await fetch(`/api/corrections/${id}/review`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ decision }),
+    });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(data.error ? data.error.message : resp.statusText);
+    tr.remove();
+    status.textContent = `correction ${id} ${data.correction.status === "live" ? "approved: live" : "rejected"}`;
+  } catch (err) {
+    // The row stays, with why, until the next change of the queue.
+    const why = tr.querySelector("td.error") || tr.appendChild(Object.assign(document.createElement("td"),
+                                                                              { className: "error" }));
+    why.textContent = "⚠ " + err.message;
+    for (const b of tr.querySelectorAll("button")) b.disabled = false;
+  }
 }
 
 async function poll() {
