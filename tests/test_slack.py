@@ -595,7 +595,7 @@ async def test_manifest_matches_the_adapter():
     assert [s["callback_id"] for s in m["features"]["shortcuts"]] == [SUGGEST_SHORTCUT]
     events = set(m["settings"]["event_subscriptions"]["bot_events"])
     assert {"app_mention", "message.im", "message.channels", "reaction_added", "reaction_removed",
-            "app_home_opened"} <= events
+            "app_home_opened", "app_uninstalled", "tokens_revoked"} <= events
     assert m["features"]["app_home"]["home_tab_enabled"] and m["settings"]["interactivity"]["is_enabled"]
 
 
