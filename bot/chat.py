@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bot.learning import adapter_for
 from bot.metrics import Metrics
 from tuneloop.community import LOCAL
 from tuneloop.config import Config
@@ -115,15 +116,20 @@ class Chat:
             params = self.sampling(**turn.params)
             hits = await self.memory.arecall(turn.text, turn.community)  # corrections this reply must use
             messages = self.engine.fit_context(self.memory.apply(self.context(turn), hits), params.max_new_tokens)
-            # BusyError from submit logs nothing
-            gen = self.memory.answer(hits, self.engine.model_version) or self.engine.submit(messages, params)
+            # The community's own live version, when it has one (bot.learning.LiveFollower loads it).
+            adapter = adapter_for(self.engine, turn.community)
+            version = adapter or self.engine.model_version
+            # BusyError from submit logs nothing; no adapter= when none, for engines that serve one model
+            gen = self.memory.answer(hits, version) or (
+                self.engine.submit(messages, params) if adapter is None
+                else self.engine.submit(messages, params, adapter=adapter))
         except BaseException as e:
             self.metrics.refused(turn.platform, e)
             raise
         exchange_id = self.store.begin_exchange(
             platform=turn.platform, community=turn.community, channel=turn.channel, thread=turn.thread, user=turn.user,
             conversation_id=turn.conversation_id, messages=messages, prompt=turn.text,
-            model_version=self.engine.model_version)
+            model_version=version)
         self.memory.record(exchange_id, hits)
         try:
             if on_start is not None:

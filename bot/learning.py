@@ -4,8 +4,16 @@ Boundary: it starts training processes (through ``tuneloop.learning.control.Cont
 and follows the registry's ``LIVE`` pointer; it never trains or evaluates in
 this process, so serving goes on while a run trains.
 
-- ``LiveFollower`` is the one place that makes an engine serve the version
-  ``LIVE`` names: every command that serves calls it once at start
+- ``LiveFollower`` is the one place that makes an engine serve the versions
+  the ``LIVE`` pointers name. Under ``[trainer] scope = "global"`` it swaps
+  the one line's version into the weights (``swap_adapter``); under
+  ``"community"`` it loads each community's live version as a named adapter
+  (``load_adapter``; the name is the registry's adapter name, ``v3`` for
+  local's, ``slack:T0123/v3`` for others) and unloads what no LIVE names, and
+  ``Chat`` passes a community's adapter with each of its requests
+  (``adapter_for``): the weights served by default stay the base model's, so
+  one community's training never reaches another's replies. Every command
+  that serves calls it once at start
   (``bot.runtime.services``), and ``tuneloop run`` polls it every ``poll``
   seconds, so a version a run promoted, or one an admin promoted or rolled
   back from the CLI or another process, is swapped in; replies record the
@@ -14,8 +22,9 @@ this process, so serving goes on while a run trains.
   until ``LIVE`` names another.
 - An APScheduler 3.x ``AsyncIOScheduler`` fires on ``[trainer] schedule``
   (``interval:SECONDS`` or a 5-field cron expression); a firing starts a run
-  only when ``min_feedback`` new items arrived since the last run and no
-  other run is going (the registry's fcntl lock, which dies with its
+  of the community with the most new feedback, when it has ``min_feedback``
+  new items since its line's last run and no other run is going (the others
+  wait for the next firings) (the registry's fcntl lock, which dies with its
   process, and the store's run records).
 """
 
@@ -23,11 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any
 
+from tuneloop.community import LOCAL
 from tuneloop.config import Config, parse_schedule
 from tuneloop.errors import TrainingError, TuneloopError
-from tuneloop.learning.registry import Registry
+from tuneloop.learning.registry import GLOBAL, Registry
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +54,92 @@ def make_trigger(text: str):
     return CronTrigger.from_crontab(value)
 
 
+#: engine -> {community: the adapter name serving it}. Per engine, not per follower: start-up
+#: (``bot.runtime.services``) and ``tuneloop run``'s learning service each follow the same engine.
+_SERVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adapter_for(engine, community: str) -> str | None:
+    """The adapter a request of ``community`` names (None: the engine's default weights)."""
+    table = _SERVED.get(engine)
+    return None if table is None else table.get(community)
+
+
 class LiveFollower:
-    """Keeps an engine serving the registry's live version (the base model when none is)."""
+    """Keeps an engine serving the registry's live versions (the base model where none is)."""
 
     def __init__(self, config: Config, engine, registry: Registry | None = None):
         self.engine = engine
         self.registry = registry or Registry(config.trainer.registry)
         self.base_name = config.model.base
+        self.scope = config.trainer.scope
         self._failed: str | None = None
+        self._failed_lines: dict[str, str] = {}  # community -> the adapter name that could not be served
+        self._warned = False
 
     async def follow(self) -> bool:
-        """Serve the live version if the engine does not already; True when it swapped."""
+        """Serve the live versions the engine does not serve yet; True when anything changed."""
+        if self.scope == "community":
+            if hasattr(self.engine, "load_adapter"):
+                return await self._follow_lines()
+            if not self._warned:
+                self._warned = True
+                log.warning("scope = community: the %s engine cannot serve an adapter per request; "
+                            "it serves local's live version to every community", type(self.engine).__name__)
+        return await self._follow_top()
+
+    async def _follow_lines(self) -> bool:
+        """Scope community: each line's live version loaded under its adapter name, nothing else."""
+        engine = self.engine
+        served = _SERVED.setdefault(engine, {})
+        changed = False
+        try:
+            lines = {LOCAL: Registry.line(self.registry.top, LOCAL), **self.registry.lines()}
+        except OSError as e:
+            log.error("cannot read the registry %s: %s", self.registry.top, e)
+            return False
+        for key in sorted(set(lines) | set(served)):
+            line = lines.get(key)
+            have = served.get(key)
+            want = "the LIVE pointer"
+            try:
+                live = line.live() if line is not None else None
+                want = line.adapter_name(live) if line is not None else None
+                if want == have:
+                    self._failed_lines.pop(key, None)
+                    continue
+                if want is not None and want == self._failed_lines.get(key):
+                    continue
+                if want is None:
+                    del served[key]  # new requests first, then the weights
+                    await engine.unload_adapter(have)
+                else:
+                    why = line.base_mismatch(live, getattr(engine, "model_path", None))
+                    if why:
+                        raise TrainingError(f"a version for another base model: {why}")
+                    if line.meta(live).get("community") == GLOBAL:
+                        raise TrainingError(f"{live} was trained on every community's feedback "
+                                            '(scope = "global"); not served to one under scope = "community"')
+                    await engine.load_adapter(want, str(line.adapter(live)))
+                    served[key] = want
+                    if have is not None:
+                        await engine.unload_adapter(have)
+            # What a broken version can raise: the engine's ModelError, a version folder,
+            # meta.json or LIVE file missing or unreadable.
+            except (TuneloopError, NotImplementedError, OSError, ValueError) as e:
+                if want != self._failed_lines.get(key):
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    log.error("cannot serve %s: %s: %s; still serving %s", want, type(e).__name__, first,
+                              served.get(key) or engine.model_version)
+                self._failed_lines[key] = want
+                continue
+            self._failed_lines.pop(key, None)
+            changed = True
+            log.info("now serving %s to community %s", want or f"{engine.model_version} (no version)", key)
+        return changed
+
+    async def _follow_top(self) -> bool:
+        """Scope global: the top line's live version swapped into the weights every request uses."""
         engine = self.engine
         want = "the LIVE pointer"
         try:
@@ -139,9 +225,15 @@ class LearningService:
         return when.isoformat(timespec="seconds") if when else None
 
     async def tick(self) -> dict[str, Any] | None:
-        """One scheduler firing: start a run if there is enough new feedback and none is going."""
+        """One scheduler firing: start a run of the community with the most new feedback, if it has
+        enough and no run is going."""
         try:
-            return self.control.start_run("schedule", scheduled=True)
+            due = await asyncio.to_thread(self.control.due)
+            if not due:
+                return self.control.start_run("schedule", scheduled=True)  # says why not, in one line
+            community, new = due[0]
+            log.info("scheduled run: community=%s new_feedback=%d (%d communities due)", community, new, len(due))
+            return self.control.start_run("schedule", scheduled=True, community=community)
         except TrainingError as e:
             log.info("scheduled run skipped: %s", e)
             return None
