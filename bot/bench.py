@@ -570,7 +570,8 @@ def write_markdown(path, key: str, title: str, command: str, results: list[dict[
     parts = [begin, f"## {title}", "",
              f"Measured {when} on {machine_description()}, with `{command}`{load}.", ""]
     for r in results:
-        parts += [f"### {r['dtype']} weights", "", "```text", format_table(r), "```", ""]
+        table = format_adapters_table(r) if "lora_targets" in r else format_table(r)
+        parts += [f"### {r['dtype']} weights", "", "```text", table, "```", ""]
     parts.append(end)
     section = "\n".join(parts)
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
@@ -584,23 +585,171 @@ def write_markdown(path, key: str, title: str, command: str, results: list[dict[
 
 
 def bench_main(config, json_out: bool = False, dtypes: list[str] | None = None, write: str | None = None,
-               command: str = "tuneloop bench") -> int:
-    """``tuneloop bench``: resolve ``[model] base``, run once per dtype, print the table (or JSON)."""
+               command: str = "tuneloop bench", adapters: list[int] | None = None) -> int:
+    """``tuneloop bench``: resolve ``[model] base``, run once per dtype, print the table (or JSON).
+
+    With ``adapters`` (``--adapters 1,4,16``), the per-request LoRA bench
+    instead: random adapters of ``[trainer]``'s rank, alpha and targets.
+    """
     from trainer.models import resolve_base
 
     path = resolve_base(config.model.base, progress=not json_out)
     results = []
     for dtype in dtypes or [config.model.dtype]:
-        result = run_bench(path, device=config.model.device, dtype=dtype, progress=not json_out,
-                           fused_decode=config.model.fused_decode)
+        if adapters:
+            t = config.trainer
+            result = run_adapters_bench(path, adapters, rank=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets,
+                                        device=config.model.device, dtype=dtype, progress=not json_out,
+                                        fused_decode=config.model.fused_decode)
+            show = format_adapters_table
+        else:
+            result = run_bench(path, device=config.model.device, dtype=dtype, progress=not json_out,
+                               fused_decode=config.model.fused_decode)
+            show = format_table
         result["base"] = config.model.base
         results.append(result)
         if not json_out:
-            print(format_table(result), flush=True)
+            print(show(result), flush=True)
     if json_out:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     if write:
-        write_markdown(write, config.model.base, f"`{config.model.base}`", command, results)
+        key = f"{config.model.base}:adapters" if adapters else config.model.base
+        title = f"`{config.model.base}`" + (", adapters per request" if adapters else "")
+        write_markdown(write, key, title, command, results)
         if not json_out:
             print(f"bench: wrote {write}")
     return 0
+
+
+# ------------------------------------------------------------ adapters per row
+
+#: issue 12: a 32-sequence batch over 16 distinct adapters keeps this share of one adapter's throughput
+ADAPTERS_TARGET = 0.70
+
+
+def random_adapters(model, count: int, folder, *, rank: int, alpha: int, targets: str, seed: int = 0) -> list[str]:
+    """``count`` random LoRA adapters of ``model`` (peft's format, as the trainer saves them) in ``folder``."""
+    import copy
+    from pathlib import Path
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    peft_model = get_peft_model(copy.deepcopy(model).float(),
+                                LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules))
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for k in range(count):
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    # Trained adapters' deltas are small next to the weights.
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        path = Path(folder) / f"adapter-{k}"
+        peft_model.save_pretrained(str(path))
+        paths.append(str(path))
+    return paths
+
+
+def run_adapters_bench(model_path: str, counts: list[int], *, rank: int, alpha: int, targets: str,
+                       batch: int = 32, device: str = "auto", dtype: str = "auto", rounds: int | None = None,
+                       new_tokens: int | None = None, progress: bool = True,
+                       fused_decode: bool = True) -> dict[str, Any]:
+    """Throughput of a ``batch``-sequence engine wave with no adapter and with each count of distinct adapters.
+
+    Each wave is ``batch`` requests sent at once, request ``i`` naming adapter
+    ``i % n``; every round runs every count in turn (A B A B), so a neighbour's
+    load falls on all alike and the ratios hold.
+    """
+    sized = plan(model_parameters(model_path))
+    rounds = sized["rounds"] if rounds is None else rounds
+    new_tokens = sized["new_tokens"] if new_tokens is None else new_tokens
+    return asyncio.run(_adapters_bench(model_path, sorted(set(counts)), rank=rank, alpha=alpha, targets=targets,
+                                       batch=batch, device=device, dtype=dtype, rounds=rounds,
+                                       new_tokens=new_tokens, progress=progress, fused_decode=fused_decode))
+
+
+async def _adapters_bench(model_path, counts, *, rank, alpha, targets, batch, device, dtype, rounds,
+                          new_tokens, progress, fused_decode) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+
+    from tuneloop.engine.base import SamplingParams
+    from tuneloop.engine.local import LocalEngine
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"bench: {msg}", flush=True)
+
+    engine = LocalEngine(str(model_path), version="bench", device=device, dtype=dtype, max_batch=batch,
+                         max_queue=batch * 2, fused_decode=fused_decode)
+    await engine.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tuneloop-adapters-") as folder:
+            say(f"writing {max(counts)} random LoRA adapters (rank {rank}, alpha {alpha}, targets {targets})")
+            paths = random_adapters(engine.model, max(counts), folder, rank=rank, alpha=alpha, targets=targets)
+            t0 = time.perf_counter()
+            for k, path in enumerate(paths):
+                await engine.load_adapter(f"a{k}", path)
+            load_s = (time.perf_counter() - t0) / len(paths)
+            say(f"loaded and checked {len(paths)} adapters, {load_s:.2f} s each")
+        convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        modes = [0, *counts]
+
+        async def wave(n: int) -> tuple[float, int]:
+            start = time.perf_counter()
+            done = await asyncio.gather(*(
+                engine.complete(convs[i % len(convs)], params, adapter=f"a{i % n}" if n else None)
+                for i in range(batch)))
+            return time.perf_counter() - start, sum(c.completion_tokens for c in done)
+
+        for n in modes:  # warm every path before any clock runs
+            await wave(n)
+        say(f"{rounds} rounds of a {batch}-request wave with " + ", ".join(
+            f"{n} adapters" if n else "no adapter" for n in modes) + f"; {new_tokens} tokens per request")
+        totals = {n: [0.0, 0] for n in modes}
+        for _ in range(rounds):
+            for n in modes:
+                seconds, tokens = await wave(n)
+                totals[n][0] += seconds
+                totals[n][1] += tokens
+        model_dtype = str(engine.model.dtype).removeprefix("torch.")
+        n_params = sum(p.numel() for p in engine.model.parameters())
+    finally:
+        await engine.stop(grace=0)
+    rate = {n: tokens / seconds for n, (seconds, tokens) in totals.items()}
+    one = rate[min(counts)]
+    runs = [{"adapters": n, "tokens_per_s": round(rate[n], 1), "vs_fewest": round(rate[n] / one, 3),
+             "vs_base": round(rate[n] / rate[0], 3)} for n in modes]
+    result: dict[str, Any] = {
+        "model": str(model_path), "parameters": n_params, "device": str(engine.device), "dtype": model_dtype,
+        "torch_threads": torch.get_num_threads(), "decode_step": engine.decode_step, "batch": batch,
+        "new_tokens": new_tokens, "rounds": rounds, "rank": rank, "alpha": alpha, "lora_targets": targets,
+        "load_s": round(load_s, 3), "adapters": runs, "targets": {},
+    }
+    if 16 in counts and 1 in counts:
+        result["targets"][f"16 adapters >= {ADAPTERS_TARGET:.0%} of one adapter"] = (
+            rate[16] / rate[1] >= ADAPTERS_TARGET)
+    return result
+
+
+def format_adapters_table(result: dict[str, Any]) -> str:
+    """The adapters bench as a plain-text table."""
+    lines = [
+        f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
+        f"{result['torch_threads']} torch threads, {result['dtype']} weights, {result['decode_step']} decode "
+        f"step; {result['batch']} requests at once, {result['new_tokens']} new tokens each, greedy, "
+        f"{result['rounds']} rounds; LoRA rank {result['rank']}, alpha {result['alpha']}, "
+        f"targets {result['lora_targets']}; load + check {result['load_s']:.2f} s per adapter",
+        f"{'distinct adapters':<20}{'tok/s':>10}{'vs fewest':>12}{'vs none':>10}",
+    ]
+    lines.append("-" * len(lines[-1]))
+    for r in result["adapters"]:
+        name = str(r["adapters"]) if r["adapters"] else "none (base)"
+        lines.append(f"{name:<20}{r['tokens_per_s']:>10.1f}{r['vs_fewest']:>12.2f}{r['vs_base']:>10.2f}")
+    for name, ok in result.get("targets", {}).items():
+        lines.append(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    return "\n".join(lines)

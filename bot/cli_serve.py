@@ -31,6 +31,21 @@ def _bench_args(p) -> None:
                    help="weights' dtype; repeat to measure several (default: [model] dtype)")
     p.add_argument("--write", metavar="FILE", help="also write the result into FILE's section for this model "
                    "(docs/benchmarks.md)")
+    p.add_argument("--adapters", metavar="N,N,...", type=_counts,
+                   help="instead: a batch of 32 requests over N distinct random LoRA adapters each "
+                        "([trainer] lora_r, lora_alpha, lora_targets), e.g. 1,4,16")
+
+
+def _counts(text: str) -> list[int]:
+    import argparse
+
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive counts like 1,4,16, got {text!r}")
+    return counts
 
 
 @command("bench", "measure the engine: throughput and latency under concurrent requests")(_bench_args)
@@ -41,4 +56,5 @@ def cmd_bench(args, config: Config) -> int:
     from bot.bench import bench_main
 
     command = "tuneloop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return bench_main(config, args.json, dtypes=args.dtype, write=args.write, command=command)
+    return bench_main(config, args.json, dtypes=args.dtype, write=args.write, command=command,
+                      adapters=args.adapters)

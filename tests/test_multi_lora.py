@@ -165,3 +165,15 @@ async def test_load_and_unload_between_steps_with_requests_in_flight(tiny_model,
         assert engine.runner.bank.live == []
     finally:
         await engine.stop(grace=0)
+
+
+def test_the_adapters_bench_runs_every_count_on_the_tiny_model(tiny_model):
+    from bot.bench import format_adapters_table, run_adapters_bench
+
+    result = run_adapters_bench(str(tiny_model), [1, 3], rank=4, alpha=8, targets="q_proj,v_proj", batch=6,
+                                rounds=1, new_tokens=4, progress=False)
+    assert [r["adapters"] for r in result["adapters"]] == [0, 1, 3]
+    assert all(r["tokens_per_s"] > 0 for r in result["adapters"])
+    assert result["adapters"][1]["vs_fewest"] == 1.0
+    table = format_adapters_table(result)
+    assert "none (base)" in table and "targets q_proj,v_proj" in table
