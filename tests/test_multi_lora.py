@@ -112,10 +112,11 @@ async def test_unknown_or_unservable_adapters_are_one_line_model_errors(tiny_mod
 
 
 @pytest.mark.asyncio
-async def test_the_check_at_load_catches_a_wrong_delta(tiny_model, adapters):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_the_check_at_load_catches_a_wrong_delta(tiny_model, adapters, dtype):
     from tuneloop.engine.lora import read_adapter
 
-    engine = await started(tiny_model)
+    engine = await started(tiny_model, dtype=dtype)
     try:
         runner = engine.runner
         good = read_adapter("a3", adapters["a3"], runner.model)
@@ -125,6 +126,8 @@ async def test_the_check_at_load_catches_a_wrong_delta(tiny_model, adapters):
         a, b = bad.weights[path]
         bad.weights[path] = (a, b * 1.5)  # not what the folder (and peft's merge) says
         assert "differ from the merged model's" in runner.check_adapter(bad)
+        await engine.load_adapter("a3", adapters["a3"])
+        assert engine.adapter_names() == ["a3"]
     finally:
         await engine.stop(grace=0)
 
