@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 
 import aiohttp
 import pytest
@@ -114,7 +115,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 
 @pytest.mark.timeout(900)
-def test_a_fact_taught_in_one_community_stays_there(tiny_model, tmp_path, keys_in_env, capsys):
+def test_a_fact_taught_in_one_community_stays_there(tiny_model, tmp_path, keys_in_env, capsys, caplog):
     (tmp_path / "mem.toml").write_text(config_text(tiny_model, tmp_path, memory=True))
     (tmp_path / "weights.toml").write_text(config_text(tiny_model, tmp_path, memory=False))
     mem, weights = str(tmp_path / "mem.toml"), str(tmp_path / "weights.toml")
@@ -154,6 +155,8 @@ def test_a_fact_taught_in_one_community_stays_there(tiny_model, tmp_path, keys_i
                          (["status", "--community", "acme corp!"], "must be 'local' or start with"),
                          (["models", "--community", "http:acme!"], "may hold only"),
                          (["retrain", "--community", B], "no feedback of http:beta"),
+                         # without --community: local's line, which has nothing; who has some is named
+                         (["retrain"], f"communities with some: {A}; say which with --community"),
                          (["promote", "v1", "--community", A], "version v1 not found"),
                          (["rollback", "--community", A], "nothing to roll back to")]:
         code, out, err = cli(capsys, "--config", mem, *args)
@@ -211,10 +214,11 @@ def test_a_fact_taught_in_one_community_stays_there(tiny_model, tmp_path, keys_i
     assert a_after["reply"].strip() == FACT, a_after
     assert [(x["reply"], x["model"]) for x in b_after] == [(x["reply"], x["model"]) for x in b_before]
     assert all("tulip42" not in x["reply"] for x in b_after)
-    print(f"\nacme fact from weights: {a_after['reply']!r}; beta probes identical: "
-          f"{sum(x['reply'] == y['reply'] for x, y in zip(b_before, b_after))}/{len(probes)}; "
-          f"run seconds: {run['seconds']}; gate: {'passed' if run['promoted'] else 'rejected'} "
-          f"({', '.join(c['name'] + '=' + str(c['value']) for c in run['checks'])})")
+    with capsys.disabled():  # the figures, for `pytest -s`
+        print(f"\nacme fact from weights: {a_after['reply']!r}; beta probes identical: "
+              f"{sum(x['reply'] == y['reply'] for x, y in zip(b_before, b_after))}/{len(probes)}; "
+              f"run seconds: {run['seconds']}; gate: {'passed' if run['promoted'] else 'rejected'} "
+              f"({', '.join(c['name'] + '=' + str(c['value']) for c in run['checks'])})")
 
     # -- rollback and promote act on acme's line; a running follower follows them --------------------
     code, out, err = cli(capsys, "--config", mem, "rollback", "--community", A)
@@ -232,6 +236,21 @@ def test_a_fact_taught_in_one_community_stays_there(tiny_model, tmp_path, keys_i
     assert (served_before, changed, served_after) == (None, True, f"{A}/v1")
     assert (again["reply"].strip(), again["model"]) == (FACT, f"{A}/v1")
 
+    # A version of the global line (trained on every community) is never one community's.
+    top = Registry(tmp_path / "models")
+    shutil.copytree(line.path("v1"), tmp_path / "global-v1")
+    meta = json.loads((tmp_path / "global-v1" / "meta.json").read_text())
+    version = top.add(tmp_path / "global-v1", {**meta, "community": "*"}, {})
+    top.promote(version)
+
+    async def local_adapter(http, base, svc):
+        return adapter_for(svc.engine, "local"), (await ask(http, base, ACME, FACT_Q))["model"]
+
+    with caplog.at_level("ERROR", logger="bot.learning"):
+        local, acme_model = asyncio.run(session(wcfg, local_adapter))
+    assert (local, acme_model) == (None, f"{A}/v1")
+    assert any("trained on every community's feedback" in r.getMessage() for r in caplog.records)
+
 
 def test_scope_global_keeps_one_line_and_refuses_community(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
@@ -241,6 +260,14 @@ def test_scope_global_keeps_one_line_and_refuses_community(tmp_path, capsys):
     assert code == 1 and "scope = \"community\"" in err and err.count("\n") == 1
     code, out, err = cli(capsys, "--config", str(cfg), "status", "--json")
     assert code == 0 and json.loads(out)["community"] == "*"
+    # Whoever asks (a workspace's admin too), the one line: its runs train on every community.
+    from tuneloop.learning.control import Control
+    from tuneloop.store import Store
+
+    with Store(tmp_path / "t.db") as store:
+        control = Control(load(cfg), store)
+        assert control.key("slack:T1") == "*" and control.line("slack:T1").root == tmp_path / "models"
+        assert "--community" not in control.command(1, "cli", control.key("slack:T1"))
     cfg.write_text(cfg.read_text().replace('"global"', '"everyone"'))
     code, out, err = cli(capsys, "--config", str(cfg), "status")
     assert code == 1 and "trainer.scope" in err

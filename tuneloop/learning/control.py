@@ -145,8 +145,11 @@ class Control:
         else:
             new = self.untrained_feedback(key)
             if new == 0:
+                others = [] if key != LOCAL else [c for c in self.store.communities()
+                                                  if c != LOCAL and self.untrained_feedback(c)]
+                hint = f" (communities with some: {', '.join(others)}; say which with --community)" if others else ""
                 raise TrainingError(f"no feedback{whose} the live version has not trained on; nothing to "
-                                    "train on")
+                                    f"train on{hint}")
         run_id = self.runs.create(reason, community=key)
         logs = self.registry.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
