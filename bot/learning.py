@@ -23,9 +23,9 @@ this process, so serving goes on while a run trains.
 - An APScheduler 3.x ``AsyncIOScheduler`` fires on ``[trainer] schedule``
   (``interval:SECONDS`` or a 5-field cron expression); a firing starts a run
   of the community with the most new feedback, when it has ``min_feedback``
-  new items since its line's last run and no other run is going (the others
-  wait for the next firings) (the registry's fcntl lock, which dies with its
-  process, and the store's run records).
+  new items since its line's last run and no other run is going (the
+  registry's fcntl lock, which dies with its process, and the store's run
+  records); the other communities due wait for the next firings.
 """
 
 from __future__ import annotations
@@ -75,17 +75,11 @@ class LiveFollower:
         self.scope = config.trainer.scope
         self._failed: str | None = None
         self._failed_lines: dict[str, str] = {}  # community -> the adapter name that could not be served
-        self._warned = False
 
     async def follow(self) -> bool:
         """Serve the live versions the engine does not serve yet; True when anything changed."""
         if self.scope == "community":
-            if hasattr(self.engine, "load_adapter"):
-                return await self._follow_lines()
-            if not self._warned:
-                self._warned = True
-                log.warning("scope = community: the %s engine cannot serve an adapter per request; "
-                            "it serves local's live version to every community", type(self.engine).__name__)
+            return await self._follow_lines()
         return await self._follow_top()
 
     async def _follow_lines(self) -> bool:
@@ -125,11 +119,12 @@ class LiveFollower:
                     if have is not None:
                         await engine.unload_adapter(have)
             # What a broken version can raise: the engine's ModelError, a version folder,
-            # meta.json or LIVE file missing or unreadable.
+            # meta.json or LIVE file missing or unreadable, a back end without adapters.
             except (TuneloopError, NotImplementedError, OSError, ValueError) as e:
                 if want != self._failed_lines.get(key):
                     first = str(e).splitlines()[0] if str(e) else ""
-                    log.error("cannot serve %s: %s: %s; still serving %s", want, type(e).__name__, first,
+                    log.error("cannot serve %s: %s: %s; still serving %s", want or "the base model",
+                              type(e).__name__, first,
                               served.get(key) or engine.model_version)
                 self._failed_lines[key] = want
                 continue
