@@ -199,6 +199,9 @@ def format_status(s: dict[str, Any]) -> str:
     if s.get("running"):
         lines.append(f"running now: {s['running']}")
     lines.append(f"next scheduled run: {s.get('next_run') or 'not scheduled'}")
+    if s.get("communities"):
+        lines.append("other communities' live versions: "
+                     + ", ".join(f"{k} {v}" for k, v in s["communities"].items()))
     return "\n".join(lines)
 
 

@@ -337,6 +337,9 @@ def test_each_community_has_its_own_feedback_runs_versions_and_admins(tmp_path):
     assert "* v1" in admin.run(slack, "models") and "v1" not in admin.run(discord, "models")
     assert "live version: v1" in admin.run(slack, "status")
     assert "live version: base" in admin.run(discord, "status")
+    assert control.status()["communities"] == {"slack:T1": "v1"}  # the operator sees every line
+    assert "other communities' live versions: slack:T1 v1" in admin.run(Caller("cli", "op"), "status")
+    assert "communities" not in control.status("discord:9") and "slack:T1" not in admin.run(discord, "status")
     assert admin.run(slack, "rollback") == "Rolled back: base is live."
     assert line.live() is None
     # One run at a time over every line: slack:T1's run (this process holds the lock) holds

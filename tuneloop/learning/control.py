@@ -255,6 +255,10 @@ class Control:
                 f"{going['run_id']} ({going['stage'] or going['status']})"
                 + ("" if going["community"] == key else f" of {going['community']}")),
             "next_run": self.next_run(),
+            # The operator (no community: the CLI) sees every community's live version; an admin of
+            # one community only their own.
+            **({"communities": {k: line.live() or BASE for k, line in self.registry.lines().items()}}
+               if community is None and key != GLOBAL else {}),
         }
 
     def models(self, community: str | None = None) -> list[dict[str, Any]]:
