@@ -179,6 +179,8 @@ class LearningService:
         self._watcher: asyncio.Task | None = None
         #: the runs this service started that its ``stop`` stopped (``Control.stop_children``)
         self.stopped_runs: list[dict[str, Any]] = []
+        #: communities the last firing found due that wait for the run before them to end
+        self._due: list[str] = []
 
     async def start(self) -> None:
         await self.follow_live()
@@ -220,18 +222,29 @@ class LearningService:
         return when.isoformat(timespec="seconds") if when else None
 
     async def tick(self) -> dict[str, Any] | None:
-        """One scheduler firing: start a run of the community with the most new feedback, if it has
-        enough and no run is going."""
-        try:
-            due = await asyncio.to_thread(self.control.due)
-            if not due:
-                return self.control.start_run("schedule", scheduled=True)  # says why not, in one line
-            community, new = due[0]
-            log.info("scheduled run: community=%s new_feedback=%d (%d communities due)", community, new, len(due))
-            return self.control.start_run("schedule", scheduled=True, community=community)
-        except TrainingError as e:
-            log.info("scheduled run skipped: %s", e)
+        """One scheduler firing: the communities with ``min_feedback`` new items are due, most first;
+        the first starts now if no run is going, each next one when the run before it has ended
+        (``start_due``, from the watcher)."""
+        due = await asyncio.to_thread(self.control.due)
+        if not due:
+            log.info("scheduled run skipped: no community has %d new feedback items",
+                     self.config.trainer.min_feedback)
             return None
+        log.info("scheduled runs due: %s", ", ".join(f"{c} ({n} new)" for c, n in due))
+        self._due = [c for c, _ in due]
+        return await self.start_due()
+
+    async def start_due(self) -> dict[str, Any] | None:
+        """Start a run of the next community due, unless a run (of any line) is going."""
+        while self._due:
+            if self.control.running() is not None or self.control.registry.lock().held_elsewhere():
+                return None
+            community = self._due.pop(0)
+            try:
+                return self.control.start_run("schedule", scheduled=True, community=community)
+            except TrainingError as e:
+                log.info("scheduled run skipped: community=%s: %s", community, e)
+        return None
 
     async def follow_live(self) -> bool:
         """Serve the registry's live version if the engine does not already; True when it swapped."""
@@ -243,6 +256,8 @@ class LearningService:
             try:
                 await self.follow_live()
                 await asyncio.get_running_loop().run_in_executor(None, self.control.reap)
+                if self._due:
+                    await self.start_due()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 — the watcher must outlive one bad poll

@@ -358,3 +358,34 @@ def test_each_community_has_its_own_feedback_runs_versions_and_admins(tmp_path):
     finally:
         lock.release()
     store.close()
+
+
+@pytest.mark.timeout(120)
+async def test_one_firing_runs_each_community_due_one_after_another(tiny_model, tmp_path):
+    """The schedule's firing starts the community with the most new feedback; the next starts once that
+    run has ended (here a training process that exits at once: ``[trainer] python = /bin/false``)."""
+    from bot.learning import LearningService
+    from tuneloop.store import Store
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nbase = "{tiny_model}"\n[storage]\npath = "{tmp_path / "t.db"}"\n'
+                   f'[trainer]\nmin_feedback = 2\npython = "/bin/false"\nregistry = "{tmp_path / "models"}"\n'
+                   '[memory]\nenabled = false\n')
+    with Store(tmp_path / "t.db") as store:
+        _rated(store, "slack:T1", 2)
+        _rated(store, "discord:9", 4)
+        _rated(store, "local", 1)  # not due
+    config = load(cfg)
+    async with services(config) as svc:
+        learning = LearningService(svc)
+        first = await learning.tick()
+        assert first["community"] == "discord:9"
+        ended = await asyncio.to_thread(learning.control.wait, first["run_id"], 30, 0.05)
+        assert ended["status"] == "failed"  # /bin/false trained nothing
+        second = await learning.start_due()
+        assert second["community"] == "slack:T1"
+        await asyncio.to_thread(learning.control.wait, second["run_id"], 30, 0.05)
+        assert await learning.start_due() is None  # local has 1 < min_feedback: never due
+        runs = svc.store.training_runs()
+        assert [(r["community"], r["reason"]) for r in runs] == [("discord:9", "schedule"), ("slack:T1", "schedule")]
+        await learning.stop()
