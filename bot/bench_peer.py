@@ -1,0 +1,220 @@
+"""``tuneloop bench --peer llamacpp``: the local engine against llama.cpp on the same GGUF file.
+
+llama.cpp (through ``llama-cpp-python``, the optional extra ``tuneloop[llamacpp]``)
+is what a CPU user would run instead of tuneloop's engine. This bench puts the
+two side by side in one process, on the same weights (the GGUF file
+``[model] base`` names; the engine serves it dequantized, llama.cpp reads its
+blocks as they are), the same prompts as token ids (the engine's chat
+template, so both see identical prompts), the same number of new tokens,
+greedy, and as many threads as the engine's decode step uses.
+
+Round after round: the engine with one request, llama.cpp with one request,
+the engine with 16 requests at once (A B C A B C), so a neighbour's load
+falls on all three alike and the ratios hold on a noisy machine. Then each
+prompt once more through both, stopping at end of sequence, to count how
+many greedy replies are identical.
+
+Reported: tok/s, time to first token and latency for each way, the engine
+alone / llama.cpp alone and the engine at 16 / llama.cpp alone, the share of
+identical replies. llama-cpp-python's high-level API decodes one sequence at
+a time, so llama.cpp is measured one request at a time only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneloop.errors import ModelError
+
+#: issue 14, 2 CPU cores, the default model
+PEER_TARGETS = {
+    "c1_vs_peer": 1.0,  # engine alone / llama.cpp alone
+    "batch_vs_peer": 3.0,  # engine at 16 requests / llama.cpp alone
+}
+
+PEERS = ("llamacpp",)
+EXTRA = "pip install 'tuneloop[llamacpp]'"
+
+
+def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int):
+    """``llama_cpp.Llama`` on ``gguf_path``; a one-line ``ModelError`` when the package or the file fails."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModelError(f"bench --peer llamacpp: llama-cpp-python is not installed; {EXTRA} "
+                         "(it compiles llama.cpp: about 10 minutes on 2 cores)") from None
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
+                               n_ctx=n_ctx, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise ModelError(f"bench --peer llamacpp: llama.cpp cannot load {gguf_path}: {e}") from None
+
+
+def _greedy(llm, prompt: list[int]):
+    """llama.cpp's greedy token stream for ``prompt``, from an empty cache."""
+    # reset(): without it generate() reuses the previous request's cache for a
+    # shared prefix, which the engine does not do; both start cold.
+    llm.reset()
+    return llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True)
+
+
+def peer_one(llm, prompt: list[int], new_tokens: int) -> tuple[int, float, float]:
+    """Exactly ``new_tokens`` greedy tokens (end of sequence ignored): count, time to first token, total."""
+    t0 = time.perf_counter()
+    first, made = None, 0
+    for _ in _greedy(llm, prompt):
+        made += 1
+        if first is None:
+            first = time.perf_counter()
+        if made >= new_tokens:
+            break
+    t1 = time.perf_counter()
+    return made, (first or t1) - t0, t1 - t0
+
+
+def peer_reply(llm, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+    """llama.cpp's greedy reply to ``prompt``: token ids up to end of sequence or ``max_tokens``."""
+    out: list[int] = []
+    for tok in _greedy(llm, prompt):
+        if tok in eos:
+            break
+        out.append(tok)
+        if len(out) >= max_tokens:
+            break
+    return out
+
+
+def run_peer_bench(gguf_path: str | Path, model_path: str, *, prompts: list[str] | tuple[str, ...],
+                   rounds: int, new_tokens: int, batch: int = 16, device: str = "auto", dtype: str = "auto",
+                   fused_decode: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Measure the engine (alone and at ``batch``) against llama.cpp alone, alternating; see the module doc."""
+    return asyncio.run(_peer_bench(Path(gguf_path), str(model_path), list(prompts), rounds=rounds,
+                                   new_tokens=new_tokens, batch=batch, device=device, dtype=dtype,
+                                   fused_decode=fused_decode, progress=progress))
+
+
+def _rate(tokens: int, seconds: float, ttfts: list[float], totals: list[float]) -> dict[str, Any]:
+    import statistics
+
+    return {"tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+            "ttft_p50": round(statistics.median(ttfts), 4), "latency_p50": round(statistics.median(totals), 4)}
+
+
+async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, rounds, new_tokens, batch, device,
+                      dtype, fused_decode, progress) -> dict[str, Any]:
+    import torch
+
+    from tuneloop.engine.base import SamplingParams
+    from tuneloop.engine.local import LocalEngine
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"bench: {msg}", flush=True)
+
+    if not gguf_path.is_file():
+        raise ModelError(f"bench --peer llamacpp: {gguf_path} is not a file")
+    engine = LocalEngine(model_path, version="bench", device=device, dtype=dtype, max_batch=batch,
+                         max_queue=batch * 4, fused_decode=fused_decode)
+    await engine.start()
+    try:
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        encoded = [engine.encode(c) for c in convs]
+        decoder = engine._decoder
+        # The engine's steps run on torch's threads, widened where measured
+        # faster (Decoder.widen): llama.cpp gets as many.
+        threads = max(torch.get_num_threads(), (decoder.wide_threads or 0) if decoder is not None else 0)
+        n_ctx = max(len(p) for p in encoded) + max(new_tokens, 64) + 16
+        say(f"llama.cpp: {gguf_path.name}, {threads} threads, n_ctx {n_ctx}")
+        llm = load_llamacpp(gguf_path, threads, n_ctx)
+        # Both tokenizers come from the file; the bench feeds both the engine's
+        # ids, and says whether llama.cpp would have made the same ones.
+        text = [engine.tokenizer.decode(p) for p in encoded]
+        same_prompt = sum(llm.tokenize(t.encode(), add_bos=False, special=True) == p
+                          for t, p in zip(text, encoded, strict=True))
+
+        fixed = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        await engine.complete(convs[0], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm both
+        peer_one(llm, encoded[0], 4)
+        say(f"{rounds} rounds of: engine alone, llama.cpp alone, engine with {batch} requests; "
+            f"{new_tokens} tokens per request")
+        alone, peer, waves = [], [], []
+        for i in range(rounds):
+            alone.append(await engine.complete(convs[i % len(convs)], fixed))
+            peer.append(peer_one(llm, encoded[i % len(encoded)], new_tokens))
+            t0 = time.perf_counter()
+            done = await asyncio.gather(*(engine.complete(convs[(i * batch + k) % len(convs)], fixed)
+                                          for k in range(batch)))
+            waves.append((time.perf_counter() - t0, done))
+
+        say(f"greedy replies to {len(prompts)} prompts, up to {new_tokens} tokens, through both")
+        replies = await asyncio.gather(*(engine.complete(c, SamplingParams(max_new_tokens=new_tokens))
+                                         for c in convs))
+        eos = set(engine.runner.eos)
+        pairs = []
+        for conv, prompt, mine in zip(convs, encoded, replies, strict=True):
+            theirs = engine.tokenizer.decode(peer_reply(llm, prompt, new_tokens, eos), skip_special_tokens=True)
+            pairs.append({"prompt": conv[0]["content"], "engine": mine.text, "llamacpp": theirs})
+        n_params = sum(p.numel() for p in engine.model.parameters())
+        model_dtype = str(engine.model.dtype).removeprefix("torch.")
+        del llm
+    finally:
+        await engine.stop(grace=0)
+
+    def ttft(c) -> float:
+        return c.time_to_first_token if c.time_to_first_token is not None else c.total_time
+
+    e1 = _rate(sum(c.completion_tokens for c in alone), sum(c.total_time for c in alone),
+               [ttft(c) for c in alone], [c.total_time for c in alone])
+    p1 = _rate(sum(n for n, _, _ in peer), sum(t for _, _, t in peer), [f for _, f, _ in peer],
+               [t for _, _, t in peer])
+    flat = [c for _, done in waves for c in done]
+    eb = _rate(sum(c.completion_tokens for c in flat), sum(w for w, _ in waves), [ttft(c) for c in flat],
+               [c.total_time for c in flat])
+    agree = sum(p["engine"] == p["llamacpp"] for p in pairs)
+    c1_ratio = e1["tokens_per_s"] / p1["tokens_per_s"]
+    batch_ratio = eb["tokens_per_s"] / p1["tokens_per_s"]
+    return {
+        "peer": "llamacpp", "gguf": str(gguf_path), "model": model_path, "parameters": n_params,
+        "device": str(engine.device), "dtype": model_dtype, "decode_step": engine.decode_step,
+        "threads": threads, "new_tokens": new_tokens, "rounds": rounds, "batch": batch,
+        "engine_c1": e1, "llamacpp_c1": p1, "engine_batch": eb,
+        "c1_vs_peer": round(c1_ratio, 3), "batch_vs_peer": round(batch_ratio, 3),
+        "same_prompt_tokens": same_prompt, "prompts": len(pairs), "identical_replies": agree,
+        "agreement": round(agree / len(pairs), 3), "replies": pairs,
+        "targets": {
+            f"engine c=1 >= {PEER_TARGETS['c1_vs_peer']:.1f}x llama.cpp c=1": c1_ratio >= PEER_TARGETS["c1_vs_peer"],
+            f"engine c={batch} >= {PEER_TARGETS['batch_vs_peer']:.0f}x llama.cpp c=1":
+                batch_ratio >= PEER_TARGETS["batch_vs_peer"],
+        },
+    }
+
+
+def format_peer_table(result: dict[str, Any]) -> str:
+    """The peer bench as a plain-text table."""
+    w = 26
+    head = f"{'run':<{w}}{'tok/s':>10}{'ttft p50':>10}{'lat p50':>10}{'vs llama.cpp c=1':>18}"
+    peer = result["llamacpp_c1"]["tokens_per_s"]
+    lines = [
+        f"engine: {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
+        f"{result['dtype']} weights, {result['decode_step']} decode step; llama.cpp: {result['gguf']} as it is; "
+        f"{result['threads']} threads each, {result['new_tokens']} new tokens per request, greedy, "
+        f"{result['rounds']} rounds",
+        head,
+        "-" * len(head),
+    ]
+    for name, key in (("engine c=1", "engine_c1"), ("llama.cpp c=1", "llamacpp_c1"),
+                      (f"engine c={result['batch']}", "engine_batch")):
+        r = result[key]
+        ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
+        lines.append(f"{name:<{w}}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>10.3f}{r['latency_p50']:>10.3f}"
+                     f"{ratio:>18}")
+    lines.append(f"identical greedy replies (up to {result['new_tokens']} tokens): {result['identical_replies']}/"
+                 f"{result['prompts']} ({result['agreement']:.0%}); prompt tokens llama.cpp's tokenizer makes "
+                 f"the same: {result['same_prompt_tokens']}/{result['prompts']}")
+    for name, ok in result.get("targets", {}).items():
+        lines.append(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    return "\n".join(lines)
