@@ -45,7 +45,7 @@ TRAFFIC = ["Hello", "How are you?", "What is your name?", "Do you like music?", 
            "What time is it?", "Good morning", "What do you do?"]
 
 
-def config_text(tiny_model, d, *, memory: bool) -> str:
+def config_text(tiny_model, d, *, memory: bool, scope: str = "community") -> str:
     return f"""
 [model]
 base = "{tiny_model}"
@@ -66,6 +66,7 @@ key_env = "TL_CL_BETA"
 
 [trainer]
 enabled = false
+scope = "{scope}"
 registry = "{d / 'models'}"
 control_prompts = 8
 replay_prompts = 16
@@ -250,6 +251,39 @@ def test_a_fact_taught_in_one_community_stays_there(tiny_model, tmp_path, keys_i
         local, acme_model = asyncio.run(session(wcfg, local_adapter))
     assert (local, acme_model) == (None, f"{A}/v1")
     assert any("trained on every community's feedback" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(600)
+def test_scope_global_trains_one_line_on_every_community_and_serves_it_to_all(tiny_model, tmp_path, keys_in_env,
+                                                                                capsys):
+    (tmp_path / "g.toml").write_text(config_text(tiny_model, tmp_path, memory=False, scope="global"))
+    cfg = str(tmp_path / "g.toml")
+    config = load(cfg)
+
+    async def teach(http, base, svc):
+        for key in (ACME, BETA):
+            ex = await ask(http, base, key, FACT_Q, user="ann")
+            svc.feedback.correct(ex["id"], "admin", FACT, admin=True)  # an admin's correction: live at once
+            for text in TRAFFIC[:4]:
+                await ask(http, base, key, text, user="ann")
+
+    asyncio.run(session(config, teach))
+    code, out, err = cli(capsys, "--config", cfg, "retrain", "--wait", "--json")
+    run = json.loads(out)
+    assert run["status"] == "done" and run["community"] == "*", run
+    meta = Registry(tmp_path / "models").meta(run["version"])
+    assert meta["community"] == "*" and meta["dataset"]["feedback_items"] == 2  # both communities' rows
+    assert not (tmp_path / "models" / "communities").exists()
+    if not run["promoted"]:
+        assert cli(capsys, "--config", cfg, "promote", run["version"])[0] == 0
+
+    async def probe(http, base, svc):
+        return ([await ask(http, base, key, FACT_Q) for key in (ACME, BETA)],
+                adapter_for(svc.engine, A), svc.engine.model_version)
+
+    replies, adapter, engine_version = asyncio.run(session(config, probe))
+    assert (adapter, engine_version) == (None, run["version"])  # swapped into the weights, for everyone
+    assert [(r["reply"].strip(), r["model"]) for r in replies] == [(FACT, run["version"])] * 2
 
 
 def test_scope_global_keeps_one_line_and_refuses_community(tmp_path, capsys):
