@@ -252,8 +252,12 @@ def _random_adapter(model_folder, out) -> None:
 
 
 async def test_running_server_follows_promote_and_rollback(loop_model, tmp_path):
-    """`tuneloop run`'s LearningService swaps within seconds of a CLI promote / rollback."""
-    from bot.learning import LearningService
+    """`tuneloop run`'s LearningService swaps within seconds of a CLI promote / rollback.
+
+    Under the default community scope the live version is a named adapter that
+    requests of the community ask for, so the wait is on what "local" is served.
+    """
+    from bot.learning import LearningService, adapter_for
 
     cfg = tmp_path / "config.toml"
     write_config(cfg, loop_model, "schedule = \"interval:3600\"\nmin_feedback = 5\n")
@@ -273,7 +277,7 @@ async def test_running_server_follows_promote_and_rollback(loop_model, tmp_path)
             assert await learning.tick() is None  # 0 new feedback < min_feedback: no run
             assert await asyncio.to_thread(main, ["--config", str(cfg), "promote", version]) == 0
             for _ in range(100):
-                if svc.engine.model_version == version:
+                if adapter_for(svc.engine, "local") == version:
                     break
                 await asyncio.sleep(0.05)
             ex = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
@@ -282,7 +286,7 @@ async def test_running_server_follows_promote_and_rollback(loop_model, tmp_path)
             assert "* v1" in svc.admin.run(_cli_caller(), "models")
             assert "base is live" in svc.admin.run(_cli_caller(), "rollback")
             for _ in range(100):
-                if svc.engine.model_version == str(loop_model):
+                if adapter_for(svc.engine, "local") is None:
                     break
                 await asyncio.sleep(0.05)
             again = await svc.chat.respond(Turn(text="hello", user="u", platform="cli"))
