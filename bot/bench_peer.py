@@ -6,7 +6,10 @@ two side by side in one process, on the same weights (the GGUF file
 ``[model] base`` names; the engine serves it dequantized, llama.cpp reads its
 blocks as they are), the same prompts as token ids (the engine's chat
 template, so both see identical prompts), the same number of new tokens,
-greedy, and as many threads as the engine's decode step uses.
+greedy, and as many threads as the engine's decode step uses; llama.cpp also
+on one thread when the engine uses more, because its threads wait for each
+other by spinning and a busy machine can make two threads far slower than
+one: the engine is compared with llama.cpp's faster thread count.
 
 Round after round: the engine with one request, llama.cpp with one request,
 the engine with 16 requests at once (A B C A B C), so a neighbour's load
@@ -128,8 +131,10 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         # faster (Decoder.widen): llama.cpp gets as many.
         threads = max(torch.get_num_threads(), (decoder.wide_threads or 0) if decoder is not None else 0)
         n_ctx = max(len(p) for p in encoded) + max(new_tokens, 64) + 16
-        say(f"llama.cpp: {gguf_path.name}, {threads} threads, n_ctx {n_ctx}")
-        llm = load_llamacpp(gguf_path, threads, n_ctx)
+        counts = sorted({1, threads})
+        say(f"llama.cpp: {gguf_path.name}, " + " and ".join(map(str, counts)) + f" threads, n_ctx {n_ctx}")
+        llms = {n: load_llamacpp(gguf_path, n, n_ctx) for n in counts}
+        llm = llms[threads]
         # Both tokenizers come from the file; the bench feeds both the engine's
         # ids, and says whether llama.cpp would have made the same ones.
         text = [engine.tokenizer.decode(p) for p in encoded]
@@ -138,13 +143,16 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
 
         fixed = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         await engine.complete(convs[0], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm both
-        peer_one(llm, encoded[0], 4)
-        say(f"{rounds} rounds of: engine alone, llama.cpp alone, engine with {batch} requests; "
-            f"{new_tokens} tokens per request")
-        alone, peer, waves = [], [], []
+        for one in llms.values():
+            peer_one(one, encoded[0], 4)
+        say(f"{rounds} rounds of: engine alone, llama.cpp alone on " + " and ".join(map(str, counts))
+            + f" threads, engine with {batch} requests; {new_tokens} tokens per request")
+        alone, waves = [], []
+        peers: dict[int, list] = {n: [] for n in counts}
         for i in range(rounds):
             alone.append(await engine.complete(convs[i % len(convs)], fixed))
-            peer.append(peer_one(llm, encoded[i % len(encoded)], new_tokens))
+            for n, one in llms.items():
+                peers[n].append(peer_one(one, encoded[i % len(encoded)], new_tokens))
             t0 = time.perf_counter()
             done = await asyncio.gather(*(engine.complete(convs[(i * batch + k) % len(convs)], fixed)
                                           for k in range(batch)))
@@ -160,7 +168,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
             pairs.append({"prompt": conv[0]["content"], "engine": mine.text, "llamacpp": theirs})
         n_params = sum(p.numel() for p in engine.model.parameters())
         model_dtype = str(engine.model.dtype).removeprefix("torch.")
-        del llm
+        del llm, llms
     finally:
         await engine.stop(grace=0)
 
@@ -169,8 +177,10 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
 
     e1 = _rate(sum(c.completion_tokens for c in alone), sum(c.total_time for c in alone),
                [ttft(c) for c in alone], [c.total_time for c in alone])
-    p1 = _rate(sum(n for n, _, _ in peer), sum(t for _, _, t in peer), [f for _, f, _ in peer],
-               [t for _, _, t in peer])
+    by_threads = {k: _rate(sum(n for n, _, _ in v), sum(t for _, _, t in v), [f for _, f, _ in v],
+                           [t for _, _, t in v]) for k, v in peers.items()}
+    best = max(by_threads, key=lambda k: by_threads[k]["tokens_per_s"])
+    p1 = by_threads[best]
     flat = [c for _, done in waves for c in done]
     eb = _rate(sum(c.completion_tokens for c in flat), sum(w for w, _ in waves), [ttft(c) for c in flat],
                [c.total_time for c in flat])
@@ -181,7 +191,8 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         "peer": "llamacpp", "gguf": str(gguf_path), "model": model_path, "parameters": n_params,
         "device": str(engine.device), "dtype": model_dtype, "decode_step": engine.decode_step,
         "threads": threads, "new_tokens": new_tokens, "rounds": rounds, "batch": batch,
-        "engine_c1": e1, "llamacpp_c1": p1, "engine_batch": eb,
+        "engine_c1": e1, "llamacpp_c1": p1, "llamacpp_threads": best, "engine_batch": eb,
+        "llamacpp_by_threads": {str(k): v for k, v in by_threads.items()},
         "c1_vs_peer": round(c1_ratio, 3), "batch_vs_peer": round(batch_ratio, 3),
         "same_prompt_tokens": same_prompt, "prompts": len(pairs), "identical_replies": agree,
         "agreement": round(agree / len(pairs), 3), "replies": pairs,
@@ -197,18 +208,21 @@ def format_peer_table(result: dict[str, Any]) -> str:
     """The peer bench as a plain-text table."""
     w = 26
     head = f"{'run':<{w}}{'tok/s':>10}{'ttft p50':>10}{'lat p50':>10}{'vs llama.cpp c=1':>18}"
+    rows = [("engine c=1", result["engine_c1"])]
+    rows += [(f"llama.cpp c=1, {k} thread" + ("s" if k != "1" else ""), r)
+             for k, r in result["llamacpp_by_threads"].items()]
+    rows.append((f"engine c={result['batch']}", result["engine_batch"]))
     peer = result["llamacpp_c1"]["tokens_per_s"]
     lines = [
         f"engine: {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
         f"{result['dtype']} weights, {result['decode_step']} decode step; llama.cpp: {result['gguf']} as it is; "
-        f"{result['threads']} threads each, {result['new_tokens']} new tokens per request, greedy, "
-        f"{result['rounds']} rounds",
+        f"engine on {result['threads']} threads, {result['new_tokens']} new tokens per request, greedy, "
+        f"{result['rounds']} rounds; ratios against llama.cpp on {result['llamacpp_threads']} threads, "
+        "its faster",
         head,
         "-" * len(head),
     ]
-    for name, key in (("engine c=1", "engine_c1"), ("llama.cpp c=1", "llamacpp_c1"),
-                      (f"engine c={result['batch']}", "engine_batch")):
-        r = result[key]
+    for name, r in rows:
         ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
         lines.append(f"{name:<{w}}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>10.3f}{r['latency_p50']:>10.3f}"
                      f"{ratio:>18}")

@@ -90,6 +90,12 @@ def test_peer_bench_on_a_tiny_gguf(tiny_gguf, tmp_path):
     assert result["engine_batch"]["tokens"] == 2 * 4 * 6
     for key in ("engine_c1", "llamacpp_c1", "engine_batch"):
         assert result[key]["tokens_per_s"] > 0 and 0 < result[key]["ttft_p50"] <= result[key]["latency_p50"]
+    # llama.cpp on one thread and on the engine's count; the ratios use the faster.
+    by_threads = result["llamacpp_by_threads"]
+    assert set(by_threads) == {"1", str(result["threads"])}
+    assert all(r["tokens"] == 2 * 6 for r in by_threads.values())
+    assert result["llamacpp_c1"] == max(by_threads.values(), key=lambda r: r["tokens_per_s"])
+    assert result["llamacpp_c1"] == by_threads[str(result["llamacpp_threads"])]
     peer = result["llamacpp_c1"]["tokens_per_s"]
     assert result["c1_vs_peer"] == pytest.approx(result["engine_c1"]["tokens_per_s"] / peer, rel=1e-2)
     assert result["batch_vs_peer"] == pytest.approx(result["engine_batch"]["tokens_per_s"] / peer, rel=1e-2)
@@ -105,7 +111,7 @@ def test_peer_bench_on_a_tiny_gguf(tiny_gguf, tmp_path):
     assert set(result["targets"]) == {"engine c=1 >= 1.0x llama.cpp c=1", "engine c=4 >= 3x llama.cpp c=1"}
 
     table = format_peer_table(result)
-    assert "llama.cpp c=1" in table and "engine c=4" in table and "identical greedy replies" in table
+    assert "llama.cpp c=1, 1 thread" in table and "engine c=4" in table and "identical greedy replies" in table
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nkept\n")
     for _ in range(2):  # a second run replaces its section, never adds one
