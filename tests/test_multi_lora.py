@@ -70,9 +70,9 @@ async def test_each_row_decodes_as_its_adapter_merged(tiny_model, adapters, fuse
     engine = await started(tiny_model, fused_decode=fused)
     try:
         assert engine.decode_step == ("fused" if fused else "transformers")
-        for name in ("a1", "a2"):
+        for name in ("a1", "a2", "a3"):  # a3 loaded, used by no row: only the rows' adapters are stacked
             await engine.load_adapter(name, adapters[name])
-        assert engine.adapter_names() == ["a1", "a2"]
+        assert engine.adapter_names() == ["a1", "a2", "a3"]
         rows = [(CONVS[0], "a1"), (CONVS[1], None), (CONVS[2], "a2"), (CONVS[3], "a1"), (CONVS[1], "a2")]
         params = SamplingParams(max_new_tokens=12)
         done = await asyncio.gather(*(engine.complete(c, params, adapter=a) for c, a in rows))

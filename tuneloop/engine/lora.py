@@ -142,7 +142,11 @@ class Plan:
         self.gather = torch.tensor(gather, device=device)
         self.src = torch.tensor([where[i] for i in with_adapter], device=device)
         self.rows = None if len(with_adapter) == n else torch.tensor(with_adapter, device=device)
-        self.select = None if used == list(range(total)) else torch.tensor(used, device=device)
+        if self.single is None and used != list(range(total)):
+            # Only the adapters these rows use, copied once per plan (plans
+            # change when rows join or leave), not gathered again every step.
+            select = torch.tensor(used, device=device)
+            self.stacks = {k: (a.index_select(0, select), b.index_select(0, select)) for k, (a, b) in stacks.items()}
 
     @classmethod
     def build(cls, slots: list[int], stacks, device) -> Plan | None:
@@ -160,8 +164,6 @@ class Plan:
             if x.dim() == 2:
                 return y.addmm_(x @ a[s], b[s])
             return y.add_((x @ a[s]) @ b[s])
-        if self.select is not None:
-            a, b = a.index_select(0, self.select), b.index_select(0, self.select)
         rest = x.shape[1:-1]
         xs = x.index_select(0, self.gather).reshape(self.count, -1, x.shape[-1])
         d = torch.bmm(torch.bmm(xs, a), b)  # [adapters, width * rest, out]
