@@ -217,8 +217,8 @@ def format_peer_table(result: dict[str, Any]) -> str:
         f"engine: {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
         f"{result['dtype']} weights, {result['decode_step']} decode step; llama.cpp: {result['gguf']} as it is; "
         f"engine on {result['threads']} threads, {result['new_tokens']} new tokens per request, greedy, "
-        f"{result['rounds']} rounds; ratios against llama.cpp on {result['llamacpp_threads']} threads, "
-        "its faster",
+        f"{result['rounds']} rounds; ratios against llama.cpp on {result['llamacpp_threads']} "
+        f"thread{'s' if result['llamacpp_threads'] != 1 else ''}, its faster",
         head,
         "-" * len(head),
     ]
