@@ -43,7 +43,7 @@ from tuneloop.engine.output import REPLACEMENT, OutputProcessor
 from tuneloop.engine.runner import ModelRunner
 from tuneloop.engine.scheduler import Scheduler
 from tuneloop.engine.sequence import Sequence
-from tuneloop.errors import EngineError
+from tuneloop.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +254,20 @@ class LocalEngine(Engine):
     async def load_adapter(self, name: str, path: str) -> None:
         if not self._running:
             raise EngineError("engine is not started")
-        # Read off the engine thread; checked and stacked on it, between two steps.
-        adapter = await asyncio.get_running_loop().run_in_executor(
-            None, read_adapter, name, path, self.runner.model
-        )
-        await self.run_between(lambda: self.runner.add_adapter(adapter))
+        # Read and checked off the engine thread (the check takes seconds on a
+        # 135M model, and decoding goes on meanwhile); stacked on it, between
+        # two steps, and checked again there if the weights were swapped meanwhile.
+        loop = asyncio.get_running_loop()
+        adapter = await loop.run_in_executor(None, read_adapter, name, path, self.runner.model)
+        generation = None
+        if self.runner.decoder is not None:
+            # Through transformers' forward the check hooks the live model's
+            # own linears: it runs on the engine thread (add_adapter) instead.
+            generation = self.runner.weights_generation
+            problem = await loop.run_in_executor(None, self.runner.check_adapter, adapter)
+            if problem:
+                raise ModelError(f"cannot serve adapter {name} per request: {problem}")
+        await self.run_between(lambda: self.runner.add_adapter(adapter, checked=generation))
 
     async def unload_adapter(self, name: str) -> None:
         if not self._running:

@@ -65,6 +65,7 @@ class ModelRunner:
         self.bank: AdapterBank | None = None  # adapters named per request
         self._hooks: Hooks | None = None  # the bank's way into transformers' forward
         self._plan: Plan | None = None  # the running rows grouped by adapter
+        self.weights_generation = 0  # changes with every swap: an adapter checked before is checked again
 
     # --------------------------------------------------------------- weights
 
@@ -162,6 +163,7 @@ class ModelRunner:
             raise ModelError(f"cannot load adapter {adapter_path}: {type(e).__name__}: {e}") from None
         self._adapter = adapter_path
         self.version = version
+        self.weights_generation += 1
         self._build_decoder()
         log.info("now serving %s", version)
 
@@ -267,13 +269,15 @@ class ModelRunner:
 
     # -------------------------------------------------------------- adapters
 
-    def add_adapter(self, adapter: Adapter) -> None:
+    def add_adapter(self, adapter: Adapter, checked: int | None = None) -> None:
         """Serve ``adapter`` under its name from the next step on (on the engine thread, between steps).
 
-        Checked first (``check_adapter``); a name loaded before is replaced
+        Checked first (``check_adapter``) unless it was checked on these
+        weights already (``checked`` is the ``weights_generation`` it was
+        checked on, off the engine thread); a name loaded before is replaced
         for new requests, while running rows finish on the one they began with.
         """
-        problem = self.check_adapter(adapter)
+        problem = self.check_adapter(adapter) if checked != self.weights_generation else ""
         if problem:
             raise ModelError(f"cannot serve adapter {adapter.name} per request: {problem}")
         self.bank.load(adapter)
