@@ -62,10 +62,12 @@ def read_adapter(name: str, path: str | Path, model: nn.Module) -> Adapter:
     folder = Path(path)
     if not (folder / "adapter_config.json").exists():
         raise ModelError(f"cannot load adapter {name}: {folder} has no adapter_config.json")
+    from safetensors import SafetensorError
+
     try:
         config = PeftConfig.from_pretrained(str(folder))
         tensors = load_peft_weights(str(folder), device="cpu")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # a truncated or foreign file
         raise ModelError(f"cannot load adapter {name} from {folder}: {type(e).__name__}: {e}") from None
     kind = str(getattr(config.peft_type, "value", config.peft_type))
     if kind != "LORA" or getattr(config, "use_dora", False):
