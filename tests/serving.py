@@ -42,8 +42,9 @@ class HeldEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def submit(self, messages, params, request_id=None):
-        gen = self._engine.submit(messages, params, request_id)
+    def submit(self, messages, params, request_id=None, adapter=None):
+        gen = (self._engine.submit(messages, params, request_id) if adapter is None
+               else self._engine.submit(messages, params, request_id, adapter=adapter))
         self.request_ids.append(gen.request_id)
         inner = gen.deltas
 
