@@ -44,11 +44,14 @@ def dashboard(store: Store, bucket: int | None = None, corrections: int = 20) ->
     for v in versions:
         v["approval_rate"] = _approval(v["up"], v["down"])
     totals = store.stats()
+    memory = store.memory_stats()
     return {
         "now": now,
         "bucket_s": bucket,
         "totals": {k: totals[k] for k in ("exchanges", "pending", "ratings", "corrections", "approval_rate",
                                           "review")},
+        # The memory of corrections: size, replies that used it, share the weights now carry.
+        "memory": {k: memory[k] for k in ("items", "hits", "consolidated", "consolidated_share")},
         "by_platform": totals["by_platform"],
         "timeline": timeline,
         "versions": versions,

@@ -68,6 +68,31 @@ def feedback_items(store: Store, since_id: int = 0, exclude: Iterable[int] = ())
     return items
 
 
+def memory_items(store: Store, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(extra items, memory)``: what the memory of corrections adds to ``items`` (``feedback_items``).
+
+    A memory item is a live correction, so the item of an exchange already in
+    ``items`` is trained on there, once; only items of exchanges missing from
+    it become items of their own (their corrections, oldest first). ``memory``
+    is one ``{"item_id", "exchange_id", "reply"}`` per item, for the gate to
+    check whether the weights alone answer it.
+    """
+    have = {it["exchange_id"] for it in items}
+    extra: dict[int, dict[str, Any]] = {}
+    memory = []
+    for row in store.memory_training_rows():
+        memory.append({"item_id": row["item_id"], "exchange_id": row["exchange_id"], "reply": row["reply"]})
+        if row["exchange_id"] in have:
+            continue
+        it = extra.get(row["exchange_id"])
+        if it is None:
+            it = extra[row["exchange_id"]] = {
+                "exchange_id": row["exchange_id"], "prompt": json.loads(row["messages"]),
+                "reply": store.exchange(row["exchange_id"]).reply, "verdict": None, "corrections": []}
+        it["corrections"].append(row["reply"])
+    return list(extra.values()), memory
+
+
 def to_rows(items: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
     if fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -155,6 +155,24 @@ def answered(reply: str, correction: str) -> bool:
     return _same(reply.strip(), correction.strip())
 
 
+def memory_answered(memory: list[dict[str, Any]], replies: dict[str, list[str]]) -> dict[int, bool]:
+    """Per memory item (``data.memory_items``, placed by the run): do the weights alone answer it?
+
+    Yes when the greedy reply to the item's own context is its correction and
+    so is the reply to its rewording where the gate has one: an item leaves
+    the fast path only if the weights carry it to other wordings too, as the
+    memory's matcher does. An item the gate did not ask is not answered.
+    """
+    out = {}
+    for m in memory:
+        i, j = m.get("corrected"), m.get("paraphrase")
+        ok = i is not None and answered(replies["corrected"][i], m["reply"])
+        if ok and j is not None:
+            ok = answered(replies["paraphrases"][j], m["reply"])
+        out[int(m["item_id"])] = ok
+    return out
+
+
 def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 

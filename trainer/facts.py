@@ -100,6 +100,9 @@ def facts_config(path: str | None, work: Path, base: str | None = None, override
     if base:
         model["base"] = base
     raw.setdefault("storage", {})["path"] = str(work / "facts.db")
+    # What is measured is the weights alone: the memory of corrections would
+    # answer the corrected prompts and their paraphrases without any training.
+    raw.setdefault("memory", {})["enabled"] = False
     trainer = raw.setdefault("trainer", {})
     trainer["registry"] = str(work / "models")
     trainer["enabled"] = False

@@ -144,6 +144,10 @@ def build_dataset(config: Config, store, registry: Registry, run_id: int, base_p
     t = config.trainer
     cutoff = time.time()
     items = data.feedback_items(store)
+    # The memory of corrections: its items are corrections, trained on once
+    # (as feedback); the gate checks each for consolidation.
+    extra, memory = data.memory_items(store, items)
+    items += extra
     if not items:
         raise TrainingError("no feedback to train on yet")
     live = registry.live()
@@ -155,6 +159,11 @@ def build_dataset(config: Config, store, registry: Registry, run_id: int, base_p
     # The last rewording of each is the gate's; the others are training rows.
     train_words = {it["exchange_id"]: w[:-1] for it, w in zip(corrected_items, words) if len(w) > 1}
     gate_words = [(it, w[-1]) for it, w in zip(corrected_items, words) if w]
+    # Where each memory item's prompt and rewording sit among the gate's probes.
+    at_corrected = {it["exchange_id"]: i for i, it in enumerate(it for it in items if it["corrections"])}
+    at_paraphrase = {it["exchange_id"]: i for i, (it, _) in enumerate(gate_words)}
+    memory = [{**m, "corrected": at_corrected.get(m["exchange_id"]),
+               "paraphrase": at_paraphrase.get(m["exchange_id"])} for m in memory]
     feedback_rows = data.to_rows(items, t.method)
     reworded_rows = data.to_rows(data.reworded_items(corrected_items, train_words), t.method)
     if not feedback_rows:
@@ -186,10 +195,11 @@ def build_dataset(config: Config, store, registry: Registry, run_id: int, base_p
     tg, tb = _likelihood(items)
     return {
         "cutoff": cutoff, "live": live, "rows": rows, "dataset_hash": data.dataset_hash(rows),
+        "memory": memory,
         "counts": {"feedback_items": len(items), "feedback_rows": len(feedback_rows),
                    "reworded_rows": len(reworded_rows), "replay_rows": len(replay_rows),
                    "controls": len(controls), "corrected": len(corrected), "paraphrases": len(paraphrases),
-                   "knowledge": len(knowledge_prompts)},
+                   "knowledge": len(knowledge_prompts), "memory_items": len(memory)},
         "eval": {"trained_good": tg, "trained_bad": tb, "corrected": corrected,
                  "controls": list(zip(controls, live_replies["controls"])),
                  "paraphrases": paraphrases, "knowledge": knowledge_prompts},
@@ -249,8 +259,10 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path,
     del new_model
     passed, checks = ev.decide(live, new, ev.Thresholds.from_config(config.trainer))
     lr = ds["live_replies"]
+    memory = ev.memory_answered(ds.get("memory", []), new_replies)
+    metrics = {**ev.summary(live, new), "memory_items": len(memory), "memory_answered": sum(memory.values())}
     return {
-        "passed": passed, "checks": checks, "metrics": ev.summary(live, new), "live": live, "new": new,
+        "passed": passed, "checks": checks, "metrics": metrics, "live": live, "new": new, "memory": memory,
         "corrected": [{"prompt": c[0][-1]["content"], "correction": c[1], "live": a, "new": b}
                       for c, a, b in zip(data_.corrected, lr["corrected"], new_replies["corrected"])],
         "paraphrases": [{"prompt": p[0][-1]["content"], "correction": p[1], "live": a, "new": b}
@@ -347,6 +359,12 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual",
         version = registry.add(work / "version", meta, report)
         if report["passed"]:
             registry.set_live(version, action="promote", by=name)
+            # Consolidation: items the new live weights answer leave the fast
+            # path; the others (and any the parent consolidated but this
+            # version was not checked on) go back to it.
+            if ds["live"]:
+                store.memory_unconsolidate([registry.adapter_name(ds["live"])])
+            store.set_memory_status(report["memory"], registry.adapter_name(version))
         outcome = {"run_id": name, "community": key, "status": "done", "version": version,
                    "promoted": report["passed"],
                    "verdict": verdict, "dataset_hash": ds["dataset_hash"], "metrics": report["metrics"],

@@ -276,6 +276,7 @@ class Control:
         if version != BASE:
             line.path(version)
         entry = line.promote(version, by=by)
+        self._memory_follows(line, entry)
         out = {"version": entry["to"], "previous": entry["from"], "community": self.key(community)}
         if version != BASE and line.meta(version).get("verdict") != "passed":
             out["warning"] = f"{version} was rejected by the gate; promoted by an admin's decision"
@@ -287,7 +288,21 @@ class Control:
         if version is not None and version != BASE:
             line.path(version)
         entry = line.rollback(version, by=by)
+        self._memory_follows(line, entry)
         return {"version": entry["to"], "previous": entry["from"], "community": self.key(community)}
+
+    def _memory_follows(self, line: Registry, entry: dict[str, Any]) -> None:
+        """The memory's statuses follow the live weights: what the version that left consolidated
+        goes back to the fast path; what the gate found the new live version answers leaves it."""
+        if entry["from"] == entry["to"]:
+            return
+        if entry["from"] != BASE:
+            self.store.memory_unconsolidate([line.adapter_name(entry["from"])])
+        if entry["to"] != BASE:
+            # Measured on these very weights when the version was made; items stored since stay fast.
+            checked = line.report(entry["to"]).get("memory") or {}
+            self.store.set_memory_status({int(k): bool(v) for k, v in checked.items()},
+                                         line.adapter_name(entry["to"]))
 
     def version(self, version: str, community: str | None = None) -> dict[str, Any]:
         if version == BASE:

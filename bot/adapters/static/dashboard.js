@@ -121,6 +121,8 @@ function render(data) {
   figures(document.getElementById("totals"), [
     ["exchanges", t.exchanges], ["👍", t.ratings.up], ["👎", t.ratings.down],
     ["approval", pct(t.approval_rate)], ["corrections", t.corrections], ["waiting for review", t.review ?? 0],
+    ...(data.memory ? [["memory items", data.memory.items], ["memory hits", data.memory.hits],
+                       ["consolidated", pct(data.memory.consolidated_share)]] : []),
     ...Object.entries(data.by_platform).map(([p, s]) => [p + " exchanges", s.exchanges]),
   ]);
   figures(document.getElementById("engine"), [
