@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import sqlite3
+import threading
 
 import aiohttp
 import openai
@@ -294,31 +295,36 @@ async def test_bad_input_gets_a_4xx_json_error(server, http):
 
 async def test_engine_busy_is_a_503_with_retry_after(server, http, client):
     base, svc = server
-    # The tiny model decodes fast: fill both batch slots with long requests, then ask.
+    # Hold the engine thread between two steps (on an event, not on timing), so
+    # the two fillers keep both batch slots however fast or slow the machine is.
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold():
+        entered.set()
+        gate.wait(60)
+
+    held = asyncio.ensure_future(svc.engine.run_between(hold))
+    assert await asyncio.to_thread(entered.wait, 60)
     long = SamplingParams(max_new_tokens=200, ignore_eos=True)
-    for _ in range(5):
-        fillers = [svc.engine.submit([{"role": "user", "content": "fill"}], long) for _ in range(2)]
+    fillers = [svc.engine.submit([{"role": "user", "content": "fill"}], long) for _ in range(2)]
+    try:
         async with http.post(base + COMPLETIONS, json=GOOD) as r:
             status, body, retry = r.status, await r.json(), r.headers.get("Retry-After")
-        still_busy = all(f.result is None for f in fillers)
+        with pytest.raises(openai.InternalServerError):  # the official client sees a 503 too
+            await client.chat.completions.create(**GOOD)
+    finally:
+        gate.set()
+        await held
         for f in fillers:
             svc.engine.cancel(f.request_id)
             async for _ in f:
                 pass
-        if still_busy:
-            break
     assert status == 503, body
     assert body["error"]["type"] == "engine_busy" and "busy" in body["error"]["message"]
     assert retry == "1"
-    with pytest.raises(openai.InternalServerError):  # the official client sees a 503 too
-        fillers = [svc.engine.submit([{"role": "user", "content": "fill"}], long) for _ in range(2)]
-        try:
-            await client.chat.completions.create(**GOOD)
-        finally:
-            for f in fillers:
-                svc.engine.cancel(f.request_id)
-                async for _ in f:
-                    pass
+    # Once the fillers are gone the same request is served.
+    async with http.post(base + COMPLETIONS, json=GOOD) as r:
+        assert r.status == 200, await r.text()
 
 
 # -- metrics, dashboard, pages, health ---------------------------------------------------------------
