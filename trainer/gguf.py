@@ -20,15 +20,12 @@ Public surface: ``ensure_gguf``, ``is_gguf``, ``file_hash``.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from tuneloop.errors import ModelError
@@ -81,19 +78,9 @@ def is_complete(folder: Path, sha: str) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_gguf(path: str | Path, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """The model folder converted from the GGUF file ``path``, converting it on first use."""
-    from trainer.starter import default_cache_dir
+    from trainer.starter import default_cache_dir, file_lock
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -106,7 +93,7 @@ def ensure_gguf(path: str | Path, cache_dir: Path | None = None, progress: bool 
     if is_complete(folder, sha):
         return folder
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f"{folder.name}.lock"):
+    with file_lock(cache / f"{folder.name}.lock"):
         if not is_complete(folder, sha):
             convert(path, folder, sha=sha, progress=progress)
     return folder

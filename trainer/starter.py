@@ -449,7 +449,8 @@ def is_complete(folder: Path, recipe: Recipe) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing): one build of a cached folder at a time."""
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -470,7 +471,7 @@ def ensure_starter(cache_dir: Path | None = None, recipe: Recipe = STARTER, prog
     if is_complete(folder, recipe):
         return folder
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f"starter-{recipe.key()}.lock"):
+    with file_lock(cache / f"starter-{recipe.key()}.lock"):
         if not is_complete(folder, recipe):
             build_model(folder, recipe, progress=progress)
     return folder
