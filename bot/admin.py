@@ -159,14 +159,19 @@ class Admin:
         return f"Correction {row['id']} {'is live' if row['status'] == 'live' else 'rejected'}."
 
 
-def correction_id(text: str) -> int:
+def positive_id(text: str, what: str) -> int:
+    """``text`` as a row id (a whole number ≥ 1); ``InputError`` naming ``what`` otherwise."""
     try:
         value = int(text)
     except ValueError:
-        raise InputError(f"correction id must be a whole number, got {text!r}") from None
+        raise InputError(f"{what} must be a whole number, got {text!r}") from None
     if value < 1:
-        raise InputError(f"correction id must be positive, got {value}")
+        raise InputError(f"{what} must be positive, got {value}")
     return value
+
+
+def correction_id(text: str) -> int:
+    return positive_id(text, "correction id")
 
 
 def format_queue(rows: list[dict[str, Any]]) -> str:

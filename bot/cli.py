@@ -36,13 +36,9 @@ def command(name: str, help: str):
 
 
 def _exchange_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise InputError(f"exchange id must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise InputError(f"exchange id must be positive, got {value}")
-    return value
+    from bot.admin import positive_id  # here: `tuneloop --help` imports no more than it needs
+
+    return positive_id(text, "exchange id")
 
 
 def community_arg(store, text: str | None) -> str | None:

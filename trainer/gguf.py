@@ -105,6 +105,8 @@ def convert(path: Path, out_dir: Path, *, sha: str | None = None, progress: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from trainer.starter import install_folder
+
     path, out_dir = Path(path), Path(out_dir)
     sha = sha or file_hash(path)
     size_mb = path.stat().st_size / 1e6
@@ -142,13 +144,7 @@ def convert(path: Path, out_dir: Path, *, sha: str | None = None, progress: bool
             "convert_seconds": round(time.perf_counter() - started, 1),
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        install_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if bars:

@@ -368,13 +368,7 @@ def build_model(out_dir: Path, recipe: Recipe, progress: bool = True) -> Path:
             **stats,
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        install_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(
@@ -446,6 +440,20 @@ def is_complete(folder: Path, recipe: Recipe) -> bool:
         and (folder / "tokenizer.json").is_file()
         and any(folder.glob("*.safetensors"))
     )
+
+
+def install_folder(tmp: Path, out_dir: Path) -> None:
+    """Put the finished folder ``tmp`` in place as ``out_dir`` by renames, replacing an older one.
+
+    A reader sees the old folder or the new one, never half of either.
+    """
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
 
 
 @contextlib.contextmanager
