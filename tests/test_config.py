@@ -67,6 +67,9 @@ def test_secrets_come_from_the_named_environment_variable(tmp_path, monkeypatch)
     ("[slack]\nbot_token_env = \"xoxb-secret token\"\n", "slack.bot_token_env: must name an environment variable"),
     ("model = 3\n", "model: must be a table"),
     ("[model\nbase = 1\n", "not valid TOML"),
+    ("[trainer]\nreplay_loss = \"kl\"\n", "trainer.replay_loss: must be one of nll, distill"),
+    ("[trainer]\nreplay_weight = -1\n", "trainer.replay_weight: must be >= 0.0"),
+    ("[trainer]\nreplay_general = 1\n", "trainer.replay_general: must be true or false"),
 ])
 def test_bad_config_fails_with_one_line_naming_the_key(tmp_path, text, expected):
     f = tmp_path / "bad.toml"

@@ -254,16 +254,60 @@ def reworded_items(items: list[dict[str, Any]], rewordings: dict[int, list[str]]
     return out
 
 
+#: General instructions and questions for the replay set (``replay_prompts(general=True)``).
+#: chatterbot-corpus holds short chit-chat ("Hello", "What is AI?"); an
+#: instruct model is mostly asked for explanations, advice and facts, and a
+#: replay set of chit-chat alone does not hold those replies in place (measured
+#: in docs/benchmarks.md, "Learning loop on SmolLM2"). None of them is one of
+#: ``KNOWLEDGE`` or of the facts check's controls (``trainer.facts.CONTROLS``,
+#: which a test keeps apart): those are how a run is judged, never trained on.
+GENERAL_PROMPTS: tuple[str, ...] = (
+    "How do I write a good cover letter?", "Explain what a database index is.",
+    "What is the difference between a list and a tuple in Python?", "Give me three ideas for a rainy day.",
+    "How can I save money on groceries?", "What causes the seasons on Earth?",
+    "Write a short thank-you note to a colleague.", "How do I change a flat bicycle tyre?",
+    "What is machine learning?", "Summarize the plot of Cinderella in two sentences.",
+    "How do vaccines work?", "What are some tips for a job interview?",
+    "Explain recursion to a beginner.", "How do I keep houseplants alive?",
+    "What is the capital of Canada?", "Who discovered penicillin?",
+    "How many continents are there?", "What is the smallest prime number?",
+    "Which animal is the largest mammal?", "What language is spoken in Brazil?",
+    "Why is the sky blue?", "How does a rainbow form?",
+    "What is inflation in economics?", "Suggest a name for a bakery.",
+    "How do I apologise to a friend?", "What is the difference between a virus and a bacterium?",
+    "Write a limerick about a cat.", "How do I make pancakes?",
+    "What should I consider when buying a laptop?", "How do I stay focused while studying?",
+    "What is an API?", "Explain the rules of chess briefly.",
+    "What are the main causes of climate change?", "How do bees make honey?",
+    "Translate 'good morning' into Spanish.", "What is a prime number?",
+    "Describe a sunset in one sentence.", "How can I be more productive at work?",
+    "What is the Pythagorean theorem?", "How does the internet work?",
+    "What is a good stretch for a stiff back?", "How do I write a for loop in JavaScript?",
+    "What is the speed of sound?", "Who invented the telephone?",
+    "What is the longest river in Africa?", "How many bones are in the human body?",
+    "Give me a motivational quote.", "How do I plan a birthday party?",
+    "What is the difference between affect and effect?", "Explain what a black hole is.",
+    "How do I remove a coffee stain?", "What are renewable energy sources?",
+    "Tell me a joke about computers.", "How do I learn a new language quickly?",
+    "What is the purpose of a budget?", "How does a refrigerator keep food cold?",
+    "Write a two-line poem about autumn.", "What is democracy?",
+    "How do I back up my phone?", "What are some good habits for healthy teeth?",
+    "Explain what DNA is.", "Which instrument has 88 keys?",
+    "What is the main ingredient of guacamole?", "How do I politely decline an invitation?",
+)
+
+
 def replay_prompts(store: Store, *, exclude: Iterable[int], limit: int, seed: int,
                    system_prompt: str = "", languages: Iterable[str] = ("english",),
-                   exclude_prompts: Iterable[str] = ()) -> list[list[dict[str, str]]]:
-    """Up to ``limit`` contexts to replay: earlier prompts from the store, then base SFT prompts.
+                   exclude_prompts: Iterable[str] = (), general: bool = False) -> list[list[dict[str, str]]]:
+    """Up to ``limit`` contexts to replay: earlier prompts from the store, then fixed prompts.
 
     Earlier prompts are the contexts of exchanges that carry no feedback (their
     authors not opted out), newest first, one per distinct prompt text. The
-    base SFT data is ``chatterbot-corpus`` (what the starter was fine-tuned on),
-    asked the way the bot asks: with ``system_prompt``. The order is a seeded
-    shuffle within each source, store first.
+    fixed prompts are the base SFT data, ``chatterbot-corpus`` (what the
+    starter was fine-tuned on), taken in turn with ``GENERAL_PROMPTS`` when
+    ``general``; both asked the way the bot asks: with ``system_prompt``. The
+    order is a seeded shuffle within each source, store first.
     """
     rng = random.Random(seed)
     excluded = set(exclude)
@@ -288,16 +332,33 @@ def replay_prompts(store: Store, *, exclude: Iterable[int], limit: int, seed: in
         except (FileNotFoundError, ModuleNotFoundError):
             pairs = []
         rng.shuffle(pairs)
+        fixed = _unseen([p.message for p in pairs if not p.context], seen)
+        if general:
+            extra = list(GENERAL_PROMPTS)
+            rng.shuffle(extra)
+            fixed = _alternate(_unseen(extra, seen), fixed)
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        for pair in pairs:
-            if len(out) >= limit:
-                break
-            key = pair.message.strip().casefold()
-            if key in seen or pair.context:
-                continue
-            seen.add(key)
-            out.append(system + [{"role": "user", "content": pair.message}])
+        for text in fixed[:limit - len(out)]:
+            out.append(system + [{"role": "user", "content": text}])
     return out
+
+
+def _unseen(texts: list[str], seen: set[str]) -> list[str]:
+    """``texts`` less those in ``seen`` and repeats (case aside); ``seen`` takes in the rest."""
+    out = []
+    for text in texts:
+        key = text.strip().casefold()
+        if key not in seen:
+            seen.add(key)
+            out.append(text)
+    return out
+
+
+def _alternate(a: list[str], b: list[str]) -> list[str]:
+    """``a[0], b[0], a[1], b[1], ...``, the longer list's rest at the end."""
+    out = [x for pair in zip(a, b) for x in pair]
+    n = min(len(a), len(b))
+    return out + a[n:] + b[n:]
 
 
 def sft_row(prompt: list[dict[str, str]], completion: str) -> dict[str, Any]:

@@ -67,6 +67,7 @@ METHODS = ("sft", "kto", "dpo")
 #: adapters that merge into the weights, so the engine's fused step and hot-swap
 #: serve them like the base. Prefix tuning cannot merge, so it is not offered.
 PEFT_KINDS = ("lora", "dora", "adalora", "ia3")
+REPLAY_LOSSES = ("nll", "distill")
 #: replay rows are distilled from the starting model's top-k next-token distribution
 DISTILL_TOP_K = 32
 
@@ -105,6 +106,8 @@ class FinetuneConfig:
     #: replay rows: "distill" (cross-entropy to the starting model's top-k next-token
     #: distribution) or "nll" (its greedy reply as the target, like any SFT row)
     replay_loss: str = "nll"
+    #: weight of the replay rows' loss beside the feedback rows' (each is a mean over its tokens)
+    replay_weight: float = 1.0
     #: stop at an epoch's end once every feedback reply is the greedy continuation of its prompt
     early_stop: bool = True
     warmup_ratio: float = 0.1
@@ -164,6 +167,9 @@ class Finetuner:
             raise TrainingError(f"trainer.method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
         if cfg.peft not in PEFT_KINDS:
             raise TrainingError(f"trainer.peft must be one of {', '.join(PEFT_KINDS)}, got {cfg.peft!r}")
+        if cfg.replay_loss not in REPLAY_LOSSES:
+            raise TrainingError(f"trainer.replay_loss must be one of {', '.join(REPLAY_LOSSES)}, "
+                                f"got {cfg.replay_loss!r}")
         from accelerate import Accelerator
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -233,7 +239,8 @@ class Finetuner:
     def _loss(self, exs: list[dict[str, Any]]) -> torch.Tensor:
         dev, beta, model = self.acc.device, self.cfg.beta, self.model
         terms: list[torch.Tensor] = []
-        sft = [e["sft"] for e in exs if "sft" in e]
+        sft = [e["sft"] for e in exs if "sft" in e and not e.get("replay")]
+        replay = [e["sft"] for e in exs if "sft" in e and e.get("replay")]
         pairs = [e for e in exs if "pair" in e]
         kto = [e for e in exs if "kto" in e]
         distill = [e for e in exs if "distill" in e]
@@ -245,7 +252,10 @@ class Finetuner:
             for row, e in enumerate(distill):
                 pos, idx, prob = (t.to(dev) for t in e["teacher"])
                 parts.append(-(prob * logp[row, pos].gather(-1, idx)).sum(-1))
-            terms.append(torch.cat(parts).mean())
+            terms.append(self.cfg.replay_weight * torch.cat(parts).mean())
+        if replay:
+            # Its own mean, so that ``replay_weight`` sets the balance whatever the batch's mix.
+            terms.append(self.cfg.replay_weight * _nll(model, replay, self.pad, dev))
         if pairs:
             # Chosen replies first, rejected after: one forward for both.
             seqs = [e["pair"][0] for e in pairs] + [e["pair"][1] for e in pairs]

@@ -53,7 +53,8 @@ def finetune_config(config: Config):
                           learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
                           batch_size=t.batch_size,
                           seed=t.seed, max_len=t.max_len, beta=t.beta, precision=t.precision,
-                          target_modules=t.lora_targets, replay_ratio=t.replay_ratio)
+                          target_modules=t.lora_targets, replay_ratio=t.replay_ratio,
+                          replay_loss=t.replay_loss, replay_weight=t.replay_weight)
 
 
 def base_languages(base_path: str) -> tuple[str, ...]:
@@ -174,7 +175,7 @@ def build_dataset(config: Config, store, registry: Registry, run_id: int, base_p
     pool = data.replay_prompts(
         store, exclude=[it["exchange_id"] for it in items], limit=t.control_prompts + t.replay_prompts,
         seed=t.seed, system_prompt=config.model.system_prompt, languages=base_languages(base_path),
-        exclude_prompts=asked + [q for q, _ in knowledge])
+        exclude_prompts=asked + [q for q, _ in knowledge], general=t.replay_general)
     controls, replay = data.split_controls(pool, t.control_prompts)
     if t.replay_ratio <= 0:
         replay = []

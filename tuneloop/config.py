@@ -222,6 +222,14 @@ class TrainerConfig:
         "replay examples per feedback example (0 turns replay off)", min=0.0))
     replay_prompts: int = field(default=32, metadata=_meta(
         "size of the replay set: earlier prompts, then base SFT prompts, answered by the live model", min=0))
+    replay_loss: str = field(default="nll", metadata=_meta(
+        "replay rows' loss: nll (the live model's greedy reply as the target) or distill (cross-entropy "
+        "to the live model's next-token distribution at every reply token)", choices=("nll", "distill")))
+    replay_weight: float = field(default=1.0, metadata=_meta(
+        "weight of the replay rows' loss beside the feedback's", min=0.0))
+    replay_general: bool = field(default=True, metadata=_meta(
+        "mix tuneloop's own general instructions and questions into the replay set, beside the base "
+        "SFT prompts"))
     paraphrases: int = field(default=3, metadata=_meta(
         "rewordings the live model writes of each corrected prompt: the last is kept for the gate, the "
         "others are trained on (0: none)", min=0, max=8))
