@@ -9,6 +9,7 @@ import pytest
 
 from trainer import facts
 from trainer.__main__ import main
+from trainer.evaluate import answered
 from tuneloop.errors import InputError
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def test_facts_end_to_end_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert report["version"] == "v1" and report["verdict"] in ("passed", "rejected")
     assert report["train"]["steps"] == 8 and report["settings"]["max_steps"] == 8
     # The counts agree with the replies shown beside them.
-    fixed = sum(r["reply"].strip() == f.correction for r, f in zip(report["replies"]["corrected"], facts.FACTS))
+    fixed = sum(answered(r["reply"], f.correction) for r, f in zip(report["replies"]["corrected"], facts.FACTS))
     assert report["corrected"] == f"{fixed}/8"
     changed = len(report["replies"]["controls_changed"])
     assert report["controls_same"] == f"{16 - changed}/16"

@@ -215,6 +215,17 @@ _FUNCTION_WORDS = frozenset(
     "this that these those there here me us them".split())
 
 
+def content_sequence(text: str) -> list[str]:
+    """The words of ``text`` that carry its content, in order: case-folded, possessive 's dropped,
+    function words left out. Negations ("not", "no", "never", "n't") are content: they flip a fact."""
+    text = text.casefold().replace("\u2019", "'")
+    for short, full in (("can't", "can not"), ("won't", "will not"), ("n't", " not")):
+        text = text.replace(short, full)
+    words = re.findall(r"[\w'-]+", text)
+    words = [w[:-2] if w.endswith("'s") else w.strip("'-") for w in words]
+    return [w for w in words if w and w not in _FUNCTION_WORDS]
+
+
 def _content_words(text: str) -> set[str]:
     words = re.findall(r"[\w'-]+", text.casefold())
     return {w for w in words if w not in _FUNCTION_WORDS and len(w) > 1}

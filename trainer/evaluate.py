@@ -18,9 +18,12 @@ The checks, each against the live version; no run trains on what (a)-(c) ask:
     version; this is what a user who taught a fact means by "learned";
 (d) corrections: ROUGE-L (rouge-score) of greedy replies against the
     corrections must rise by at least ``min_rouge_gain``; BLEU (sacrebleu)
-    and exact match are reported beside it. Exact match, not key terms, is
-    what counts a reply as corrected: a key-term judge calls "Paris is not
-    the capital" right;
+    and exact match are reported beside it. ``answered`` judges whether a
+    reply states a correction: the same content words in the same order, so
+    "The build server is called Kestrel." states "Our build server is called
+    Kestrel." while "Paris is not the capital", a missing or an added name or
+    number do not (a key-term judge would call "Paris is not the capital"
+    right);
 (e) the feedback trained on must be learned: its preference margin rises.
 
 A gate that had nothing to judge (no check applied) refuses: passing means
@@ -151,8 +154,21 @@ def _same(a: str, b: str) -> bool:
 
 
 def answered(reply: str, correction: str) -> bool:
-    """Whether ``reply`` is ``correction`` (whitespace aside): the one test of "learned"."""
-    return _same(reply.strip(), correction.strip())
+    """Whether ``reply`` states ``correction``: the one test of "learned" (the gate's and the facts check's).
+
+    The same content words in the same order (``data.content_sequence``):
+    "The build server is called Kestrel." states "Our build server is called
+    Kestrel."; a reply that lacks a content word, adds one (a contradicting
+    name or number, "not", "or Falcon") or reorders them ("The billing service
+    maintains Priya Raman.") does not. A correction with no content words at
+    all must be matched exactly (whitespace aside).
+    """
+    from trainer.data import content_sequence
+
+    want = content_sequence(correction)
+    if not want:
+        return _same(reply.strip(), correction.strip())
+    return content_sequence(reply) == want
 
 
 def memory_answered(memory: list[dict[str, Any]], replies: dict[str, list[str]]) -> dict[int, bool]:

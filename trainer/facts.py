@@ -8,7 +8,8 @@ run through the normal path (``trainer.run.run``: dataset, fine-tune, gate,
 registry) and asks the version it made, with its weights alone (base +
 adapter, no memory), greedy, through the serving engine:
 
-- the 8 corrected prompts: answered with the correction (exact, whitespace aside);
+- the 8 corrected prompts: answered with the correction (``evaluate.answered``,
+  the gate's judge: the correction's content words, in order, and no others);
 - one paraphrase of each, written here and never trained on;
 - 16 control prompts, written here, never trained on and not in the replay
   corpus: the same greedy reply as before the run;
