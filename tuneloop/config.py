@@ -48,6 +48,10 @@ class ModelConfig:
         "auto (bfloat16 on CUDA; on a CPU bfloat16 where it measures faster, else float32), "
         "float32, bfloat16, float16",
         choices=("auto", "float32", "bfloat16", "float16")))
+    quantize: str = field(default="auto", metadata=_meta(
+        "local backend, fused step on a CPU: weights read as int4 or int8 when decoding a few rows "
+        "(auto: int4 where it measures faster; none: dense)",
+        choices=("auto", "none", "int8", "int4")))
     max_new_tokens: int = field(default=256, metadata=_meta("reply length limit in tokens", min=1, max=32768))
     temperature: float = field(default=0.0, metadata=_meta("0 means greedy", min=0.0, max=5.0))
     top_p: float = field(default=1.0, metadata=_meta("nucleus sampling mass", min=0.0, max=1.0))

@@ -28,6 +28,8 @@ transformers.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import statistics
 import threading
@@ -40,17 +42,28 @@ from transformers.cache_utils import Cache
 
 from tuneloop.engine._batch import Batch, SlabLayer, last_logits, prefill
 from tuneloop.engine.lora import Plan
+from tuneloop.engine.quant import QuantizedWeight
+from tuneloop.engine.quant import quantize as quantized
 
 log = logging.getLogger(__name__)
 
 #: ``config.model_type`` values whose layers this step reproduces.
 SUPPORTED = ("llama", "mistral", "qwen2")
+#: Largest logit distance from float32's (relative to the largest logit) that quantized weights may
+#: show in ``Decoder.verify``; measured in docs/benchmarks.md ("Weight formats").
+QUANT_TOLERANCE = {"int8": 0.1, "int4": 0.1}
+#: A greedy choice is clear when float32's top two logits are this far apart (relative).
+CLEAR_MARGIN = 0.05
 #: Leading candidates whose half-precision logits are computed again in float32 (see ``Decoder._logits``).
 RESCORE = 8
 
 
 class Decoder:
-    """The fused weights of one model and its decoding step over a ``Batch``."""
+    """The fused weights of one model and its decoding step over a ``Batch``.
+
+    With ``quantize_weights``, steps of a few rows multiply by weight-only
+    quantized copies of the weights, larger ones by the dense weights.
+    """
 
     def __init__(self, model: nn.Module, transposed: bool | None = None) -> None:
         if transposed is None:
@@ -67,6 +80,8 @@ class Decoder:
         self.norm_fp32 = _rms_norm(inner.norm, torch.float32)
         self.lm_head = model.lm_head
         self.layers = [_Layer(layer, transposed, i) for i, layer in enumerate(inner.layers)]
+        self.quantize = "none"
+        self.head_q: QuantizedWeight | None = None
         first = self.layers[0]
         self.kv_heads, self.group = first.kv_heads, first.heads // first.kv_heads
         self._steps = self._packed = _direct
@@ -107,13 +122,33 @@ class Decoder:
         if cores > threads:
             self._steps, self._packed = _Widen(threads, cores), _Widen(threads, cores)
 
+    def quantize_weights(self, kind: str, rows: int) -> None:
+        """Steps of at most ``rows`` rows read ``kind`` (``quant.FORMATS``) copies of the weights from now on.
+
+        The output projection is int8 for either format: int4 moved SmolLM2's
+        logits 0.16 (relative) where int8 moved them 0.03, with int4 layers
+        (docs/benchmarks.md, "Weight formats"); its GGUF keeps it in 8 bits too.
+        """
+        self.quantize = kind
+        for f in self._fused():
+            f.quant = quantized(f.out_in, kind, rows)
+        self.head_q = quantized(self.lm_head.weight.detach(), "none" if kind == "none" else "int8", rows)
+
+    def _fused(self) -> list[_Fused]:
+        return [f for layer in self.layers for f in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)]
+
     @property
     def wide_threads(self) -> int | None:
         return self._steps.wide if isinstance(self._steps, _Widen) else None
 
     @classmethod
-    def for_model(cls, model: nn.Module, transposed: bool | None = None) -> tuple[Decoder | None, str]:
-        """A decoder for ``model``, or None and the reason it decodes through transformers."""
+    def for_model(cls, model: nn.Module, transposed: bool | None = None, quantize: str = "none",
+                  quant_rows: int = 1) -> tuple[Decoder | None, str]:
+        """A decoder for ``model``, or None and the reason it decodes through transformers.
+
+        ``quantize`` (not ``auto``) for steps of at most ``quant_rows`` rows;
+        quantized weights that fail their check are dropped, with the reason.
+        """
         cfg = model.config
         kind = getattr(cfg, "model_type", "")
         if kind not in SUPPORTED:
@@ -135,7 +170,16 @@ class Decoder:
         if problem:
             log.warning("fused decode step disabled: %s", problem)
             return None, problem
-        return decoder, "matches transformers' forward on a test batch"
+        why = "matches transformers' forward on a test batch"
+        if quantize == "none":
+            return decoder, why
+        decoder.quantize_weights(quantize, quant_rows)
+        problem = decoder.verify()
+        if problem:
+            log.warning("quantized weights not used: %s", problem)
+            decoder.quantize_weights("none", 0)
+            return decoder, f"{why}; dense weights, {problem}"
+        return decoder, f"{why}; {quantize} weights for steps of up to {quant_rows} rows"
 
     def step(self, ids: torch.Tensor, batch: Batch, lora: Plan | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` for the next token after ``ids`` ``[B, 1]``; writes one cache column.
@@ -170,12 +214,21 @@ class Decoder:
         France is Paris." (float32's answer). So the half-precision product
         only picks the ``RESCORE`` leading candidates, and those are computed
         again in float32 from the same weights: greedy decoding then picks
-        what float32 arithmetic on these weights picks.
+        what float32 arithmetic on these weights picks. Quantized weights'
+        product (``head_q``) picks the candidates the same way.
         """
-        if h.dtype == torch.float32:
+        head_q = self.head_q
+        if head_q is not None and h.shape[0] <= head_q.rows:
+            # Quantized, the same: its product picks the candidates.
+            x = self.norm_fp32(h.float())
+            logits = head_q(x)
+            if self.lm_head.bias is not None:
+                logits += self.lm_head.bias.float()
+        elif h.dtype == torch.float32:
             return self.lm_head(self.norm(h))
-        x = self.norm_fp32(h.float())
-        logits = self.lm_head(x.to(h.dtype)).float()
+        else:
+            x = self.norm_fp32(h.float())
+            logits = self.lm_head(x.to(h.dtype)).float()
         top = logits.topk(min(RESCORE, logits.shape[-1]), dim=-1).indices  # [B, k]
         weight = self.lm_head.weight[top].float()  # [B, k, C]
         exact = torch.bmm(weight, x.unsqueeze(-1)).squeeze(-1)
@@ -220,6 +273,14 @@ class Decoder:
 
     @torch.inference_mode()
     def verify(self) -> str:
+        """``_verify_dense``, then for quantized weights ``_verify_quantized``; '' if all agree."""
+        with self.dense():
+            problem = self._verify_dense()
+        if problem or self.quantize == "none":
+            return problem
+        return self._verify_quantized()
+
+    def _verify_dense(self) -> str:
         """Compare a prefill and three steps with transformers' on a ragged batch; '' if they agree.
 
         In float32 the two must agree to ``1e-3`` (relative to the largest
@@ -239,6 +300,75 @@ class Decoder:
         if problem:
             return f"in float32, {problem}"
         return self._compare(reference, self.model)
+
+    def _verify_quantized(self) -> str:
+        """The quantized steps against transformers' float32 forward, within ``QUANT_TOLERANCE``.
+
+        Rounding weights to 4 or 8 bits moves logits far more than the dense
+        step's arithmetic does, so the check is not that they are equal but
+        that they are close (relative to the largest logit) and, where
+        float32's choice is clear, choose the same token: a wrong layout or
+        scale moves logits by their whole size and picks noise.
+        """
+        reference = self.model if self.embed.weight.dtype == torch.float32 else _float32_copy(self.model)
+        tol = QUANT_TOLERANCE[self.quantize]
+        err, flips = self._quantized_distance(reference)
+        if err > tol or flips:
+            return (f"{self.quantize} weights: logits {err:.2g} from float32's (relative, tolerance {tol}), "
+                    f"{flips} clear greedy choices changed")
+        log.info("fused decode step: %s weights within %.2g of float32's logits (tolerance %s)",
+                 self.quantize, err, tol)
+        return ""
+
+    def _quantized_distance(self, reference: nn.Module) -> tuple[float, int]:
+        """Largest relative logit distance from ``reference``'s and count of flipped clear choices."""
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.embed.num_embeddings
+        prompts = [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in (5, 2, 7)]
+        device = next(reference.parameters()).device
+        ours, first = self.prefill(prompts)
+        theirs, ref_first = prefill(reference, prompts, 0, device)
+        ours, theirs = Batch.merge([(ours, None)], 4), Batch.merge([(theirs, None)], 4)
+        pairs = [(first, ref_first)]
+        ids = ref_first.argmax(-1, keepdim=True)
+        for _ in range(3):
+            a = self.step(ids, ours)
+            ours.advance()
+            mask, pos = theirs.step_inputs()
+            ref = last_logits(reference, ids, mask, pos, theirs.cache)
+            theirs.advance()
+            pairs.append((a, ref))
+            ids = ref.argmax(-1, keepdim=True)
+        err, flips = 0.0, 0
+        for a, ref in pairs:
+            a, ref = a.float(), ref.float()
+            scale = max(1.0, float(ref.abs().max()))
+            err = max(err, float((a - ref).abs().max()) / scale)
+            top2 = ref.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > CLEAR_MARGIN * scale
+            flips += int((clear & (a.argmax(-1) != ref.argmax(-1))).sum())
+        return err, flips
+
+    @contextlib.contextmanager
+    def dense(self):
+        """Every step and prefill through the dense weights while inside (checks of the rest of the step)."""
+        weights = self._quantized_weights()
+        saved = [w.rows for w in weights]
+        for w in weights:
+            w.rows = 0
+        try:
+            yield
+        finally:
+            for w, rows in zip(weights, saved, strict=True):
+                w.rows = rows
+
+    def _quantized_weights(self) -> list[QuantizedWeight]:
+        return [w for w in [self.head_q, *(f.quant for f in self._fused())] if w is not None]
+
+    @property
+    def quantized_bytes(self) -> int:
+        """Bytes of the quantized copies (0 when dense)."""
+        return sum(w.nbytes for w in self._quantized_weights())
 
     def _compare(self, reference: nn.Module, own: nn.Module | None) -> str:
         """``verify`` against ``reference``'s forward and, when given, ``own`` forward's distance from it."""
@@ -372,11 +502,12 @@ class _Layer:
         self.kv_heads = attn.config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
-        self.qkv = _Fused(attn.q_proj, attn.k_proj, attn.v_proj, transposed=transposed)
-        self.o_proj = _Fused(attn.o_proj, transposed=transposed)
-        self.gate_up = _Fused(mlp.gate_proj, mlp.up_proj, transposed=transposed)
+        fused = functools.partial(_Fused, transposed=transposed)
+        self.qkv = fused(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_proj = fused(attn.o_proj)
+        self.gate_up = fused(mlp.gate_proj, mlp.up_proj)
         self.inter = mlp.gate_proj.out_features
-        self.down_proj = _Fused(mlp.down_proj, transposed=transposed)
+        self.down_proj = fused(mlp.down_proj)
         self.act = mlp.act_fn
 
     def __call__(self, h, cos, sin, bias, cache: SlabLayer, lora: Plan | None = None) -> torch.Tensor:
@@ -448,10 +579,14 @@ class _Fused:
     On a CPU the fused weight is stored transposed, ``[in, out]``: MKL reads it
     row after row, which measured faster with the weights no longer in cache,
     as in a real step (docs/benchmarks.md, "Design measurements").
+
+    ``quant``, set by ``Decoder.quantize_weights``, is a quantized copy beside
+    the dense weight, used for inputs of at most its ``rows`` rows.
     """
 
     def __init__(self, *linears: nn.Linear, transposed: bool) -> None:
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [out, in]
+        self.quant: QuantizedWeight | None = None
         self.transposed = transposed
         if self.transposed:
             self.weight = weight.t().contiguous()  # [in, out]
@@ -474,7 +609,16 @@ class _Fused:
                 lin.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
             start = end
 
+    @property
+    def out_in(self) -> torch.Tensor:
+        """The dense weight as ``[out, in]`` (a view)."""
+        return self.weight.t() if self.transposed else self.weight
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quant
+        if q is not None and x.shape[0] <= q.rows:
+            y = q(x)
+            return y if self.bias is None else y.add_(self.bias)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
@@ -483,6 +627,9 @@ class _Fused:
 
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``h + self(x)`` as one multiply-add (a residual connection)."""
+        q = self.quant
+        if q is not None and x.shape[0] <= q.rows:
+            return h + self(x)
         out = torch.addmm(h, x, self.weight if self.transposed else self.weight.t())
         return out if self.bias is None else out.add_(self.bias)
 

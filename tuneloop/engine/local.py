@@ -63,6 +63,7 @@ class LocalEngine(Engine):
         threads: int | None = None,
         stream_interval: float = 0.05,
         fused_decode: bool = True,
+        quantize: str = "none",
     ) -> None:
         self.model_path = str(model_path)
         self.max_batch = max_batch
@@ -76,6 +77,7 @@ class LocalEngine(Engine):
             dtype=dtype,
             threads=threads,
             fused_decode=fused_decode,
+            quantize=quantize,
         )
         self.output: OutputProcessor | None = None  # needs the tokenizer: made by load()
         self._thread: threading.Thread | None = None
@@ -95,6 +97,7 @@ class LocalEngine(Engine):
             max_batch=m.max_batch,
             max_queue=m.max_queue,
             fused_decode=m.fused_decode,
+            quantize=m.quantize,
         )
 
     # The runner's state, read by the engine's users (chat, trainer, bench).

@@ -17,6 +17,7 @@ are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from tuneloop.engine._batch import Batch, last_logits, prefill
 from tuneloop.engine._decode import Decoder
-from tuneloop.engine.lora import Adapter, AdapterBank, Hooks, Plan, fused_groups, linear_groups
+from tuneloop.engine.lora import Adapter, AdapterBank, Hooks, Plan, fused_groups, linear_groups, read_adapter
 from tuneloop.engine.scheduler import ScheduledBatch
 from tuneloop.engine.sequence import Sequence
 from tuneloop.errors import ModelError
@@ -43,6 +44,7 @@ class ModelRunner:
         dtype: str = "auto",
         threads: int | None = None,
         fused_decode: bool = True,
+        quantize: str = "none",
     ) -> None:
         self.model_path = str(model_path)
         self.version = version  # the version whose weights are loaded
@@ -50,6 +52,13 @@ class ModelRunner:
         self.dtype_name = dtype
         self.threads = threads
         self.fused_decode = fused_decode
+        self.quantize_name = quantize  # [model] quantize
+        self.quantize = "none"  # the format chosen at load (``quant.pick_format``)
+        self._quant_rows = 0
+        self._quant_why = ""
+        # The live version's LoRA adapter, applied unmerged to every row that
+        # names none, where the base weights are quantized (see ``swap``).
+        self._live: Adapter | None = None
         self.device = device
         self.model = None
         self.tokenizer = None
@@ -60,6 +69,7 @@ class ModelRunner:
         self.kv: Batch | None = None  # the running rows' cache
         self.rows: list[Sequence] = []  # the sequence of each row of ``kv``
         self._adapter: str | None = None
+        self._merged: str | None = None  # the version merged into the weights, if any
         self._base_state: dict[str, torch.Tensor] | None = None
         self._torch_threads = 1
         self.bank: AdapterBank | None = None  # adapters named per request
@@ -111,13 +121,26 @@ class ModelRunner:
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else (min(eos) if eos else 0)
         self._base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.fused_decode:
+            from tuneloop.engine import quant
+
+            self.quantize, self._quant_why = quant.pick_format(self.quantize_name, self.device,
+                                                               cfg.hidden_size, self.model.dtype)
+            if self.quantize != "none":
+                self._quant_rows = quant.crossover(self.quantize, self.model.dtype)
         self._build_decoder()
 
     def _build_decoder(self) -> None:
         """Pick the decode step for the current weights (after a load or a swap)."""
         self.decoder = None
         if self.fused_decode:
-            self.decoder, why = Decoder.for_model(self.model)
+            # A version merged into the weights (not plain LoRA) is served dense:
+            # its change is smaller than a 4-bit step and would round away.
+            kind = self.quantize if self._merged is None else "none"
+            self.decoder, why = Decoder.for_model(self.model, quantize=kind, quant_rows=self._quant_rows)
+            if self.quantize != "none":
+                why = f"{why}; quantize: {self._quant_why}" if kind != "none" else \
+                    f"{why}; version {self.version} merged into the weights, served dense"
             if self.decoder is not None and self.device == "cpu":
                 self.decoder.widen(self._torch_threads, os.cpu_count() or 1)
         else:
@@ -135,10 +158,10 @@ class ModelRunner:
         self.bank = AdapterBank(self.model, groups)
         if old is not None:
             self.bank.named = old.named
-            self.bank.sync([s.lora for s in self.rows])
+            self.bank.sync(self._loras(self.rows))
         if self.decoder is None:
             self._hooks = Hooks(self.bank)
-        self._plan = self.bank.plan([s.lora for s in self.rows])
+        self._plan = self.bank.plan(self._loras(self.rows))
 
     @property
     def decode_step(self) -> str:
@@ -150,13 +173,17 @@ class ModelRunner:
 
         Runs with no row in the batch (the scheduler drains it first). On
         failure the previous weights are restored and ``ModelError`` raised.
+        Over quantized base weights a plain LoRA adapter is not merged but
+        applied beside them to every row (``_live``): merged, its change
+        would round away in 4-bit steps, and the base (dense and quantized)
+        stays as it is, so nothing is rebuilt.
         """
         try:
-            self._load_weights(adapter_path)
+            changed = self._load_weights(adapter_path, version)
         except Exception as e:
             log.exception("adapter swap failed")
             try:
-                self._load_weights(self._adapter)  # keep serving the old weights
+                self._load_weights(self._adapter, self.version)  # keep serving the old weights
             except Exception:  # noqa: BLE001
                 log.exception("restoring the previous weights failed")
             self._build_decoder()
@@ -164,15 +191,38 @@ class ModelRunner:
         self._adapter = adapter_path
         self.version = version
         self.weights_generation += 1
-        self._build_decoder()
-        log.info("now serving %s", version)
+        if changed:
+            self._build_decoder()
+        else:
+            self.bank.sync(self._loras(self.rows))
+            self._plan = self.bank.plan(self._loras(self.rows))
+        log.info("now serving %s%s", version, " (LoRA beside the quantized weights)" if self._live else "")
 
-    def _load_weights(self, adapter_path: str | None) -> None:
+    def _load_weights(self, adapter_path: str | None, version: str) -> bool:
+        """Put ``adapter_path``'s weights in place; whether the model's weights changed."""
+        lora = adapter_path is not None and (Path(adapter_path) / "adapter_config.json").exists()
+        if self.quantize != "none" and (lora or not adapter_path):
+            live = None
+            if adapter_path:
+                try:
+                    live = read_adapter(version, adapter_path, self.model)
+                except ModelError as e:  # DoRA and the like change the weights themselves
+                    log.info("version %s merged into the weights and served dense: %s", version, e)
+            if live is not None or not adapter_path:
+                self._live = live
+                if self._merged is None:
+                    return False
+                with torch.no_grad():
+                    self.model.load_state_dict(self._base_state)
+                self._merged = None
+                return True
+        self._live = None
         with torch.no_grad():
             self.model.load_state_dict(self._base_state)
+            self._merged = adapter_path
             if not adapter_path:
-                return
-            if (Path(adapter_path) / "adapter_config.json").exists():
+                return True
+            if lora:
                 from peft import PeftModel
 
                 merged = PeftModel.from_pretrained(self.model, adapter_path).merge_and_unload()
@@ -184,6 +234,12 @@ class ModelRunner:
 
                 full = AutoModelForCausalLM.from_pretrained(adapter_path, dtype=self.model.dtype)
                 self.model.load_state_dict(full.state_dict())
+        return True
+
+    def _loras(self, seqs: list[Sequence]) -> list[Adapter | None]:
+        """Each row's adapter: its own, else the live version's where that is served unmerged."""
+        live = self._live
+        return [s.lora if s.lora is not None else live for s in seqs]
 
     # ----------------------------------------------------------------- steps
 
@@ -206,8 +262,6 @@ class ModelRunner:
 
     def _hooked(self, plan: Plan | None):
         """Context in which transformers' forward adds ``plan``'s per-row deltas."""
-        import contextlib
-
         hooks = self._hooks
 
         @contextlib.contextmanager
@@ -223,16 +277,16 @@ class ModelRunner:
     def reset(self) -> None:
         """Forget the batch (after a failed step, or idle)."""
         self.kv, self.rows, self._plan = None, [], None
-        if self.bank is not None and len(self.bank.live) != len(self.bank.named):
-            self.bank.sync([])  # adapters replaced or unloaded while rows used them
+        if self.bank is not None and len(self.bank.live) != len(self.bank.named) + (self._live is not None):
+            self.bank.sync([self._live])  # adapters replaced or unloaded while rows used them
 
     def _prefill(self, newcomers: list[Sequence], kept: list[Sequence]) -> torch.Tensor:
         for seq in newcomers:
             seq.version = seq.lora.name if seq.lora is not None else self.version
         prompts = [seq.prompt for seq in newcomers]
         bank = self.bank
-        bank.sync([s.lora for s in kept + newcomers])
-        adapters = [s.lora for s in newcomers]
+        bank.sync(self._loras(kept + newcomers))
+        adapters = self._loras(newcomers)
         if self.decoder is not None:
             # A packed prefill: the plan's rows are the prompts' tokens.
             fresh, logits = self.decoder.prefill(prompts, bank.plan(adapters, [len(p) for p in prompts]))
@@ -246,7 +300,7 @@ class ModelRunner:
         # Room for every column the rows may still write (``Batch`` grows if a guess falls short).
         self.kv = Batch.merge(parts, max(s.room for s in rows) + 1)
         self.rows = rows
-        self._plan = bank.plan([s.lora for s in rows])
+        self._plan = bank.plan(self._loras(rows))
         return logits
 
     def _keep(self, seqs: list[Sequence]) -> None:
@@ -258,7 +312,7 @@ class ModelRunner:
             return
         self.kv = Batch.merge([(self.kv, self._rows_of(seqs))], max(s.room for s in seqs) + 1)
         self.rows = list(seqs)
-        self._plan = self.bank.plan([s.lora for s in seqs])
+        self._plan = self.bank.plan(self._loras(seqs))
 
     def _rows_of(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Indices of ``seqs`` among the cache's rows; None when they are all of them."""
@@ -281,15 +335,15 @@ class ModelRunner:
         if problem:
             raise ModelError(f"cannot serve adapter {adapter.name} per request: {problem}")
         self.bank.load(adapter)
-        self.bank.sync([s.lora for s in self.rows])
-        self._plan = self.bank.plan([s.lora for s in self.rows])
+        self.bank.sync(self._loras(self.rows))
+        self._plan = self.bank.plan(self._loras(self.rows))
         log.info("adapter %s loaded from %s (rank %d, %d modules, %s step)", adapter.name, adapter.path,
                  adapter.rank, len(adapter.weights), self.decode_step)
 
     def remove_adapter(self, name: str) -> None:
         self.bank.unload(name)
-        self.bank.sync([s.lora for s in self.rows])
-        self._plan = self.bank.plan([s.lora for s in self.rows])
+        self.bank.sync(self._loras(self.rows))
+        self._plan = self.bank.plan(self._loras(self.rows))
         log.info("adapter %s unloaded", name)
 
     @torch.inference_mode()
@@ -313,8 +367,6 @@ class ModelRunner:
 
         from peft import PeftModel
 
-        from tuneloop.engine.lora import read_adapter
-
         vocab = self.model.get_input_embeddings().num_embeddings
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in (5, 2, 7)]
@@ -328,7 +380,10 @@ class ModelRunner:
                        for g, w in zip(got, want, strict=True))
 
         rows = [adapter, None, adapter]
-        own = error(self._rows_logits(self.decoder, self.model, adapter, rows, prompts, ids))
+        # Through the dense weights: quantized ones are checked at load
+        # (``Decoder.verify``) and would hide a wrong delta in their rounding.
+        with self.decoder.dense() if self.decoder is not None else contextlib.nullcontext():
+            own = error(self._rows_logits(self.decoder, self.model, adapter, rows, prompts, ids))
         if self.model.dtype == torch.float32:
             tol, why = 1e-3, "tolerance 1e-3"
         else:

@@ -1,0 +1,217 @@
+"""Weight-only int8/int4 weights for the fused step: layout, closeness to float32, LoRA beside them."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tuneloop.engine.base import SamplingParams
+from tuneloop.engine.quant import GROUP, QuantizedWeight
+from tuneloop.errors import ModelError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_int4_codes_are_a_q4_1_files_own_blocks():
+    """Weights dequantized from GGUF Q4_1 blocks (what the conversion stores) give back the file's codes."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 128)) * 0.05).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    deq = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
+    blocks = raw.reshape(64, 128 // GROUP, -1)
+    qs = blocks[..., 4:]  # after the float16 scale and minimum: 16 bytes, low nibbles first
+    file_codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(64, 128).astype(np.int32)
+
+    q = QuantizedWeight(torch.from_numpy(deq), "int4")
+    assert torch.equal(q.codes, torch.from_numpy(file_codes))
+    # The kernel's weights are the file's but for bfloat16 scales and zero points.
+    assert float((q.dequantized() - torch.from_numpy(deq)).abs().max()) <= 2**-8 * float(np.abs(deq).max())
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_kernels_multiply_by_the_weights_they_hold(kind):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=gen) * 0.1
+    x = torch.randn(3, 64, generator=gen)
+    q = QuantizedWeight(w, kind, rows=4)
+    want = x.bfloat16().float() @ q.dequantized().t()
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 96)
+    assert float((got - want).abs().max()) <= 0.01 * float(want.abs().max())
+    # and the quantized weight is near the original (a wrong layout would not be)
+    err = float((q.dequantized() - w).abs().max()) / float(w.abs().max())
+    assert err < (0.01 if kind == "int8" else 0.1)
+
+
+def test_unsupported_shapes_and_devices_are_one_line_errors():
+    with pytest.raises(ModelError, match="divisible by 32"):
+        QuantizedWeight(torch.randn(8, 40), "int4")
+    with pytest.raises(ModelError, match="must be one of"):
+        QuantizedWeight(torch.randn(8, 64), "int3")
+    from tuneloop.engine.quant import pick_format
+
+    with pytest.raises(ModelError, match="CPU only"):
+        pick_format("int4", "cuda", 64, torch.bfloat16)
+    assert pick_format("auto", "cuda", 64, torch.bfloat16)[0] == "none"
+    assert pick_format("auto", "cpu", 40, torch.float32)[0] == "none"  # width not a multiple of 32
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_steps_stay_close_to_float32(tiny, kind):
+    import copy
+
+    from tuneloop.engine._decode import QUANT_TOLERANCE, Decoder
+
+    model = copy.deepcopy(tiny)
+    decoder, why = Decoder.for_model(model, quantize=kind, quant_rows=16)
+    assert decoder is not None and decoder.quantize == kind, why
+    err, flips = decoder._quantized_distance(tiny)
+    assert 0 < err <= QUANT_TOLERANCE[kind] and flips == 0
+    with torch.inference_mode(), decoder.dense():
+        dense_err, _ = decoder._quantized_distance(tiny)
+    assert dense_err < 1e-3  # the dense path is float32's own
+
+
+def test_a_wrong_scale_is_caught_at_load(tiny):
+    import copy
+
+    from tuneloop.engine._decode import Decoder
+
+    decoder, _ = Decoder.for_model(copy.deepcopy(tiny))
+    decoder.quantize_weights("int4", 16)
+    for layer in decoder.layers:
+        layer.gate_up.quant._sz[..., 0] *= 4  # every scale four times too large
+    assert "int4 weights" in decoder.verify()
+    decoder, why = Decoder.for_model(copy.deepcopy(tiny), quantize="int4", quant_rows=16)
+    assert decoder.quantize == "int4" and "int4 weights for steps" in why
+
+
+def _exact_in_int4(model) -> None:
+    """Round the model's projections to weights int4 holds exactly, as a GGUF Q4 file's are.
+
+    Each group of 32 inputs gets a power-of-two scale, codes 0 and 15 on its
+    first two weights and its zero point at 0, all exact in bfloat16:
+    quantizing then changes nothing, and the quantized and float32 models
+    differ only by the activations' rounding to bfloat16 in the kernel (the
+    output projection's int8 only picks candidates that float32 rescores).
+    """
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                out, width = mod.weight.shape
+                groups = mod.weight.view(out, width // GROUP, GROUP)
+                scale = torch.exp2(torch.ceil(torch.log2(groups.abs().amax(-1, keepdim=True) / 7)))
+                codes = (torch.round(groups / scale) + 8).clamp(0, 15)
+                codes[..., 0], codes[..., 1] = 0, 15
+                mod.weight.copy_(((codes - 8) * scale).view(out, width))
+
+
+@pytest.fixture(scope="module")
+def exact_folder(tiny_model, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("int4-exact") / "model"
+    shutil.copytree(tiny_model, folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    _exact_in_int4(model)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def _adapter(folder, out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    lora.save_pretrained(str(out))
+    return out
+
+
+PROMPTS = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "What is your name?"}],
+           [{"role": "user", "content": "Do you like music?"}]]
+
+
+async def _replies(engine, n=12):
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+    return [(await engine.complete(c, params)).text for c in PROMPTS]
+
+
+@pytest.mark.asyncio
+async def test_lora_beside_quantized_weights_answers_as_the_merged_float32_model(exact_folder, tmp_path):
+    """Swapping in a LoRA version over int4 weights: the merged float32 model's greedy replies, nothing rebuilt."""
+    from tuneloop.engine.local import LocalEngine
+
+    adapter = _adapter(exact_folder, tmp_path / "adapter")
+    merged_folder = tmp_path / "merged"
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(exact_folder), dtype=torch.float32)
+    PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(str(merged_folder))
+    shutil.copy(exact_folder / "tokenizer.json", merged_folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (exact_folder / name).exists():
+            shutil.copy(exact_folder / name, merged_folder)
+
+    reference = {}
+    for key, folder in (("base", exact_folder), ("merged", merged_folder)):
+        eng = LocalEngine(str(folder), version=key, dtype="float32", quantize="none")
+        await eng.start()
+        reference[key] = await _replies(eng)
+        await eng.stop(grace=0)
+    assert reference["base"] != reference["merged"]  # the adapter changes the replies
+
+    eng = LocalEngine(str(exact_folder), version="base", dtype="float32", quantize="int4")
+    await eng.start()
+    try:
+        runner = eng.runner
+        assert runner.quantize == "int4" and runner.decoder.quantize == "int4"
+        decoder = runner.decoder
+        assert await _replies(eng) == reference["base"]
+        await eng.swap_adapter(str(adapter), "v1")
+        assert runner.decoder is decoder  # the quantized base was kept, not rebuilt
+        assert eng.model_version == "v1"
+        assert await _replies(eng) == reference["merged"]
+        await eng.swap_adapter(None, "base")
+        assert await _replies(eng) == reference["base"]
+    finally:
+        await eng.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_a_version_that_cannot_sit_beside_the_weights_is_merged_and_served_dense(exact_folder, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneloop.engine.local import LocalEngine
+
+    model = AutoModelForCausalLM.from_pretrained(str(exact_folder), dtype=torch.float32)
+    dora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    dora.save_pretrained(str(tmp_path / "dora"))
+    eng = LocalEngine(str(exact_folder), version="base", dtype="float32", quantize="int4")
+    await eng.start()
+    try:
+        await eng.swap_adapter(str(tmp_path / "dora"), "v-dora")
+        assert eng.runner.decoder.quantize == "none" and eng.model_version == "v-dora"
+        await eng.swap_adapter(None, "base")
+        assert eng.runner.decoder.quantize == "int4"
+        assert len(await _replies(eng, 4)) == 3
+    finally:
+        await eng.stop(grace=0)
