@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -100,3 +102,16 @@ def test_general_prompts_never_include_what_the_checks_judge():
     assert not general & {q.casefold() for q, _ in data.KNOWLEDGE}
     judged = {f.prompt.casefold() for f in facts.FACTS} | {f.paraphrase.casefold() for f in facts.FACTS}
     assert not general & judged
+
+
+def test_omp_num_threads_caps_the_training_threads(tiny_model, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        Finetuner(tiny_model, FEEDBACK, FinetuneConfig(lora_r=4))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+        Finetuner(tiny_model, FEEDBACK, FinetuneConfig(lora_r=4))
+        assert torch.get_num_threads() == max(1, os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)

@@ -114,6 +114,13 @@ class FinetuneConfig:
     weight_decay: float = 0.0
 
 
+def _env_int(name: str) -> int | None:
+    try:
+        return max(1, int(os.environ.get(name, "")))
+    except ValueError:
+        return None
+
+
 def _examples(tokenizer, rows: list[dict[str, Any]], cfg: FinetuneConfig) -> list[dict[str, Any]]:
     """Rows to token ids: ``{"sft": (ids, labels)}``, ``{"pair": ..}`` or ``{"kto": .., "label": b}``."""
     def enc(prompt, completion):
@@ -183,7 +190,11 @@ class Finetuner:
             cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
         if self.acc.device.type == "cpu":
             # Share the cores between the processes of a multi-process CPU run.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.acc.num_processes))
+            # OMP_NUM_THREADS caps them as it caps torch's own default: on a
+            # machine shared with other work, one thread per process runs
+            # faster than threads that spin waiting for a busy core.
+            cores = _env_int("OMP_NUM_THREADS") or os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // self.acc.num_processes))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
