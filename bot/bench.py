@@ -38,6 +38,8 @@ import logging
 import time
 from typing import Any
 
+from bot.bench_peer import weights_label
+
 log = logging.getLogger(__name__)
 
 PROMPTS: tuple[str, ...] = (
@@ -68,6 +70,7 @@ TARGETS = {
     "slowdown_at_1": 0.10,  # engine at concurrency 1 at most this much slower than naive
     "c1_vs_bandwidth_bound": 0.50,  # engine alone / (read GB/s / float32 weight bytes)
     "c16_vs_compute_bound": 0.30,  # engine at 16 clients / (float32 GEMM rate / 2 x parameters)
+    "same_as_float32": 0.90,  # quantized weights: greedy replies equal to a float32 engine's (issue 14)
 }
 
 #: Models above this many parameters get the short plan (see ``plan``).
@@ -287,6 +290,7 @@ def run_bench(
     progress: bool = True,
     threads: int | None = None,
     fused_decode: bool = True,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """Measure naive generate, the engine at each concurrency and the tight batched loop.
 
@@ -308,6 +312,7 @@ def run_bench(
             progress=progress,
             threads=threads,
             fused_decode=fused_decode,
+            quantize=quantize,
         )
     )
 
@@ -324,6 +329,7 @@ async def _bench(
     progress,
     threads,
     fused_decode,
+    quantize,
 ) -> dict[str, Any]:
     import torch
 
@@ -354,6 +360,7 @@ async def _bench(
         max_queue=max(concurrencies) * 4,
         threads=threads,
         fused_decode=fused_decode,
+        quantize=quantize,
     )
     await engine.start()
     try:
@@ -420,14 +427,29 @@ async def _bench(
             f"{limits['fp32_gemm_gflop_s']} GFLOP/s float32 ({limits['bf16_gemm_gflop_s']} bfloat16)")
         n_params = sum(p.numel() for p in model.parameters())
         model_dtype = str(model.dtype).removeprefix("torch.")
+        chosen, rows = engine.runner.weights_format, engine.runner.quant_rows
+        greedy = None
+        if model_dtype != "float32" or chosen != "none":
+            say(f"greedy replies to {len(convs)} prompts, here and through a float32 engine on dense weights")
+            wide, mine = max(concurrencies), []
+            for k in range(0, len(convs), wide):  # as many at once as the engine was sized for
+                mine += await asyncio.gather(*(engine.complete(c, SamplingParams(max_new_tokens=new_tokens))
+                                               for c in convs[k : k + wide]))
     finally:
         await engine.stop(grace=0)
+    if model_dtype != "float32" or chosen != "none":
+        from bot.bench_peer import float32_agreement
+
+        greedy = await float32_agreement(str(model_path), device, convs, new_tokens, [m.text for m in mine])
 
     result: dict[str, Any] = {
         "model": str(model_path),
         "parameters": n_params,
         "device": str(engine.device),
         "dtype": model_dtype,
+        "quantize": chosen,
+        "quant_rows": rows,
+        "same_as_float32": greedy,
         "torch_threads": torch.get_num_threads(),
         "decode_step": engine.decode_step,
         # intra-op threads the fused step and prefill take when measured faster
@@ -450,6 +472,9 @@ async def _bench(
         r1 = next(r for r in runs if r["concurrency"] == 1)
         checks["concurrency 1 within 10% of naive"] = r1["vs_naive"] >= 1 - TARGETS["slowdown_at_1"]
     checks["engine >= 70% of tight loop"] = result["engine_vs_tight"] >= TARGETS["vs_tight_loop"]
+    if greedy is not None and chosen != "none":
+        checks[f"greedy replies equal to float32's >= {TARGETS['same_as_float32']:.0%}"] = (
+            greedy["share"] >= TARGETS["same_as_float32"])
     # The machine's own bounds, float32 (see the module docstring).
     bandwidth_bound = limits["read_gb_s"] * 1e9 / (4 * n_params)
     compute_bound = limits["fp32_gemm_gflop_s"] * 1e9 / (2 * n_params)
@@ -475,7 +500,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = f"{'run':<{w}}{'tok/s':>10}{'ttft p50':>10}{'ttft p95':>10}{'lat p50':>10}{'lat p95':>10}{'vs naive':>10}"
     lines = [
         f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
-        f"{result['torch_threads']} torch threads, {result['dtype']} weights"
+        f"{result['torch_threads']} torch threads, {weights_label(result)}"
         + (f" ({result['wide_threads']} per step where measured faster)" if result.get("wide_threads") else "")
         + f", {result['decode_step']} decode step, "
         f"{result['new_tokens']} new tokens per request, greedy",
@@ -506,6 +531,9 @@ def format_table(result: dict[str, Any]) -> str:
     if len(tights) > 1:
         share += f", {result['engine_vs_tight_transformers']:.0%} (transformers' forward)"
     lines.append(share)
+    if result.get("same_as_float32"):
+        g = result["same_as_float32"]
+        lines.append(f"identical to a float32 engine's greedy replies: {g['same']}/{g['of']} ({g['share']:.0%})")
     m, b = result.get("machine"), result.get("bounds")
     if m and b:
         lines.append(
@@ -573,7 +601,7 @@ def write_markdown(path, key: str, title: str, command: str, results: list[dict[
     for r in results:
         table = (formatter(r) if formatter else format_adapters_table(r) if "lora_targets" in r
                  else format_table(r))
-        parts += [f"### {r['dtype']} weights", "", "```text", table, "```", ""]
+        parts += [f"### {weights_label(r)}", "", "```text", table, "```", ""]
     parts.append(end)
     section = "\n".join(parts)
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
@@ -587,28 +615,30 @@ def write_markdown(path, key: str, title: str, command: str, results: list[dict[
 
 
 def bench_main(config, json_out: bool = False, dtypes: list[str] | None = None, write: str | None = None,
-               command: str = "tuneloop bench", adapters: list[int] | None = None, peer: str | None = None) -> int:
-    """``tuneloop bench``: resolve ``[model] base``, run once per dtype, print the table (or JSON).
+               command: str = "tuneloop bench", adapters: list[int] | None = None, peer: str | None = None,
+               quantizes: list[str] | None = None) -> int:
+    """``tuneloop bench``: resolve ``[model] base``, run once per dtype and format, print the table (or JSON).
 
     With ``adapters`` (``--adapters 1,4,16``), the per-request LoRA bench
     instead: random adapters of ``[trainer]``'s rank, alpha and targets.
     """
     from trainer.models import resolve_base
 
+    ways = [(d, q) for d in dtypes or [config.model.dtype] for q in quantizes or [config.model.quantize]]
     if peer:
-        return _peer_main(config, peer, json_out, dtypes, write, command)
+        return _peer_main(config, peer, json_out, ways, write, command)
     path = resolve_base(config.model.base, progress=not json_out)
     results = []
-    for dtype in dtypes or [config.model.dtype]:
+    for dtype, quantize in ways:
         if adapters:
             t = config.trainer
             result = run_adapters_bench(path, adapters, rank=t.lora_r, alpha=t.lora_alpha, targets=t.lora_targets,
                                         device=config.model.device, dtype=dtype, progress=not json_out,
-                                        fused_decode=config.model.fused_decode)
+                                        fused_decode=config.model.fused_decode, quantize=quantize)
             show = format_adapters_table
         else:
             result = run_bench(path, device=config.model.device, dtype=dtype, progress=not json_out,
-                               fused_decode=config.model.fused_decode)
+                               fused_decode=config.model.fused_decode, quantize=quantize)
             show = format_table
         result["base"] = config.model.base
         results.append(result)
@@ -639,7 +669,7 @@ def gguf_file(base: str):
     return path
 
 
-def _peer_main(config, peer: str, json_out: bool, dtypes: list[str] | None, write: str | None,
+def _peer_main(config, peer: str, json_out: bool, ways: list[tuple[str, str]], write: str | None,
                command: str) -> int:
     """``tuneloop bench --peer llamacpp``: the engine against llama.cpp on the base's GGUF file (bot/bench_peer.py)."""
     from bot.bench_peer import format_peer_table, load_llamacpp, run_peer_bench
@@ -653,12 +683,13 @@ def _peer_main(config, peer: str, json_out: bool, dtypes: list[str] | None, writ
     path = resolve_base(config.model.base, progress=not json_out)
     sized = plan(model_parameters(path))
     results = []
-    for dtype in dtypes or [config.model.dtype]:
+    for dtype, quantize in ways:
         # twice the plan's rounds: three ways per round instead of five, and
         # llama.cpp's short requests need more rounds to weigh evenly
         result = run_peer_bench(gguf, path, prompts=PROMPTS, rounds=2 * sized["rounds"],
                                 new_tokens=sized["new_tokens"], device=config.model.device, dtype=dtype,
-                                fused_decode=config.model.fused_decode, progress=not json_out)
+                                fused_decode=config.model.fused_decode, progress=not json_out,
+                                quantize=quantize)
         result["base"] = config.model.base
         results.append(result)
         if not json_out:
@@ -707,7 +738,7 @@ def random_adapters(model, count: int, folder, *, rank: int, alpha: int, targets
 def run_adapters_bench(model_path: str, counts: list[int], *, rank: int, alpha: int, targets: str,
                        batch: int = 32, device: str = "auto", dtype: str = "auto", rounds: int | None = None,
                        new_tokens: int | None = None, progress: bool = True,
-                       fused_decode: bool = True) -> dict[str, Any]:
+                       fused_decode: bool = True, quantize: str = "none") -> dict[str, Any]:
     """Throughput of a ``batch``-sequence engine wave with no adapter and with each count of distinct adapters.
 
     Each wave is ``batch`` requests sent at once, request ``i`` naming adapter
@@ -721,11 +752,12 @@ def run_adapters_bench(model_path: str, counts: list[int], *, rank: int, alpha: 
     new_tokens = sized["new_tokens"] if new_tokens is None else new_tokens
     return asyncio.run(_adapters_bench(model_path, sorted(set(counts)), rank=rank, alpha=alpha, targets=targets,
                                        batch=batch, device=device, dtype=dtype, rounds=rounds,
-                                       new_tokens=new_tokens, progress=progress, fused_decode=fused_decode))
+                                       new_tokens=new_tokens, progress=progress, fused_decode=fused_decode,
+                                       quantize=quantize))
 
 
 async def _adapters_bench(model_path, counts, *, rank, alpha, targets, batch, device, dtype, rounds,
-                          new_tokens, progress, fused_decode) -> dict[str, Any]:
+                          new_tokens, progress, fused_decode, quantize) -> dict[str, Any]:
     import tempfile
 
     import torch
@@ -738,7 +770,7 @@ async def _adapters_bench(model_path, counts, *, rank, alpha, targets, batch, de
             print(f"bench: {msg}", flush=True)
 
     engine = LocalEngine(str(model_path), version="bench", device=device, dtype=dtype, max_batch=batch,
-                         max_queue=batch * 2, fused_decode=fused_decode)
+                         max_queue=batch * 2, fused_decode=fused_decode, quantize=quantize)
     await engine.start()
     try:
         with tempfile.TemporaryDirectory(prefix="tuneloop-adapters-") as folder:
@@ -782,6 +814,7 @@ async def _adapters_bench(model_path, counts, *, rank, alpha, targets, batch, de
             for n in modes]
     result: dict[str, Any] = {
         "model": str(model_path), "parameters": n_params, "device": str(engine.device), "dtype": model_dtype,
+        "quantize": engine.runner.weights_format, "quant_rows": engine.runner.quant_rows,
         "torch_threads": torch.get_num_threads(), "decode_step": engine.decode_step, "batch": batch,
         "new_tokens": new_tokens, "rounds": rounds, "rank": rank, "alpha": alpha, "lora_targets": targets,
         "load_s": round(load_s, 3), "adapters": runs, "targets": {},
@@ -796,7 +829,7 @@ def format_adapters_table(result: dict[str, Any]) -> str:
     """The adapters bench as a plain-text table."""
     lines = [
         f"model {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
-        f"{result['torch_threads']} torch threads, {result['dtype']} weights, {result['decode_step']} decode "
+        f"{result['torch_threads']} torch threads, {weights_label(result)}, {result['decode_step']} decode "
         f"step; {result['batch']} requests at once, {result['new_tokens']} new tokens each, greedy, "
         f"median of {result['rounds']} rounds; LoRA rank {result['rank']}, alpha {result['alpha']}, "
         f"targets {result['lora_targets']}; load + check {result['load_s']:.2f} s per adapter",

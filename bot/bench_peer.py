@@ -36,10 +36,43 @@ from tuneloop.errors import ModelError
 PEER_TARGETS = {
     "c1_vs_peer": 1.0,  # engine alone / llama.cpp alone
     "batch_vs_peer": 3.0,  # engine at 16 requests / llama.cpp alone
+    "same_as_float32": 0.9,  # quantized engine's greedy replies equal to the float32 engine's
 }
 
 PEERS = ("llamacpp",)
 EXTRA = "pip install 'tuneloop[llamacpp]'"
+
+
+async def float32_agreement(model_path: str, device: str, convs: list, new_tokens: int,
+                            replies: list[str]) -> dict[str, Any]:
+    """How many of ``replies`` (greedy, to ``convs``) a float32 engine on dense weights gives word for word.
+
+    The yardstick of a weight format: the same checkpoint, every weight and
+    activation in float32. Batched like the replies it is compared with.
+    """
+    from tuneloop.engine.base import SamplingParams
+    from tuneloop.engine.local import LocalEngine
+
+    engine = LocalEngine(model_path, version="float32", device=device, dtype="float32", quantize="none",
+                         max_batch=len(convs), max_queue=len(convs))
+    await engine.start()
+    try:
+        theirs = await asyncio.gather(*(engine.complete(c, SamplingParams(max_new_tokens=new_tokens))
+                                        for c in convs))
+    finally:
+        await engine.stop(grace=0)
+    same = sum(mine == t.text for mine, t in zip(replies, theirs, strict=True))
+    return {"same": same, "of": len(convs), "share": round(same / len(convs), 3),
+            "differ": [{"prompt": c[-1]["content"], "engine": mine, "float32": t.text}
+                       for c, mine, t in zip(convs, replies, theirs, strict=True) if mine != t.text]}
+
+
+def weights_label(result: dict[str, Any]) -> str:
+    """``bfloat16 weights`` or ``bfloat16 weights, int4 for steps of up to 16 rows``."""
+    label = f"{result['dtype']} weights"
+    if result.get("quantize", "none") != "none":
+        label += f", {result['quantize']} for steps of up to {result['quant_rows']} rows"
+    return label
 
 
 def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int):
@@ -92,11 +125,11 @@ def peer_reply(llm, prompt: list[int], max_tokens: int, eos: set[int]) -> list[i
 
 def run_peer_bench(gguf_path: str | Path, model_path: str, *, prompts: list[str] | tuple[str, ...],
                    rounds: int, new_tokens: int, batch: int = 16, device: str = "auto", dtype: str = "auto",
-                   fused_decode: bool = True, progress: bool = True) -> dict[str, Any]:
+                   fused_decode: bool = True, progress: bool = True, quantize: str = "none") -> dict[str, Any]:
     """Measure the engine (alone and at ``batch``) against llama.cpp alone, alternating; see the module doc."""
     return asyncio.run(_peer_bench(Path(gguf_path), str(model_path), list(prompts), rounds=rounds,
                                    new_tokens=new_tokens, batch=batch, device=device, dtype=dtype,
-                                   fused_decode=fused_decode, progress=progress))
+                                   fused_decode=fused_decode, progress=progress, quantize=quantize))
 
 
 def _rate(tokens: int, seconds: float, ttfts: list[float], totals: list[float]) -> dict[str, Any]:
@@ -108,7 +141,7 @@ def _rate(tokens: int, seconds: float, ttfts: list[float], totals: list[float]) 
 
 
 async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, rounds, new_tokens, batch, device,
-                      dtype, fused_decode, progress) -> dict[str, Any]:
+                      dtype, fused_decode, progress, quantize) -> dict[str, Any]:
     import torch
 
     from tuneloop.engine.base import SamplingParams
@@ -121,7 +154,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
     if not gguf_path.is_file():
         raise ModelError(f"bench --peer llamacpp: {gguf_path} is not a file")
     engine = LocalEngine(model_path, version="bench", device=device, dtype=dtype, max_batch=batch,
-                         max_queue=batch * 4, fused_decode=fused_decode)
+                         max_queue=batch * 4, fused_decode=fused_decode, quantize=quantize)
     await engine.start()
     try:
         convs = [[{"role": "user", "content": p}] for p in prompts]
@@ -168,9 +201,14 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
             pairs.append({"prompt": conv[0]["content"], "engine": mine.text, "llamacpp": theirs})
         n_params = sum(p.numel() for p in engine.model.parameters())
         model_dtype = str(engine.model.dtype).removeprefix("torch.")
+        chosen, rows = engine.runner.weights_format, engine.runner.quant_rows
         del llm, llms
     finally:
         await engine.stop(grace=0)
+    same32 = None
+    if model_dtype != "float32" or chosen != "none":
+        say("the same greedy replies through a float32 engine on dense weights")
+        same32 = await float32_agreement(model_path, device, convs, new_tokens, [r.text for r in replies])
 
     def ttft(c) -> float:
         return c.time_to_first_token if c.time_to_first_token is not None else c.total_time
@@ -189,7 +227,8 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
     batch_ratio = eb["tokens_per_s"] / p1["tokens_per_s"]
     return {
         "peer": "llamacpp", "gguf": str(gguf_path), "model": model_path, "parameters": n_params,
-        "device": str(engine.device), "dtype": model_dtype, "decode_step": engine.decode_step,
+        "device": str(engine.device), "dtype": model_dtype, "quantize": chosen, "quant_rows": rows,
+        "decode_step": engine.decode_step, "same_as_float32": same32,
         "threads": threads, "new_tokens": new_tokens, "rounds": rounds, "batch": batch,
         "engine_c1": e1, "llamacpp_c1": p1, "llamacpp_threads": best, "engine_batch": eb,
         "llamacpp_by_threads": {str(k): v for k, v in by_threads.items()},
@@ -200,6 +239,8 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
             f"engine c=1 >= {PEER_TARGETS['c1_vs_peer']:.1f}x llama.cpp c=1": c1_ratio >= PEER_TARGETS["c1_vs_peer"],
             f"engine c={batch} >= {PEER_TARGETS['batch_vs_peer']:.0f}x llama.cpp c=1":
                 batch_ratio >= PEER_TARGETS["batch_vs_peer"],
+            **({f"greedy replies equal to float32's >= {PEER_TARGETS['same_as_float32']:.0%}":
+                same32["share"] >= PEER_TARGETS["same_as_float32"]} if same32 else {}),
         },
     }
 
@@ -215,7 +256,7 @@ def format_peer_table(result: dict[str, Any]) -> str:
     peer = result["llamacpp_c1"]["tokens_per_s"]
     lines = [
         f"engine: {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
-        f"{result['dtype']} weights, {result['decode_step']} decode step; llama.cpp: {result['gguf']} as it is; "
+        f"{weights_label(result)}, {result['decode_step']} decode step; llama.cpp: {result['gguf']} as it is; "
         f"engine on {result['threads']} threads, {result['new_tokens']} new tokens per request, greedy, "
         f"{result['rounds']} rounds; ratios against llama.cpp on {result['llamacpp_threads']} "
         f"thread{'s' if result['llamacpp_threads'] != 1 else ''}, its faster",
@@ -229,6 +270,9 @@ def format_peer_table(result: dict[str, Any]) -> str:
     lines.append(f"identical greedy replies (up to {result['new_tokens']} tokens): {result['identical_replies']}/"
                  f"{result['prompts']} ({result['agreement']:.0%}); prompt tokens llama.cpp's tokenizer makes "
                  f"the same: {result['same_prompt_tokens']}/{result['prompts']}")
+    if result.get("same_as_float32"):
+        s = result["same_as_float32"]
+        lines.append(f"identical to a float32 engine's greedy replies: {s['same']}/{s['of']} ({s['share']:.0%})")
     for name, ok in result.get("targets", {}).items():
         lines.append(f"  [{'ok' if ok else 'MISSED'}] {name}")
     return "\n".join(lines)

@@ -29,6 +29,9 @@ def _bench_args(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dtype", action="append", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights' dtype; repeat to measure several (default: [model] dtype)")
+    p.add_argument("--quantize", action="append", choices=("auto", "none", "int8", "int4"),
+                   help="weights the fused step reads at a few rows; repeat to measure several "
+                        "(default: [model] quantize)")
     p.add_argument("--write", metavar="FILE", help="also write the result into FILE's section for this model "
                    "(docs/benchmarks.md)")
     p.add_argument("--adapters", metavar="N,N,...", type=_counts,
@@ -60,4 +63,4 @@ def cmd_bench(args, config: Config) -> int:
 
     command = "tuneloop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return bench_main(config, args.json, dtypes=args.dtype, write=args.write, command=command,
-                      adapters=args.adapters, peer=args.peer)
+                      adapters=args.adapters, peer=args.peer, quantizes=args.quantize)

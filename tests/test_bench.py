@@ -42,6 +42,19 @@ def test_bench_reports_every_figure(tiny_model):
     assert "float32 bounds:" in table and "GB/s read" in table
 
 
+def test_a_quantized_bench_says_so_and_compares_with_float32(tiny_model):
+    result = run_bench(str(tiny_model), concurrencies=(1, 2), new_tokens=6, rounds=1, progress=False,
+                       dtype="float32", quantize="int4")
+    assert result["quantize"] == "int4" and result["quant_rows"] >= 1
+    same = result["same_as_float32"]
+    assert same["of"] == 16 and 0 <= same["same"] <= 16 and len(same["differ"]) == 16 - same["same"]
+    assert same["share"] == pytest.approx(same["same"] / 16, abs=1e-3)
+    assert "greedy replies equal to float32's >= 90%" in result["targets"]
+    table = format_table(result)
+    assert f"float32 weights, int4 for steps of up to {result['quant_rows']} rows" in table
+    assert f"identical to a float32 engine's greedy replies: {same['same']}/16" in table
+
+
 def test_plan_scales_to_the_model(tiny_model):
     from transformers import AutoModelForCausalLM
 

@@ -54,7 +54,7 @@ class ModelRunner:
         self.fused_decode = fused_decode
         self.quantize_name = quantize  # [model] quantize
         self.quantize = "none"  # the format chosen at load (``quant.pick_format``)
-        self._quant_rows = 0
+        self.quant_rows = 0
         self._quant_why = ""
         # The live version's LoRA adapter, applied unmerged to every row that
         # names none, where the base weights are quantized (see ``swap``).
@@ -127,7 +127,7 @@ class ModelRunner:
             self.quantize, self._quant_why = quant.pick_format(self.quantize_name, self.device,
                                                                cfg.hidden_size, self.model.dtype)
             if self.quantize != "none":
-                self._quant_rows = quant.crossover(self.quantize, self.model.dtype)
+                self.quant_rows = quant.crossover(self.quantize, self.model.dtype)
         self._build_decoder()
 
     def _build_decoder(self) -> None:
@@ -137,7 +137,7 @@ class ModelRunner:
             # A version merged into the weights (not plain LoRA) is served dense:
             # its change is smaller than a 4-bit step and would round away.
             kind = self.quantize if self._merged is None else "none"
-            self.decoder, why = Decoder.for_model(self.model, quantize=kind, quant_rows=self._quant_rows)
+            self.decoder, why = Decoder.for_model(self.model, quantize=kind, quant_rows=self.quant_rows)
             if self.quantize != "none":
                 why = f"{why}; quantize: {self._quant_why}" if kind != "none" else \
                     f"{why}; version {self.version} merged into the weights, served dense"
@@ -162,6 +162,11 @@ class ModelRunner:
         if self.decoder is None:
             self._hooks = Hooks(self.bank)
         self._plan = self.bank.plan(self._loras(self.rows))
+
+    @property
+    def weights_format(self) -> str:
+        """The quantized format steps read now (``none``: dense), after the load's check and the version."""
+        return self.decoder.quantize if self.decoder is not None else "none"
 
     @property
     def decode_step(self) -> str:
