@@ -190,7 +190,7 @@ def _time(ways: dict, kind: str, repeats: int, best: dict) -> None:
 def crossover(kind: str, dtype: torch.dtype) -> int:
     """The most rows at which ``kind`` still beats dense ``dtype`` weights (1 at least), measured once."""
     rows = 1
-    for n in (2, 4, 8, 16):
+    for n in (2, 4, 8, 16, 32, 64):
         if speedup_at(kind, n, _name(dtype)) < 1.0:
             break
         rows = n

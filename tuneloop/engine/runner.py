@@ -81,9 +81,9 @@ class ModelRunner:
 
     def load(self) -> None:
         """Load tokenizer and model (blocking)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from tuneloop.engine.device import pick_device, pick_dtype
+        from tuneloop.engine.device import pick_device
 
         self.device = pick_device(self.device_name)
         threads = self.threads
@@ -98,9 +98,9 @@ class ModelRunner:
         # Threads started later (the engine's own) take this count; record it
         # for the decoder, which may widen its steps (``Decoder.widen``).
         self._torch_threads = torch.get_num_threads()
-        dtype = pick_dtype(self.dtype_name, self.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            dtype = self._pick_weights(AutoConfig.from_pretrained(self.model_path))
             self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load model {self.model_path}: {e}") from None
@@ -121,14 +121,36 @@ class ModelRunner:
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else (min(eos) if eos else 0)
         self._base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        if self.fused_decode:
-            from tuneloop.engine import quant
-
-            self.quantize, self._quant_why = quant.pick_format(self.quantize_name, self.device,
-                                                               cfg.hidden_size, self.model.dtype)
-            if self.quantize != "none":
-                self.quant_rows = quant.crossover(self.quantize, self.model.dtype)
         self._build_decoder()
+
+    def _pick_weights(self, config) -> torch.dtype:
+        """The dense weights' dtype, and the quantized format small steps read (``self.quantize``).
+
+        With quantized weights on a CPU, ``dtype = "auto"`` is float32: the
+        activations, attention and residual stream then stay in float32,
+        which measured faster than bfloat16 at one row (bfloat16's small
+        attention products are slow) and as fast at 16, and closer to
+        float32's replies; the dense weights only serve prefills and steps
+        above the crossover (docs/benchmarks.md, "Weight formats").
+        """
+        from tuneloop.engine import quant
+        from tuneloop.engine._decode import SUPPORTED
+        from tuneloop.engine.device import pick_dtype
+
+        self.quantize, self._quant_why = "none", f"[model] quantize = \"{self.quantize_name}\""
+        if self.quantize_name != "none":
+            if not self.fused_decode:
+                self._quant_why = "quantized weights need the fused decode step ([model] fused_decode = false)"
+            elif getattr(config, "model_type", "") not in SUPPORTED:
+                self._quant_why = f"model type {getattr(config, 'model_type', '')!r} has no fused decode step"
+            else:
+                dense = torch.float32 if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+                width = int(getattr(config, "hidden_size", 0) or 0)
+                self.quantize, self._quant_why = quant.pick_format(self.quantize_name, self.device, width, dense)
+        if self.quantize == "none":
+            return pick_dtype(self.dtype_name, self.device)
+        self.quant_rows = quant.crossover(self.quantize, dense)
+        return dense
 
     def _build_decoder(self) -> None:
         """Pick the decode step for the current weights (after a load or a swap)."""
