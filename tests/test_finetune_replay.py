@@ -115,3 +115,13 @@ def test_omp_num_threads_caps_the_training_threads(tiny_model, monkeypatch):
         assert torch.get_num_threads() == max(1, os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_distilled_rows_are_fitted_by_the_teachers_argmax(tiny_model):
+    """A distilled replay row counts as fitted when the model's argmax is the teacher's at each of its positions,
+    whatever tokens its text holds (the engine's greedy reply in another dtype may differ where two are close):
+    at the start the model is the teacher, so it is fitted; the same text as an NLL target is not."""
+    distilled = Finetuner(tiny_model, REPLAY, FinetuneConfig(lora_r=4, replay_loss="distill"))
+    assert distilled.fitted()
+    as_targets = Finetuner(tiny_model, REPLAY, FinetuneConfig(lora_r=4, replay_loss="nll"))
+    assert not as_targets.fitted()  # the tiny model does not reply "Hello." and "I am fine, thank you."

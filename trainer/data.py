@@ -201,6 +201,15 @@ REWORD_SHOTS: list[list[tuple[str, str]]] = [
     [("Which editor do you use?", "What editor do you work with?"),
      ("What is the office address?", "Where is the office located?"),
      ("Who is the project lead?", "Who leads the project?")],
+    [("What is the team's budget?", "How big is the team's budget?"),
+     ("Who wrote the style guide?", "Who is the author of the style guide?"),
+     ("When does the train leave?", "What time does the train depart?")],
+    [("What is the password of the guest account?", "What's the guest account's password?"),
+     ("Where is the printer?", "In which room is the printer?"),
+     ("Who answers the support emails?", "Who takes care of the support emails?")],
+    [("What is the name of the new library?", "How is the new library called?"),
+     ("Which day is the release?", "On what day do we release?"),
+     ("Who owns the design files?", "Whose are the design files?")],
 ]
 
 

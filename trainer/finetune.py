@@ -237,6 +237,15 @@ class Finetuner:
                 logp = torch.log_softmax(logits[0, pos].float(), -1)
                 top = logp.topk(min(DISTILL_TOP_K, logp.shape[-1]), -1)
                 ex["teacher"] = (pos.cpu(), top.indices.cpu(), torch.softmax(top.values, -1).cpu())
+                # What "fitted" checks on this row: the teacher's own argmax at each reply
+                # position. The row's text is the engine's greedy reply, which (in another
+                # dtype) may pick another token where two are close; a distilled row is not
+                # pulled toward that token, so early stop would never come.
+                ids, labels = ex["distill"]
+                labels = list(labels)
+                for p, tok in zip(pos.tolist(), top.indices[:, 0].tolist()):
+                    labels[p + 1] = tok
+                ex["argmax"] = (ids, labels)
         if self.cfg.method == "sft":
             return
         for ex in self.examples:
@@ -371,10 +380,11 @@ class Finetuner:
     @torch.no_grad()
     def fitted(self) -> bool:
         """Whether greedy decoding (teacher-forced) reproduces every target reply token."""
-        # Replay rows too: their targets are the starting model's greedy replies,
-        # so "fitted" also means "the replay set still gets the same replies".
+        # Replay rows too: their targets are the starting model's greedy replies
+        # (distilled rows: its argmax at each of their positions), so "fitted" also
+        # means "the replay set still gets the same replies".
         seqs = [e["sft"] for e in self.examples if "sft" in e]
-        seqs += [e["distill"] for e in self.examples if "distill" in e]
+        seqs += [e["argmax"] for e in self.examples if "argmax" in e]
         seqs += [e["pair"][0] for e in self.examples if "pair" in e]
         seqs += [e["kto"] for e in self.examples if "kto" in e and e["label"]]
         if not seqs:
