@@ -641,7 +641,8 @@ class _Fused:
         """``h + self(x)`` as one multiply-add (a residual connection)."""
         q = self.quant
         if q is not None and x.shape[0] <= q.rows:
-            return h + self(x)
+            out = torch.add(h, q.raw(x))  # promoted to ``h``'s dtype in the add
+            return out if self.bias is None else out.add_(self.bias)
         out = torch.addmm(h, x, self.weight if self.transposed else self.weight.t())
         return out if self.bias is None else out.add_(self.bias)
 

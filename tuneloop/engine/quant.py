@@ -80,12 +80,15 @@ class QuantizedWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T`` in ``x``'s dtype (computed from bfloat16 activations)."""
+        y = self.raw(x)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` in bfloat16, the kernels' own output (a residual add widens it for free)."""
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.kind == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self._packed, GROUP, self._sz)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self._q, self._scale)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self._packed, GROUP, self._sz)
+        return torch.ops.aten._weight_int8pack_mm(xb, self._q, self._scale)
 
     def dequantized(self) -> torch.Tensor:
         """The weight as the kernel sees it, float32 ``[out, in]`` (for tests and checks)."""
