@@ -428,6 +428,7 @@ async def _bench(
         n_params = sum(p.numel() for p in model.parameters())
         model_dtype = str(model.dtype).removeprefix("torch.")
         chosen, rows = engine.runner.weights_format, engine.runner.quant_rows
+        half = engine._decoder is not None and engine._decoder.half
         greedy = None
         if model_dtype != "float32" or chosen != "none":
             say(f"greedy replies to {len(convs)} prompts, here and through a float32 engine on dense weights")
@@ -449,6 +450,7 @@ async def _bench(
         "dtype": model_dtype,
         "quantize": chosen,
         "quant_rows": rows,
+        "half": half,
         "same_as_float32": greedy,
         "torch_threads": torch.get_num_threads(),
         "decode_step": engine.decode_step,
@@ -815,6 +817,7 @@ async def _adapters_bench(model_path, counts, *, rank, alpha, targets, batch, de
     result: dict[str, Any] = {
         "model": str(model_path), "parameters": n_params, "device": str(engine.device), "dtype": model_dtype,
         "quantize": engine.runner.weights_format, "quant_rows": engine.runner.quant_rows,
+        "half": engine._decoder is not None and engine._decoder.half,
         "torch_threads": torch.get_num_threads(), "decode_step": engine.decode_step, "batch": batch,
         "new_tokens": new_tokens, "rounds": rounds, "rank": rank, "alpha": alpha, "lora_targets": targets,
         "load_s": round(load_s, 3), "adapters": runs, "targets": {},

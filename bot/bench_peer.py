@@ -72,6 +72,8 @@ def weights_label(result: dict[str, Any]) -> str:
     label = f"{result['dtype']} weights"
     if result.get("quantize", "none") != "none":
         label += f", {result['quantize']} for steps of up to {result['quant_rows']} rows"
+        if result.get("half"):
+            label += " (a bfloat16 copy above)"
     return label
 
 
@@ -202,6 +204,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         n_params = sum(p.numel() for p in engine.model.parameters())
         model_dtype = str(engine.model.dtype).removeprefix("torch.")
         chosen, rows = engine.runner.weights_format, engine.runner.quant_rows
+        half = engine._decoder is not None and engine._decoder.half
         del llm, llms
     finally:
         await engine.stop(grace=0)
@@ -227,7 +230,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
     batch_ratio = eb["tokens_per_s"] / p1["tokens_per_s"]
     return {
         "peer": "llamacpp", "gguf": str(gguf_path), "model": model_path, "parameters": n_params,
-        "device": str(engine.device), "dtype": model_dtype, "quantize": chosen, "quant_rows": rows,
+        "device": str(engine.device), "dtype": model_dtype, "quantize": chosen, "quant_rows": rows, "half": half,
         "decode_step": engine.decode_step, "same_as_float32": same32,
         "threads": threads, "new_tokens": new_tokens, "rounds": rounds, "batch": batch,
         "engine_c1": e1, "llamacpp_c1": p1, "llamacpp_threads": best, "engine_batch": eb,

@@ -215,3 +215,23 @@ async def test_a_version_that_cannot_sit_beside_the_weights_is_merged_and_served
         assert len(await _replies(eng, 4)) == 3
     finally:
         await eng.stop(grace=0)
+
+
+def test_large_steps_of_a_float32_model_read_a_bfloat16_copy(tiny):
+    import copy
+
+    from tuneloop.engine._decode import Decoder
+
+    decoder, why = Decoder.for_model(copy.deepcopy(tiny), quantize="int4", quant_rows=2, half=True)
+    assert decoder.half and "a bfloat16 copy above" in why
+    x = torch.randn(3, decoder.layers[0].qkv.out_in.shape[1])
+    f = decoder.layers[0].qkv
+    assert f(x[:2]).dtype == torch.float32  # two rows: int4
+    want = torch.nn.functional.linear(x.bfloat16(), f.half).float()
+    assert torch.equal(f(x), want)  # three rows: the bfloat16 copy
+    assert not torch.equal(f(x[:2]), want[:2])
+    with decoder.dense():
+        assert torch.allclose(f(x), x @ f.out_in.t(), atol=1e-5)  # the model's own float32 weights
+    assert f.half is not None and f.quant.rows == 2  # restored
+    err, flips = decoder._quantized_distance(tiny)
+    assert err < 0.1 and flips == 0

@@ -52,6 +52,8 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 #: Largest logit distance from float32's (relative to the largest logit) that quantized weights may
 #: show in ``Decoder.verify``; measured in docs/benchmarks.md ("Weight formats").
 QUANT_TOLERANCE = {"int8": 0.1, "int4": 0.1}
+#: The same for the bfloat16 copy a float32 model's large steps read beside quantized weights.
+HALF_TOLERANCE = 0.05
 #: A greedy choice is clear when float32's top two logits are this far apart (relative).
 CLEAR_MARGIN = 0.05
 #: Leading candidates whose half-precision logits are computed again in float32 (see ``Decoder._logits``).
@@ -126,8 +128,15 @@ class Decoder:
         if cores > threads:
             self._steps, self._packed = _Widen(threads, cores), _Widen(threads, cores)
 
-    def quantize_weights(self, kind: str, rows: int) -> None:
+    def quantize_weights(self, kind: str, rows: int, half: bool = False) -> None:
         """Steps of at most ``rows`` rows read ``kind`` (``quant.FORMATS``) copies of the weights from now on.
+
+        ``half``: larger steps and prefills of a float32 model read a
+        bfloat16 copy of the weights, its activations staying float32 (on a
+        CPU whose bfloat16 matrix multiply is the faster, as ``dtype = "auto"``
+        measures it): 16 rows through int4 ran slower than through bfloat16
+        weights, and a float32 model keeps its float32 attention and residual
+        stream for the one-row steps (docs/benchmarks.md, "Weight formats").
 
         The output projection (a fifth of SmolLM2's weights) is int4 for
         either format: int8's kernel read it at a third of int4's speed. Its
@@ -137,8 +146,10 @@ class Decoder:
         computed again in float32 (``_logits``).
         """
         self.quantize = kind
+        half = half and kind != "none" and self.embed.weight.dtype == torch.float32
         for f in self._fused():
             f.quant = quantized(f.out_in, kind, rows)
+            f.half = f.out_in.to(torch.bfloat16).contiguous() if half else None
         self.head_q = quantized(self.lm_head.weight.detach(), "none" if kind == "none" else "int4", rows)
 
     def _fused(self) -> list[_Fused]:
@@ -150,7 +161,7 @@ class Decoder:
 
     @classmethod
     def for_model(cls, model: nn.Module, transposed: bool | None = None, quantize: str = "none",
-                  quant_rows: int = 1) -> tuple[Decoder | None, str]:
+                  quant_rows: int = 1, half: bool = False) -> tuple[Decoder | None, str]:
         """A decoder for ``model``, or None and the reason it decodes through transformers.
 
         ``quantize`` (not ``auto``) for steps of at most ``quant_rows`` rows;
@@ -180,13 +191,14 @@ class Decoder:
         why = "matches transformers' forward on a test batch"
         if quantize == "none":
             return decoder, why
-        decoder.quantize_weights(quantize, quant_rows)
+        decoder.quantize_weights(quantize, quant_rows, half)
         problem = decoder.verify()
         if problem:
             log.warning("quantized weights not used: %s", problem)
             decoder.quantize_weights("none", 0)
             return decoder, f"{why}; dense weights, {problem}"
-        return decoder, f"{why}; {quantize} weights for steps of up to {quant_rows} rows"
+        above = "a bfloat16 copy" if decoder.half else "dense weights"
+        return decoder, f"{why}; {quantize} weights for steps of up to {quant_rows} rows, {above} above"
 
     def step(self, ids: torch.Tensor, batch: Batch, lora: Plan | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` for the next token after ``ids`` ``[B, 1]``; writes one cache column.
@@ -322,14 +334,22 @@ class Decoder:
         their whole size and picks noise.
         """
         reference = self.model if self.embed.weight.dtype == torch.float32 else _float32_copy(self.model)
-        tol = QUANT_TOLERANCE[self.quantize]
-        err, flips = self._quantized_distance(reference)
-        if err > tol or flips:
-            return (f"{self.quantize} weights: logits {err:.2g} from float32's (relative, tolerance {tol}), "
-                    f"{flips} clear greedy choices changed")
-        log.info("fused decode step: %s weights within %.2g of float32's logits (tolerance %s)",
-                 self.quantize, err, tol)
+        ways = [(self.quantize, QUANT_TOLERANCE[self.quantize], contextlib.nullcontext())]
+        if self.half:
+            ways.append(("bfloat16 copy", HALF_TOLERANCE, self._without_quantized()))
+        for name, tol, inside in ways:
+            with inside:
+                err, flips = self._quantized_distance(reference)
+            if err > tol or flips:
+                return (f"{name} weights: logits {err:.2g} from float32's (relative, tolerance {tol}), "
+                        f"{flips} clear greedy choices changed")
+            log.info("fused decode step: %s weights within %.2g of float32's logits (tolerance %s)", name, err, tol)
         return ""
+
+    @property
+    def half(self) -> bool:
+        """Whether large steps read a bfloat16 copy of a float32 model's weights."""
+        return any(f.half is not None for f in self._fused())
 
     def _quantized_distance(self, reference: nn.Module) -> tuple[float, int]:
         """Largest relative logit distance from ``reference``'s and count of flipped clear choices."""
@@ -363,7 +383,20 @@ class Decoder:
 
     @contextlib.contextmanager
     def dense(self):
-        """Every step and prefill through the dense weights while inside (checks of the rest of the step)."""
+        """Every step and prefill through the model's own weights while inside (checks of the rest of the step)."""
+        fused = self._fused()
+        halves = [f.half for f in fused]
+        for f in fused:
+            f.half = None
+        try:
+            with self._without_quantized():
+                yield
+        finally:
+            for f, half in zip(fused, halves, strict=True):
+                f.half = half
+
+    @contextlib.contextmanager
+    def _without_quantized(self):
         weights = self._quantized_weights()
         saved = [w.rows for w in weights]
         for w in weights:
@@ -593,12 +626,14 @@ class _Fused:
     as in a real step (docs/benchmarks.md, "Design measurements").
 
     ``quant``, set by ``Decoder.quantize_weights``, is a quantized copy beside
-    the dense weight, used for inputs of at most its ``rows`` rows.
+    the dense weight, used for inputs of at most its ``rows`` rows; ``half``
+    a bfloat16 copy of a float32 weight used for larger ones.
     """
 
     def __init__(self, *linears: nn.Linear, transposed: bool) -> None:
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [out, in]
         self.quant: QuantizedWeight | None = None
+        self.half: torch.Tensor | None = None  # a bfloat16 copy [out, in] for a float32 model's large steps
         self.transposed = transposed
         if self.transposed:
             self.weight = weight.t().contiguous()  # [in, out]
@@ -631,6 +666,9 @@ class _Fused:
         if q is not None and x.shape[0] <= q.rows:
             y = q(x)
             return y if self.bias is None else y.add_(self.bias)
+        if self.half is not None:
+            y = F.linear(x.to(torch.bfloat16), self.half).to(x.dtype)
+            return y if self.bias is None else y.add_(self.bias)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
@@ -642,6 +680,9 @@ class _Fused:
         q = self.quant
         if q is not None and x.shape[0] <= q.rows:
             out = torch.add(h, q.raw(x))  # promoted to ``h``'s dtype in the add
+            return out if self.bias is None else out.add_(self.bias)
+        if self.half is not None:
+            out = torch.add(h, F.linear(x.to(torch.bfloat16), self.half))
             return out if self.bias is None else out.add_(self.bias)
         out = torch.addmm(h, x, self.weight if self.transposed else self.weight.t())
         return out if self.bias is None else out.add_(self.bias)

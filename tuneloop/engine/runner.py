@@ -55,6 +55,7 @@ class ModelRunner:
         self.quantize_name = quantize  # [model] quantize
         self.quantize = "none"  # the format chosen at load (``quant.pick_format``)
         self.quant_rows = 0
+        self._half = False  # large steps of a float32 model read a bfloat16 copy
         self._quant_why = ""
         # The live version's LoRA adapter, applied unmerged to every row that
         # names none, where the base weights are quantized (see ``swap``).
@@ -130,12 +131,13 @@ class ModelRunner:
         activations, attention and residual stream then stay in float32,
         which measured faster than bfloat16 at one row (bfloat16's small
         attention products are slow) and as fast at 16, and closer to
-        float32's replies; the dense weights only serve prefills and steps
-        above the crossover (docs/benchmarks.md, "Weight formats").
+        float32's replies; prefills and steps above the crossover read a
+        bfloat16 copy where bfloat16 multiplies faster (``Decoder.quantize_weights``;
+        docs/benchmarks.md, "Weight formats").
         """
         from tuneloop.engine import quant
         from tuneloop.engine._decode import SUPPORTED
-        from tuneloop.engine.device import pick_dtype
+        from tuneloop.engine.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup, pick_dtype
 
         self.quantize, self._quant_why = "none", f"[model] quantize = \"{self.quantize_name}\""
         if self.quantize_name != "none":
@@ -149,7 +151,11 @@ class ModelRunner:
                 self.quantize, self._quant_why = quant.pick_format(self.quantize_name, self.device, width, dense)
         if self.quantize == "none":
             return pick_dtype(self.dtype_name, self.device)
-        self.quant_rows = quant.crossover(self.quantize, dense)
+        # A float32 model's large steps read a bfloat16 copy where bfloat16 is the faster
+        # (``Decoder.quantize_weights``); the crossover is against what they would read.
+        self._half = (self.dtype_name == "auto" and dense == torch.float32
+                      and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
+        self.quant_rows = quant.crossover(self.quantize, torch.bfloat16 if self._half else dense)
         return dense
 
     def _build_decoder(self) -> None:
@@ -159,7 +165,8 @@ class ModelRunner:
             # A version merged into the weights (not plain LoRA) is served dense:
             # its change is smaller than a 4-bit step and would round away.
             kind = self.quantize if self._merged is None else "none"
-            self.decoder, why = Decoder.for_model(self.model, quantize=kind, quant_rows=self.quant_rows)
+            self.decoder, why = Decoder.for_model(self.model, quantize=kind, quant_rows=self.quant_rows,
+                                                  half=self._half)
             if self.quantize != "none":
                 why = f"{why}; quantize: {self._quant_why}" if kind != "none" else \
                     f"{why}; version {self.version} merged into the weights, served dense"
