@@ -121,7 +121,11 @@ class ModelRunner:
         self.eos = eos
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else (min(eos) if eos else 0)
-        self._base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.quantize == "none":
+            # Swaps merge versions into the weights: keep the base to restore.
+            # Over quantized weights versions sit beside them, and the base is
+            # read again from its folder in the rare case that one merges.
+            self._base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self._build_decoder()
 
     def _pick_weights(self, config) -> torch.dtype:
@@ -247,12 +251,13 @@ class ModelRunner:
                 if self._merged is None:
                     return False
                 with torch.no_grad():
-                    self.model.load_state_dict(self._base_state)
+                    self.model.load_state_dict(self._base_weights())
                 self._merged = None
                 return True
         self._live = None
         with torch.no_grad():
-            self.model.load_state_dict(self._base_state)
+            if self._merged is not None or self._base_state is not None:
+                self.model.load_state_dict(self._base_weights())
             self._merged = adapter_path
             if not adapter_path:
                 return True
@@ -269,6 +274,15 @@ class ModelRunner:
                 full = AutoModelForCausalLM.from_pretrained(adapter_path, dtype=self.model.dtype)
                 self.model.load_state_dict(full.state_dict())
         return True
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The base model's weights: the copy kept at load, or read again from its folder."""
+        if self._base_state is not None:
+            return self._base_state
+        from transformers import AutoModelForCausalLM
+
+        log.info("reading the base weights again from %s", self.model_path)
+        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.model.dtype).state_dict()
 
     def _loras(self, seqs: list[Sequence]) -> list[Adapter | None]:
         """Each row's adapter: its own, else the live version's where that is served unmerged."""
