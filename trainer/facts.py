@@ -144,7 +144,8 @@ def _base_replies(config: Config, base_path: str, probes: list[str]) -> list[str
 
     weights = sorted(Path(base_path).glob("*.safetensors"))
     key = hashlib.sha256(json.dumps([str(Path(base_path).resolve()), [w.stat().st_mtime for w in weights],
-                                     config.model.system_prompt, config.model.dtype,
+                                     config.model.system_prompt, config.model.dtype, config.model.quantize,
+                                     config.model.fused_decode,
                                      config.trainer.eval_max_new_tokens, probes]).encode()).hexdigest()[:16]
     cache = default_cache_dir() / "facts" / f"base-{key}.json"
     try:

@@ -79,9 +79,12 @@ async def greedy(config: Config, base_path: str, adapter: str | Path | None, pro
     if not prompts:
         return []
     full = adapter is not None and not (Path(adapter) / "adapter_config.json").exists()
+    # The bot's engine (``LocalEngine.from_config``): the same dtype, decode step and
+    # weight format, so a greedy reply here is the one users get.
     engine = LocalEngine(str(adapter) if full else base_path, version=version, device=config.model.device,
                          dtype=config.model.dtype, max_batch=config.model.max_batch,
-                         max_queue=max(config.model.max_queue, len(prompts)))
+                         max_queue=max(config.model.max_queue, len(prompts)),
+                         fused_decode=config.model.fused_decode, quantize=config.model.quantize)
     await engine.start()
     try:
         if adapter is not None and not full:
