@@ -580,7 +580,8 @@ class _Layer:
         h = self.o_proj.add_to(h, out)
         if lora is None:
             x = self.post_norm(h)
-            gu = self.gate_up(x)
+            # In the dtype the down projection multiplies in: no casts either side.
+            gu = self.gate_up.narrow(x)
             return self.down_proj.add_to(h, self.act(gu[:, : self.inter]) * gu[:, self.inter :])
         o, gate_up, down = self.keys[1:]
         lora.add(o, out, h)
@@ -674,6 +675,17 @@ class _Fused:
         if self.bias is None:
             return torch.mm(x, self.weight)
         return torch.addmm(self.bias, x, self.weight)
+
+    def narrow(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` in the dtype the weights read for ``x`` multiply in (bfloat16 for the copies)."""
+        q = self.quant
+        if q is not None and x.shape[0] <= q.rows:
+            y = q.raw(x)
+        elif self.half is not None:
+            y = F.linear(x.to(torch.bfloat16), self.half)
+        else:
+            return self(x)
+        return y if self.bias is None else y.add_(self.bias)
 
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``h + self(x)`` as one multiply-add (a residual connection)."""
