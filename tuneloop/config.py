@@ -224,12 +224,12 @@ class TrainerConfig:
     batch_size: int = field(default=8, metadata=_meta("examples per step", min=1))
     replay_ratio: float = field(default=1.0, metadata=_meta(
         "replay examples per feedback example (0 turns replay off)", min=0.0))
-    replay_prompts: int = field(default=32, metadata=_meta(
+    replay_prompts: int = field(default=64, metadata=_meta(
         "size of the replay set: earlier prompts, then base SFT prompts, answered by the live model", min=0))
-    replay_loss: str = field(default="nll", metadata=_meta(
+    replay_loss: str = field(default="distill", metadata=_meta(
         "replay rows' loss: nll (the live model's greedy reply as the target) or distill (cross-entropy "
         "to the live model's next-token distribution at every reply token)", choices=("nll", "distill")))
-    replay_weight: float = field(default=1.0, metadata=_meta(
+    replay_weight: float = field(default=5.0, metadata=_meta(
         "weight of the replay rows' loss beside the feedback's", min=0.0))
     replay_general: bool = field(default=True, metadata=_meta(
         "mix tuneloop's own general instructions and questions into the replay set, beside the base "
