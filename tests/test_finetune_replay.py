@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from tests.test_learning_loop import _perturb_adapter
 from trainer import data
 from trainer.finetune import FinetuneConfig, Finetuner
 from tuneloop.errors import TrainingError
@@ -19,27 +20,17 @@ REPLAY = [{**data.sft_row([{"role": "user", "content": p}], r), "replay": True}
           for p, r in (("hi", "Hello."), ("How are you?", "I am fine, thank you."))]
 
 
-def _perturb(model) -> None:
-    """Random LoRA B weights: the policy then differs from the starting model, so replay losses are non-zero."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.eval()
-
-
 def test_replay_weight_scales_only_the_replay_term(tiny_model):
     losses = {}
     for loss_kind in ("nll", "distill"):
         for weight in (0.0, 1.0, 3.0):
             tuner = Finetuner(tiny_model, FEEDBACK + REPLAY,
                               FinetuneConfig(lora_r=4, replay_loss=loss_kind, replay_weight=weight))
-            _perturb(tuner.model)
+            _perturb_adapter(tuner.model)
             with torch.no_grad():
                 losses[loss_kind, weight] = float(tuner._loss(tuner.examples))
     feedback_only = Finetuner(tiny_model, FEEDBACK, FinetuneConfig(lora_r=4))
-    _perturb(feedback_only.model)
+    _perturb_adapter(feedback_only.model)
     with torch.no_grad():
         alone = float(feedback_only._loss(feedback_only.examples))
     for kind in ("nll", "distill"):
@@ -56,7 +47,7 @@ def test_distilled_replay_starts_at_the_teacher(tiny_model):
     assert all("teacher" in e for e in tuner.examples)
     with torch.no_grad():
         at_start = float(tuner._loss(tuner.examples))
-    _perturb(tuner.model)
+    _perturb_adapter(tuner.model)
     with torch.no_grad():
         moved = float(tuner._loss(tuner.examples))
     assert moved > at_start
