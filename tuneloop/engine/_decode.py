@@ -662,13 +662,20 @@ class _Fused:
         """The dense weight as ``[out, in]`` (a view)."""
         return self.weight.t() if self.transposed else self.weight
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _copy(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` through the copy that serves its row count (quantized or bfloat16), bias aside, in
+        bfloat16; None where the dense weight does."""
         q = self.quant
         if q is not None and x.shape[0] <= q.rows:
-            y = q(x)
-            return y if self.bias is None else y.add_(self.bias)
+            return q.raw(x)
         if self.half is not None:
-            y = F.linear(x.to(torch.bfloat16), self.half).to(x.dtype)
+            return F.linear(x.to(torch.bfloat16), self.half)
+        return None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._copy(x)
+        if y is not None:
+            y = y.to(x.dtype)
             return y if self.bias is None else y.add_(self.bias)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
@@ -678,25 +685,18 @@ class _Fused:
 
     def narrow(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)`` in the dtype the weights read for ``x`` multiply in (bfloat16 for the copies)."""
-        q = self.quant
-        if q is not None and x.shape[0] <= q.rows:
-            y = q.raw(x)
-        elif self.half is not None:
-            y = F.linear(x.to(torch.bfloat16), self.half)
-        else:
+        y = self._copy(x)
+        if y is None:
             return self(x)
         return y if self.bias is None else y.add_(self.bias)
 
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``h + self(x)`` as one multiply-add (a residual connection)."""
-        q = self.quant
-        if q is not None and x.shape[0] <= q.rows:
-            out = torch.add(h, q.raw(x))  # promoted to ``h``'s dtype in the add
-            return out if self.bias is None else out.add_(self.bias)
-        if self.half is not None:
-            out = torch.add(h, F.linear(x.to(torch.bfloat16), self.half))
-            return out if self.bias is None else out.add_(self.bias)
-        out = torch.addmm(h, x, self.weight if self.transposed else self.weight.t())
+        y = self._copy(x)
+        if y is not None:
+            out = torch.add(h, y)  # promoted to ``h``'s dtype in the add
+        else:
+            out = torch.addmm(h, x, self.weight if self.transposed else self.weight.t())
         return out if self.bias is None else out.add_(self.bias)
 
 
