@@ -215,7 +215,8 @@ class TrainerConfig:
     lora_alpha: int = field(default=32, metadata=_meta("adapter scale alpha (lora, dora, adalora)", min=1))
     lora_targets: str = field(default="all-linear", metadata=_meta(
         'layers the adapter trains: "all-linear" or comma-separated module names (q_proj,v_proj)'))
-    learning_rate: float = field(default=5e-3, metadata=_meta("optimizer learning rate", min=0.0))
+    # 2e-3: measured on SmolLM2 by `python -m trainer facts` (docs/benchmarks.md, row i).
+    learning_rate: float = field(default=2e-3, metadata=_meta("optimizer learning rate", min=0.0))
     epochs: int = field(default=60, metadata=_meta(
         "most passes over the feedback; a run stops earlier once every feedback and replay reply is "
         "the greedy reply", min=1))
