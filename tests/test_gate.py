@@ -102,6 +102,9 @@ def test_each_peft_kind_trains_and_merges_into_the_weights(tiny_model, tmp_path,
                                                        early_stop=False, lora_r=4, lora_alpha=8))
     stats = tuner.train()
     assert stats["steps"] == 4 and stats["final_loss"] < stats["first_loss"]
+    # What the facts check reports per method (`report["train"]["trainable_parameters"]`): peft's own count.
+    trainable, _ = tuner.acc.unwrap_model(tuner.model).get_nb_trainable_parameters()
+    assert stats["trainable_parameters"] == trainable > 0
     tuner.save(tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
     before = {k: v.clone() for k, v in base.state_dict().items()}
