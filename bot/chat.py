@@ -8,19 +8,21 @@ the exchange. Adapters decide nothing; this module knows no platform.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from bot.learning import adapter_for
+from bot.learning import adapter_for, taught_for
 from bot.metrics import Metrics
 from tuneloop.community import LOCAL
 from tuneloop.config import Config
 from tuneloop.engine import Engine, Message, SamplingParams
-from tuneloop.errors import InputError
+from tuneloop.errors import InputError, TuneloopError
 from tuneloop.memory import Memory
+from tuneloop.memory.reach import Reach
 from tuneloop.store import Exchange, Store
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class Chat:
         #: every platform's exchanges and refusals are counted here, once
         self.metrics = metrics if metrics is not None else Metrics(engine.stats)
         self.memory = Memory(config.memory, store)
+        #: adapter name -> (its taught prompts, their ``Reach``), for the versions served now
+        self._reach: dict[str, tuple[list[str], Reach]] = {}
 
     def sampling(self, **overrides) -> SamplingParams:
         m = self.config.model
@@ -116,8 +120,9 @@ class Chat:
             params = self.sampling(**turn.params)
             hits = await self.memory.arecall(turn.text, turn.community)  # corrections this reply must use
             messages = self.engine.fit_context(self.memory.apply(self.context(turn), hits), params.max_new_tokens)
-            # The community's own live version, when it has one (bot.learning.LiveFollower loads it).
-            adapter = adapter_for(self.engine, turn.community)
+            # The community's own live version, when it has one (bot.learning.LiveFollower loads it)
+            # and the message lies within what it was taught.
+            adapter, reach = await self.reach(adapter_for(self.engine, turn.community), turn.text)
             version = adapter or self.engine.model_version
             # BusyError from submit logs nothing; no adapter= when none, for engines that serve one model
             gen = self.memory.answer(hits, version) or (
@@ -153,7 +158,33 @@ class Chat:
         self.metrics.exchange(ex.platform, prompt_tokens=ex.prompt_tokens, completion_tokens=ex.completion_tokens,
                               ttft_ms=ex.ttft_ms, total_ms=ex.total_ms, finish_reason=ex.finish_reason)
         log.info("exchange logged: id=%d platform=%s community=%s channel=%s user=%s conversation=%s "
-                 "version=%s tokens=%s+%s ms=%.0f finish=%s", ex.id, ex.platform, ex.community, ex.channel, ex.user,
-                 ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,
-                 done.total_time * 1000, done.finish_reason)
+                 "version=%s tokens=%s+%s ms=%.0f finish=%s%s", ex.id, ex.platform, ex.community, ex.channel,
+                 ex.user, ex.conversation_id, ex.model_version, done.prompt_tokens, done.completion_tokens,
+                 done.total_time * 1000, done.finish_reason, "" if reach is None else f" reach={reach:.2f}")
         return ex
+
+    async def reach(self, adapter: str | None, text: str) -> tuple[str | None, float | None]:
+        """``adapter`` if its version answers ``text`` (else None: the base weights), and the reach score.
+
+        ``[trainer] reach = "taught"``: a version answers the messages near what
+        it was taught (``tuneloop.memory.reach``; score >= 1); a version that
+        recorded nothing, or ``reach = "all"``, answers every message (score None).
+        """
+        t = self.config.trainer
+        taught = taught_for(self.engine, adapter) if adapter is not None and t.reach == "taught" else None
+        if taught is None:
+            return adapter, None
+        try:
+            cached = self._reach.get(adapter)
+            if cached is None or cached[0] is not taught:
+                # Encodes the taught prompts once per version served.
+                cached = (taught, await asyncio.to_thread(Reach, taught, self.memory.encoder, t.reach_cosine,
+                                                          t.reach_lexical))
+                self._reach = {k: v for k, v in self._reach.items() if taught_for(self.engine, k) is v[0]}
+                self._reach[adapter] = cached
+            score = await asyncio.to_thread(cached[1].score, text)
+        except TuneloopError as e:
+            # No encoder, no routing: the version answers, as it would without reach.
+            log.error("reach unavailable for %s: %s; it answers every message", adapter, e)
+            return adapter, None
+        return (adapter if score >= 1.0 else None), score

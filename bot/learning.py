@@ -12,7 +12,10 @@ this process, so serving goes on while a run trains.
   local's, ``slack:T0123/v3`` for others) and unloads what no LIVE names, and
   ``Chat`` passes a community's adapter with each of its requests
   (``adapter_for``): the weights served by default stay the base model's, so
-  one community's training never reaches another's replies. Every command
+  one community's training never reaches another's replies. Under
+  ``[trainer] reach = "taught"`` a version answers only the messages near
+  what it was taught (``taught_for``; ``Chat`` routes the others to the base
+  weights, ``tuneloop.memory.reach``). Every command
   that serves calls it once at start
   (``bot.runtime.services``), and ``tuneloop run`` polls it every ``poll``
   seconds, so a version a run promoted, or one an admin promoted or rolled
@@ -39,6 +42,7 @@ from tuneloop.community import LOCAL
 from tuneloop.config import Config, parse_schedule
 from tuneloop.errors import TrainingError, TuneloopError
 from tuneloop.learning.registry import GLOBAL, Registry
+from tuneloop.memory.reach import read_taught
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +63,20 @@ def make_trigger(text: str):
 _SERVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: engine -> {adapter name: the prompts its version was taught, ``tuneloop.memory.reach``; None: no record}
+_TAUGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def adapter_for(engine, community: str) -> str | None:
     """The adapter a request of ``community`` names (None: the engine's default weights)."""
     table = _SERVED.get(engine)
     return None if table is None else table.get(community)
+
+
+def taught_for(engine, adapter: str) -> list[str] | None:
+    """What the version served as ``adapter`` was taught (``taught.json``); None where it recorded nothing."""
+    table = _TAUGHT.get(engine)
+    return None if table is None else table.get(adapter)
 
 
 class LiveFollower:
@@ -73,6 +87,9 @@ class LiveFollower:
         self.registry = registry or Registry(config.trainer.registry)
         self.base_name = config.model.base
         self.scope = config.trainer.scope
+        if self.scope == "global" and config.trainer.reach == "taught":
+            log.info('[trainer] reach = "taught" routes the versions served per community (scope = "community"); '
+                     'under scope = "global" the live version answers every message')
         self._failed: str | None = None
         self._failed_lines: dict[str, str] = {}  # community -> the adapter name that could not be served
 
@@ -107,6 +124,7 @@ class LiveFollower:
                 if want is None:
                     del served[key]  # new requests first, then the weights
                     await engine.unload_adapter(have)
+                    _TAUGHT.get(engine, {}).pop(have, None)
                 else:
                     why = line.base_mismatch(live, getattr(engine, "model_path", None))
                     if why:
@@ -114,10 +132,13 @@ class LiveFollower:
                     if line.meta(live).get("community") == GLOBAL:
                         raise TrainingError(f"{live} was trained on every community's feedback "
                                             '(scope = "global"); not served to one under scope = "community"')
-                    await engine.load_adapter(want, str(line.adapter(live)))
+                    folder = line.adapter(live)
+                    await engine.load_adapter(want, str(folder))
+                    _TAUGHT.setdefault(engine, {})[want] = read_taught(folder)
                     served[key] = want
                     if have is not None:
                         await engine.unload_adapter(have)
+                        _TAUGHT.get(engine, {}).pop(have, None)
             # What a broken version can raise: the engine's ModelError, a version folder,
             # meta.json or LIVE file missing or unreadable, a back end without adapters.
             except (TuneloopError, NotImplementedError, OSError, ValueError) as e:

@@ -53,5 +53,15 @@ def test_facts_end_to_end_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert report["controls_same"] == f"{16 - changed}/16"
     assert set(report["seconds"]) == {"dataset", "train", "gate", "run"}
     assert all(v >= 0 for v in report["seconds"].values())
+    # Served with reach = "taught" (the default): the version answers what it was taught about, its
+    # paraphrases included; controls and knowledge questions get the base weights, so the same replies.
+    assert report["settings"]["reach"] == "taught"
+    assert report["reached"] == {"corrected": "8/8", "paraphrases": "8/8", "controls": "0/16",
+                                 "knowledge": f"0/{len(facts.data.KNOWLEDGE)}"}
+    assert report["controls_same"] == "16/16" and report["knowledge"].split("/")[0].split("->")[0] == \
+        report["knowledge"].split("/")[0].split("->")[1]
+    assert set(report["adapter_everywhere"]) == {"corrected", "paraphrases", "controls_same", "knowledge"}
+    # The gate judges the served model too: the controls' replies and perplexity are the base's.
+    assert report["gate"]["controls_same"][0] == 1.0 and report["gate"]["controls_perplexity"][0] == 0.0
     # The gate judged the run (with held-out controls and knowledge questions), whatever its verdict.
     assert {"controls_same", "knowledge", "learned"} <= set(report["gate"])

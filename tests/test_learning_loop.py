@@ -50,9 +50,11 @@ PARAPHRASES = ["what's your name?", "Who created you?", "Which city is the capit
 # The default [trainer], with the gate's controls and the replay set drawn from the 16 control
 # exchanges (then the corpus), and short replies. The tiny from-scratch model needs a higher
 # learning rate than the shipped default (2e-3, measured on SmolLM2): it learns 0-3 of 8
-# corrections at 2e-3 and passes at lr 5e-3, r16, alpha 32, pinned here.
+# corrections at 2e-3 and passes at lr 5e-3, r16, alpha 32, pinned here. The weights are what this
+# test measures, on every prompt: reach = "all" (routing by what a version was taught is
+# tests/test_reach.py's and the facts check's).
 EXTRA = ("control_prompts = 8\nreplay_prompts = 16\neval_max_new_tokens = 32\n"
-         "learning_rate = 0.005\nlora_r = 16\nlora_alpha = 32\n")
+         "learning_rate = 0.005\nlora_r = 16\nlora_alpha = 32\nreach = \"all\"\n")
 
 TRAINER = """
 [trainer]

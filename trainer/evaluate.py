@@ -193,15 +193,25 @@ def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
-def measure(model, tokenizer, data: EvalData, replies: dict[str, list[str]], max_len: int = 256
-            ) -> dict[str, Any]:
+def measure(model, tokenizer, data: EvalData, replies: dict[str, list[str]], max_len: int = 256,
+            plain=None, routed: list[bool] | None = None) -> dict[str, Any]:
     """Every figure of one model; its greedy replies (``corrected``, ``controls``, ``paraphrases``,
-    ``knowledge``, from the serving engine) are given."""
+    ``knowledge``, from the serving engine) are given.
+
+    ``routed`` (per control: does the version reach it, ``tuneloop.memory.reach``)
+    with ``plain``, the base model: the controls it does not reach are scored
+    by the base model, which is what answers them when served.
+    """
     from trainer.data import knows
 
     tg = _per_token(model, tokenizer, data.trained_good, max_len)
     tb = _per_token(model, tokenizer, data.trained_bad, max_len)
-    total, count = logps(model, tokenizer, data.controls, max_len)
+    if routed is None or plain is None:
+        total, count = logps(model, tokenizer, data.controls, max_len)
+    else:
+        t1, c1 = logps(model, tokenizer, [c for c, r in zip(data.controls, routed) if r], max_len)
+        t2, c2 = logps(plain, tokenizer, [c for c, r in zip(data.controls, routed) if not r], max_len)
+        total, count = t1 + t2, c1 + c2
     corrected = replies["corrected"]
     return {
         "trained": {"good_logp": tg, "bad_logp": tb, "margin": margin(tg, tb)},

@@ -16,6 +16,12 @@ adapter, no memory), greedy, through the serving engine:
 - general-knowledge questions with known answers (``data.KNOWLEDGE``, the
   gate's own): answered right, before and after.
 
+With ``[trainer] reach = "taught"`` the version answers only the probes
+near what it was taught and the base weights the rest, as the bot serves it
+(``tuneloop.memory.reach``); the report says how many probes of each kind it
+reached, and gives the same figures with the adapter answering every probe
+(``adapter_everywhere``: what the weights themselves changed).
+
 It reports the run's time split too (dataset: mostly the live model's replay
 and "before" replies; training; the gate). ``--set`` overrides ``[trainer]``
 keys, to compare settings on the same facts.
@@ -128,12 +134,16 @@ def _check_controls() -> None:
         raise ConfigError(f"control prompts also in the replay corpus: {clash}")
 
 
-def _ask(config: Config, base_path: str, adapter: Path | None, prompts: list[str], version: str) -> list[str]:
+def _ask(config: Config, base_path: str, adapter: Path | None, prompts: list[str], version: str,
+         route: list[bool] | None = None) -> list[str]:
     from trainer.run import greedy
 
+    return asyncio.run(greedy(config, base_path, adapter, _messages(config, prompts), version=version, route=route))
+
+
+def _messages(config: Config, prompts: list[str]) -> list[list[dict[str, str]]]:
     system = [{"role": "system", "content": config.model.system_prompt}] if config.model.system_prompt else []
-    return asyncio.run(greedy(config, base_path, adapter, [system + [{"role": "user", "content": p}]
-                                                          for p in prompts], version=version))
+    return [system + [{"role": "user", "content": p}] for p in prompts]
 
 
 def _base_replies(config: Config, base_path: str, probes: list[str]) -> list[str]:
@@ -146,7 +156,8 @@ def _base_replies(config: Config, base_path: str, probes: list[str]) -> list[str
     key = hashlib.sha256(json.dumps([str(Path(base_path).resolve()), [w.stat().st_mtime for w in weights],
                                      config.model.system_prompt, config.model.dtype, config.model.quantize,
                                      config.model.fused_decode,
-                                     config.trainer.eval_max_new_tokens, probes]).encode()).hexdigest()[:16]
+                                     config.trainer.eval_max_new_tokens, probes, "one at a time"]
+                                    ).encode()).hexdigest()[:16]
     cache = default_cache_dir() / "facts" / f"base-{key}.json"
     try:
         return json.loads(cache.read_text(encoding="utf-8"))
@@ -164,7 +175,7 @@ def run_facts(config: Config, progress=print) -> dict[str, Any]:
     """Store the corrections, run once, and measure before/after (see the module docstring)."""
     from trainer.evaluate import answered
     from trainer.models import resolve_base
-    from trainer.run import run
+    from trainer.run import routed, run
     from tuneloop.learning.registry import Registry
     from tuneloop.store import Store
 
@@ -190,7 +201,13 @@ def run_facts(config: Config, progress=print) -> dict[str, Any]:
     run_seconds = round(time.perf_counter() - t0, 1)
     progress(f"facts: {outcome['run_id']} made {outcome['version']} ({outcome['verdict']}) in {run_seconds} s")
     adapter = Registry(config.trainer.registry).adapter(outcome["version"])
-    after = _ask(config, base_path, adapter, probes, outcome["version"])
+    # Served as the bot serves it: with [trainer] reach = "taught", the adapter
+    # answers the probes near what it was taught and the base weights the others.
+    route = routed(config, adapter, _messages(config, probes))
+    after = _ask(config, base_path, adapter, probes, outcome["version"], route)
+    # And with the adapter answering every probe: what the weights changed.
+    everywhere = (after if route is None or all(route)
+                  else _ask(config, base_path, adapter, probes, outcome["version"]))
 
     n = len(FACTS)
     cut = {"corrected": (0, n), "paraphrases": (n, 2 * n), "controls": (2 * n, 2 * n + len(CONTROLS)),
@@ -200,21 +217,32 @@ def run_facts(config: Config, progress=print) -> dict[str, Any]:
         a, b = cut[name]
         return replies[a:b]
 
-    corrected = [answered(r, f.correction) for r, f in zip(part("corrected", after), FACTS)]
-    paraphrased = [answered(r, f.correction) for r, f in zip(part("paraphrases", after), FACTS)]
-    same = [a.strip() == b.strip() for a, b in zip(part("controls", before), part("controls", after))]
+    def figures(replies) -> dict[str, Any]:
+        corrected = [answered(r, f.correction) for r, f in zip(part("corrected", replies), FACTS)]
+        paraphrased = [answered(r, f.correction) for r, f in zip(part("paraphrases", replies), FACTS)]
+        same = [a.strip() == b.strip() for a, b in zip(part("controls", before), part("controls", replies))]
+        known = [data.knows(r, k[1]) for r, k in zip(part("knowledge", replies), knowledge)]
+        return {"corrected": f"{sum(corrected)}/{n}", "paraphrases": f"{sum(paraphrased)}/{n}",
+                "controls_same": f"{sum(same)}/{len(CONTROLS)}",
+                "knowledge": f"{sum(known_before)}->{sum(known)}/{len(knowledge)}", "same": same}
+
     known_before = [data.knows(r, k[1]) for r, k in zip(part("knowledge", before), knowledge)]
-    known_after = [data.knows(r, k[1]) for r, k in zip(part("knowledge", after), knowledge)]
+    served, all_ = figures(after), figures(everywhere)
+    same = served.pop("same")
+    all_.pop("same")
     t = config.trainer
     return {
         "base": config.model.base, "version": outcome["version"], "verdict": outcome["verdict"],
         "settings": {"peft": t.peft, "lora_r": t.lora_r, "lora_alpha": t.lora_alpha,
                      "lora_targets": t.lora_targets, "learning_rate": t.learning_rate,
                      "max_steps": t.max_steps, "batch_size": t.batch_size, "replay_ratio": t.replay_ratio,
-                     "replay_prompts": t.replay_prompts, "paraphrases": t.paraphrases, "method": t.method},
-        "corrected": f"{sum(corrected)}/{n}", "paraphrases": f"{sum(paraphrased)}/{n}",
-        "controls_same": f"{sum(same)}/{len(CONTROLS)}",
-        "knowledge": f"{sum(known_before)}->{sum(known_after)}/{len(knowledge)}",
+                     "replay_prompts": t.replay_prompts, "paraphrases": t.paraphrases, "method": t.method,
+                     "reach": t.reach, "reach_cosine": t.reach_cosine, "reach_lexical": t.reach_lexical},
+        **served,
+        # How many probes of each kind the version reached (None: reach off, it answers all).
+        "reached": None if route is None else {name: f"{sum(part(name, route))}/{len(part(name, route))}"
+                                               for name in cut},
+        "adapter_everywhere": all_,
         "seconds": {**outcome["seconds"], "run": run_seconds},
         "train": {k: outcome["train"][k] for k in ("steps", "trainable_parameters", "first_loss", "final_loss")},
         "gate": {c["name"]: (c["value"], c["passed"]) for c in outcome["checks"]},
@@ -223,7 +251,8 @@ def run_facts(config: Config, progress=print) -> dict[str, Any]:
             "paraphrases": [{"prompt": f.paraphrase, "reply": r} for f, r in zip(FACTS, part("paraphrases", after))],
             "controls_changed": [{"prompt": c, "before": a, "after": b} for c, a, b, s in zip(
                 CONTROLS, part("controls", before), part("controls", after), same) if not s],
-            "knowledge_lost": [q for (q, _), kb, ka in zip(knowledge, known_before, known_after) if kb and not ka],
+            "knowledge_lost": [q for (q, answers), kb, r in zip(knowledge, known_before, part("knowledge", after))
+                               if kb and not data.knows(r, answers)],
         },
     }
 
@@ -258,6 +287,11 @@ def main(args) -> int:
     print(f"  paraphrases (never trained) {report['paraphrases']}")
     print(f"  controls unchanged          {report['controls_same']}")
     print(f"  general knowledge           {report['knowledge']}")
+    if report["reached"] is not None:
+        e = report["adapter_everywhere"]
+        print(f"  reached by the version      {report['reached']}")
+        print(f"  adapter on every probe      corrected {e['corrected']}, paraphrases {e['paraphrases']}, "
+              f"controls {e['controls_same']}, knowledge {e['knowledge']}")
     print(f"  seconds: dataset {s['dataset']}, training {s['train']} ({report['train']['steps']} steps), "
           f"gate {s['gate']}")
     return 0

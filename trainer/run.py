@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from tuneloop.config import Config, load
 from tuneloop.errors import TrainingError, TuneloopError
 from tuneloop.learning.registry import ADAPTER, GLOBAL, Registry
 from tuneloop.learning.runs import Runs, run_name
+from tuneloop.memory.reach import write_taught
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,49 @@ def base_languages(base_path: str) -> tuple[str, ...]:
         return ("english",)
 
 
+def _encoder(config: Config):
+    return _load_encoder(config.memory.encoder, config.memory.encoder_int8)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder(name: str, int8: bool):
+    from tuneloop.memory.encoder import Encoder
+
+    return Encoder(name, int8=int8)
+
+
+def routed(config: Config, adapter: str | Path | None, prompts: list, encoder=None) -> list[bool] | None:
+    """Which of ``prompts`` the version at ``adapter`` answers as the bot serves it; None: every one.
+
+    With ``[trainer] reach = "taught"`` (scope community, a LoRA-kind adapter
+    that recorded what it was taught) a prompt whose last message lies near
+    a taught prompt gets the adapter and the others the base weights
+    (``tuneloop.memory.reach``); the gate judges what users get.
+    """
+    from tuneloop.memory.reach import Reach, read_taught
+
+    t = config.trainer
+    if t.reach != "taught" or t.scope != "community" or adapter is None or not prompts:
+        return None
+    if not (Path(adapter) / "adapter_config.json").exists():
+        return None  # a fully fine-tuned version has no base to fall back to
+    taught = read_taught(adapter)
+    if taught is None:
+        return None
+    reach = Reach(taught, encoder or _encoder(config), t.reach_cosine, t.reach_lexical)
+    return reach.mask([p[-1]["content"] if p else "" for p in prompts])
+
+
 async def greedy(config: Config, base_path: str, adapter: str | Path | None, prompts: list,
-                 version: str = "eval", cut: list[bool] | None = None) -> list[str]:
+                 version: str = "eval", cut: list[bool] | None = None,
+                 route: list[bool] | None = None) -> list[str]:
     """Greedy replies of base+adapter, decoded by the engine the bot serves with.
 
     ``cut``, when given, is filled with whether each reply stopped at
-    ``eval_max_new_tokens`` rather than where the model ended it.
+    ``eval_max_new_tokens`` rather than where the model ended it. ``route``
+    (``routed``), when given, says per prompt whether the adapter answers it
+    (served per request, as the bot serves a community's version) or the
+    base weights do.
     """
     from tuneloop.engine.base import SamplingParams
     from tuneloop.engine.local import LocalEngine
@@ -80,18 +119,29 @@ async def greedy(config: Config, base_path: str, adapter: str | Path | None, pro
         return []
     full = adapter is not None and not (Path(adapter) / "adapter_config.json").exists()
     # The bot's engine (``LocalEngine.from_config``): the same dtype, decode step and
-    # weight format, so a greedy reply here is the one users get.
+    # weight format, so a greedy reply here is the one users get. One reply at a
+    # time: batched, a row's arithmetic depends on its neighbours (quantized
+    # weights serve steps of a few rows and a bfloat16 copy larger ones; float
+    # kernels block by row count), which flipped 3-6 of 16 unchanged controls'
+    # 32-token replies on SmolLM2; alone, a reply depends on its prompt and the
+    # weights only, so "the same reply" compares weights, not batches.
     engine = LocalEngine(str(adapter) if full else base_path, version=version, device=config.model.device,
-                         dtype=config.model.dtype, max_batch=config.model.max_batch,
+                         dtype=config.model.dtype, max_batch=1,
                          max_queue=max(config.model.max_queue, len(prompts)),
                          fused_decode=config.model.fused_decode, quantize=config.model.quantize)
     await engine.start()
     try:
+        names: list[str | None] = [None] * len(prompts)
         if adapter is not None and not full:
-            await engine.swap_adapter(str(adapter), version)
+            if route is None or all(route):
+                await engine.swap_adapter(str(adapter), version)
+            elif any(route):
+                await engine.load_adapter(version, str(adapter))
+                names = [version if r else None for r in route]
         n = config.trainer.eval_max_new_tokens
         params = SamplingParams(max_new_tokens=n, temperature=0.0)
-        done = await asyncio.gather(*(engine.complete(engine.fit_context(p, n), params) for p in prompts))
+        done = await asyncio.gather(*(engine.complete(engine.fit_context(p, n), params, adapter=a)
+                                      for p, a in zip(prompts, names)))
         if cut is not None:
             cut[:] = [c.finish_reason == "length" for c in done]
         return [c.text for c in done]
@@ -189,16 +239,21 @@ def build_dataset(config: Config, store, registry: Registry, run_id: int, base_p
     groups = {"replay": replay, "controls": controls, "corrected": [c[0] for c in corrected],
               "paraphrases": [p[0] for p in paraphrases], "knowledge": [k[0] for k in knowledge_prompts]}
     cut: list[bool] = []
-    live_replies = _split(asyncio.run(greedy(config, base_path, adapter, [p for g in groups.values() for p in g],
-                                             version=live or "base", cut=cut)), groups)
+    probes = [p for g in groups.values() for p in g]
+    live_replies = _split(asyncio.run(greedy(config, base_path, adapter, probes, version=live or "base", cut=cut,
+                                             route=routed(config, adapter, probes))), groups)
     # A reply cut at eval_max_new_tokens is trained without its end-of-turn:
     # replaying it must not teach the model to stop there.
     replay_rows = [{**data.sft_row(p, r), "replay": True, **({"cut": True} if c else {})}
                    for p, r, c in zip(replay, live_replies["replay"], cut) if r.strip()]
     rows = feedback_rows + reworded_rows + replay_rows
     tg, tb = _likelihood(items)
+    # What the version is taught, for its reach (``tuneloop.memory.reach``): the
+    # feedback's own prompts and the rewordings trained on, never replay rows.
+    taught = asked + [w for ws in train_words.values() for w in ws]
     return {
         "cutoff": cutoff, "live": live, "rows": rows, "dataset_hash": data.dataset_hash(rows),
+        "taught": taught,
         "memory": memory,
         "counts": {"feedback_items": len(items), "feedback_rows": len(feedback_rows),
                    "reworded_rows": len(reworded_rows), "replay_rows": len(replay_rows),
@@ -251,16 +306,26 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path,
     data_ = eval_data(ds)
     groups = {"controls": [c[0] for c in data_.controls], "corrected": [c[0] for c in data_.corrected],
               "paraphrases": [p[0] for p in data_.paraphrases], "knowledge": [k[0] for k in data_.knowledge]}
-    new_replies = _split(asyncio.run(greedy(config, base_path, candidate, [p for g in groups.values() for p in g],
-                                            version="candidate")), groups)
+    probes = [p for g in groups.values() for p in g]
+    new_replies = _split(asyncio.run(greedy(config, base_path, candidate, probes, version="candidate",
+                                            route=routed(config, candidate, probes))), groups)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     registry = registry or Registry(config.trainer.registry)
-    live_model = ev.load_model(base_path, registry.adapter(ds["live"]))
-    live = ev.measure(live_model, tokenizer, data_, ds["live_replies"], config.trainer.max_len)
+    live_adapter = registry.adapter(ds["live"])
+    # The controls' perplexity is the served model's: where a version does not
+    # reach a control, the base weights answer it.
+    controls = groups["controls"]
+    live_route, new_route = routed(config, live_adapter, controls), routed(config, candidate, controls)
+    plain = (ev.load_model(base_path, None)
+             if any(r is not None and not all(r) for r in (live_route, new_route)) else None)
+    live_model = ev.load_model(base_path, live_adapter)
+    live = ev.measure(live_model, tokenizer, data_, ds["live_replies"], config.trainer.max_len,
+                      plain=plain, routed=live_route)
     del live_model
     new_model = ev.load_model(base_path, candidate)
-    new = ev.measure(new_model, tokenizer, data_, new_replies, config.trainer.max_len)
-    del new_model
+    new = ev.measure(new_model, tokenizer, data_, new_replies, config.trainer.max_len,
+                     plain=plain, routed=new_route)
+    del new_model, plain
     passed, checks = ev.decide(live, new, ev.Thresholds.from_config(config.trainer))
     lr = ds["live_replies"]
     memory = ev.memory_answered(ds.get("memory", []), new_replies)
@@ -340,6 +405,8 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual",
         stats = tuner.train()
         candidate = work / "version" / ADAPTER
         tuner.save(candidate)
+        if main:
+            write_taught(candidate, ds.get("taught", []), parent=registry.adapter(ds["live"]))
         acc.wait_for_everyone()
         if not main:
             return None

@@ -238,6 +238,15 @@ class TrainerConfig:
     paraphrases: int = field(default=3, metadata=_meta(
         "rewordings the live model writes of each corrected prompt: the last is kept for the gate, the "
         "others are trained on (0: none)", min=0, max=8))
+    reach: str = field(default="taught", metadata=_meta(
+        "taught: a community's version answers only the messages near what it was taught (the memory "
+        "encoder's cosine, or content overlap for Chinese, against its taught prompts), the base weights "
+        "answer the rest unchanged (tuneloop.memory.reach; scope community, LoRA-kind versions); all: it "
+        "answers every message", choices=("taught", "all")))
+    reach_cosine: float = field(default=0.7, metadata=_meta(
+        "reach: the cosine at which a message lies near a taught prompt (Latin script)", min=0.0, max=1.0))
+    reach_lexical: float = field(default=0.7, metadata=_meta(
+        "reach: the content overlap at which a Chinese message lies near a taught prompt", min=0.0, max=1.0))
     seed: int = field(default=0, metadata=_meta("random seed of a run"))
     max_ppl_increase: float = field(default=0.10, metadata=_meta(
         "gate: allowed relative perplexity rise on the held-out controls' live replies", min=0.0))

@@ -111,7 +111,7 @@ class Memory:
         index = self._indexes.get(community)
         if index is None or not len(index):
             return []
-        vector = self.encoder.encode([text])[0]
+        vector = self.encoder.vector(text)
         _, judged = index.search(text, vector, self.thresholds)
         for m in judged:
             if not m.verdict.accepted:

@@ -2,7 +2,9 @@
 
 - ``eval [--json] [--retune] [--errors]``: matcher figures on the lifelong
   set (``evalset``), thresholds from ``[memory]`` (or picked again on the
-  tuning split with ``--retune``), reported on both splits.
+  tuning split with ``--retune``), reported on both splits; and for
+  ``[trainer] reach``, the share of each query kind a version taught the
+  items would answer (``reach``).
 - ``bench [--items N] [--queries N] [--json]``: what matching adds to one
   reply with N items in memory (a real SQLite store, the real encoder):
   p50/p95 of the whole ``Memory.recall`` and of its parts, the index's
@@ -45,9 +47,11 @@ def cmd_eval(args) -> dict:
     from tuneloop.memory.evaluate import run
     from tuneloop.memory.matcher import Thresholds
 
-    m = load(args.config).memory
+    config = load(args.config)
+    m, t = config.memory, config.trainer
     thresholds = Thresholds(m.min_cosine, m.min_lexical, m.substitution_cosine)
-    return run(Encoder(m.encoder, int8=m.encoder_int8), thresholds, retune=args.retune, examples=args.errors)
+    return run(Encoder(m.encoder, int8=m.encoder_int8), thresholds, retune=args.retune, examples=args.errors,
+               reach=(t.reach_cosine, t.reach_lexical))
 
 
 def _bench_prompts(n: int, rng: random.Random) -> list[str]:

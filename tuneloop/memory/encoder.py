@@ -10,6 +10,7 @@ over the tokens, then L2 normalisation (the model's own ``modules.json``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -144,6 +145,20 @@ class Encoder:
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         return True
+
+    def vector(self, text: str) -> np.ndarray:
+        """One message's vector (read-only), remembered for the last few hundred messages.
+
+        A reply asks twice about its message (the memory's recall and the live
+        version's reach); the second asks for free.
+        """
+        return self._recent(text)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one encoder per process, kept for its life
+    def _recent(self, text: str) -> np.ndarray:
+        v = self.encode([text])[0]
+        v.flags.writeable = False
+        return v
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

@@ -4,7 +4,8 @@ Per query kind: taught prompts matched to their own item (reliability),
 paraphrases matched to their own item (generalization), near misses and
 unrelated prompts that matched any item (false matches; locality is one
 minus that). Precision and recall count a match to the wrong item as a
-false positive and a missed one.
+false positive and a missed one. Beside them, for ``[trainer] reach``: the
+share of each kind that a version taught the items would answer.
 """
 
 from __future__ import annotations
@@ -83,9 +84,29 @@ def tune(prepared: _Prepared) -> Thresholds:
     return best
 
 
-def run(encoder: Encoder, thresholds: Thresholds, retune: bool = False, examples: bool = False) -> dict:
+def reach_figures(encoder: Encoder, split: str, cosine: float, lexical_min: float) -> dict:
+    """Per query kind: the share that reaches a version taught the split's items (``memory.reach``),
+    and the lowest and highest score over the threshold (>= 1 reaches)."""
+    from tuneloop.memory.reach import Reach
+
+    items, queries = build(split)
+    reach = Reach([i.prompt for i in items], encoder, cosine, lexical_min)
+    scores: dict[str, list[float]] = {}
+    for q in queries:
+        scores.setdefault(q.kind, []).append(reach.score(q.text))
+    return {kind: {"reached": round(sum(s >= 1.0 for s in v) / len(v), 4), "min": round(min(v), 3),
+                   "max": round(max(v), 3)} for kind, v in scores.items()}
+
+
+def run(encoder: Encoder, thresholds: Thresholds, retune: bool = False, examples: bool = False,
+        reach: tuple[float, float] | None = None) -> dict:
     tuning = _Prepared(encoder, "tune")
     picked = tune(tuning) if retune else thresholds
     heldout = _Prepared(encoder, "heldout")
-    return {"encoder": encoder.name, "thresholds": asdict(picked), "retuned": retune,
-            "tuning": tuning.score(picked), "heldout": heldout.score(picked, examples=examples)}
+    out = {"encoder": encoder.name, "thresholds": asdict(picked), "retuned": retune,
+           "tuning": tuning.score(picked), "heldout": heldout.score(picked, examples=examples)}
+    if reach is not None:
+        # [trainer] reach: which queries a version taught these items answers (the rest: the base).
+        out["reach"] = {"reach_cosine": reach[0], "reach_lexical": reach[1],
+                        **{split: reach_figures(encoder, split, *reach) for split in ("tune", "heldout")}}
+    return out
