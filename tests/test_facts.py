@@ -11,6 +11,8 @@ from trainer import facts
 from trainer.__main__ import main
 from trainer.evaluate import answered
 from tuneloop.errors import InputError
+from tuneloop.learning.registry import Registry
+from tuneloop.memory.reach import read_taught
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +63,11 @@ def test_facts_end_to_end_on_the_tiny_model(tiny_model, tmp_path, capsys):
     assert report["controls_same"] == "16/16" and report["knowledge"].split("/")[0].split("->")[0] == \
         report["knowledge"].split("/")[0].split("->")[1]
     assert set(report["adapter_everywhere"]) == {"corrected", "paraphrases", "controls_same", "knowledge"}
+    # The version recorded what it was taught: every corrected prompt (and the rewordings trained on).
+    version = Registry(tmp_path / "w" / "models")
+    taught = read_taught(version.adapter("v1"))
+    assert {f.prompt for f in facts.FACTS} <= set(taught) and version.meta("v1")["taught_prompts"] == len(taught)
+    assert not {c.casefold() for c in facts.CONTROLS} & {t.casefold() for t in taught}
     # The gate judges the served model too: the controls' replies and perplexity are the base's.
     assert report["gate"]["controls_same"][0] == 1.0 and report["gate"]["controls_perplexity"][0] == 0.0
     # The gate judged the run (with held-out controls and knowledge questions), whatever its verdict.

@@ -405,8 +405,7 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual",
         stats = tuner.train()
         candidate = work / "version" / ADAPTER
         tuner.save(candidate)
-        if main:
-            write_taught(candidate, ds.get("taught", []), parent=registry.adapter(ds["live"]))
+        taught = write_taught(candidate, ds.get("taught", []), parent=registry.adapter(ds["live"])) if main else []
         acc.wait_for_everyone()
         if not main:
             return None
@@ -425,7 +424,8 @@ def run(config: Config, run_id: int | None = None, reason: str = "manual",
                 "dataset_hash": ds["dataset_hash"], "dataset": ds["counts"], "method": t.method,
                 "hyperparameters": {**config_dict(fcfg), "replay_ratio": t.replay_ratio,
                                     "replay_prompts": t.replay_prompts, "paraphrases": t.paraphrases},
-                "train": stats, "seconds": seconds, "metrics": report["metrics"], "checks": report["checks"], "verdict": verdict}
+                "train": stats, "seconds": seconds, "taught_prompts": len(taught),
+                "metrics": report["metrics"], "checks": report["checks"], "verdict": verdict}
         runs.update(run_id, stage="registry")
         version = registry.add(work / "version", meta, report)
         if report["passed"]:
