@@ -97,7 +97,12 @@ def routed(config: Config, adapter: str | Path | None, prompts: list, encoder=No
     taught = read_taught(adapter)
     if taught is None:
         return None
-    reach = Reach(taught, encoder or _encoder(config), t.reach_cosine, t.reach_lexical)
+    try:
+        reach = Reach(taught, encoder or _encoder(config), t.reach_cosine, t.reach_lexical)
+    except TuneloopError as e:
+        # The bot without an encoder serves the version to every message (``Chat.reach``): so here.
+        log.warning("reach unavailable: %s; the version answers every message", e)
+        return None
     return reach.mask([p[-1]["content"] if p else "" for p in prompts])
 
 
