@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tuneloop.engine import _int4
 from tuneloop.engine.base import SamplingParams
 from tuneloop.engine.quant import GROUP, QuantizedWeight
 from tuneloop.errors import ModelError
@@ -29,8 +30,13 @@ def test_int4_codes_are_a_q4_1_files_own_blocks():
 
     q = QuantizedWeight(torch.from_numpy(deq), "int4")
     assert torch.equal(q.codes, torch.from_numpy(file_codes))
-    # The kernel's weights are the file's but for bfloat16 scales and zero points.
-    assert float((q.dequantized() - torch.from_numpy(deq)).abs().max()) <= 2**-8 * float(np.abs(deq).max())
+    err = float((q.dequantized() - torch.from_numpy(deq)).abs().max())
+    if q.backend == "float32 kernel":
+        # Ours holds the file's float16 scales and minimums themselves: its weights are the file's.
+        assert q._sm.dtype == torch.float16 and err <= 1e-6 * float(np.abs(deq).max())
+    else:
+        # torch's: the file's but for bfloat16 scales and zero points.
+        assert err <= 2**-8 * float(np.abs(deq).max())
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -39,13 +45,87 @@ def test_kernels_multiply_by_the_weights_they_hold(kind):
     w = torch.randn(96, 64, generator=gen) * 0.1
     x = torch.randn(3, 64, generator=gen)
     q = QuantizedWeight(w, kind, rows=4)
-    want = x.bfloat16().float() @ q.dequantized().t()
+    exact = q.backend == "float32 kernel"
+    want = (x if exact else x.bfloat16().float()) @ q.dequantized().t()
     got = q(x)
     assert got.dtype == torch.float32 and got.shape == (3, 96)
-    assert float((got - want).abs().max()) <= 0.01 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= (1e-5 if exact else 0.01) * float(want.abs().max())
     # and the quantized weight is near the original (a wrong layout would not be)
     err = float((q.dequantized() - w).abs().max()) / float(w.abs().max())
     assert err < (0.01 if kind == "int8" else 0.1)
+
+
+needs_kernel = pytest.mark.skipif(_int4.library() is None, reason=f"our int4 kernel: {_int4.unavailable()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("half", [False, True])
+def test_our_int4_kernel_is_the_float32_product_with_the_dequantized_weights(half):
+    """Random shapes (odd output counts, widths in multiples of 32), 1-16 rows, 1 and 2 threads."""
+    from tuneloop.engine.quant import int4_codes
+
+    gen = torch.Generator().manual_seed(1)
+    for out, width in [(1, 32), (17, 64), (96, 128), (333, 576), (48, 1536)]:
+        codes, scale, minimum = int4_codes(torch.randn(out, width, generator=gen) * 0.05)
+        if half:
+            scale, minimum = scale.half().float(), minimum.half().float()
+        packed, sm = _int4.pack(codes, scale, minimum, half)
+        w = (codes.view(out, -1, GROUP).double() * scale.double()[..., None] + minimum.double()[..., None])
+        w = w.view(out, width)
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16):
+            x = torch.randn(rows, width, generator=gen)
+            want = x.double() @ w.t()
+            for threads in (1, 2):
+                got = _int4.matmul(_int4.library(), x, packed, sm, out, threads)
+                assert got.dtype == torch.float32 and got.shape == (rows, out)
+                err = float((got.double() - want).abs().max()) / float(want.abs().max())
+                assert err <= 1e-5, (out, width, rows, threads, err)
+
+
+@needs_kernel
+def test_int4_weights_use_our_kernel_and_say_so(caplog):
+    import logging
+
+    _int4.library.cache_clear()  # logs again on its next call
+    with caplog.at_level(logging.INFO, logger="tuneloop.engine._int4"):
+        q = QuantizedWeight(torch.randn(40, 64), "int4", rows=4)
+    assert "our float32 kernel" in caplog.text
+    assert q.backend == "float32 kernel" and q._sm.dtype == torch.float32  # random scales: not float16's
+    assert q.raw(torch.randn(2, 64)).dtype == torch.float32
+    assert q(torch.randn(2, 64).bfloat16()).dtype == torch.bfloat16
+    assert q.nbytes == 48 * 64 // 2 + 48 * 2 * 2 * 4  # padded to 48 rows; scales and minimums in float32
+
+
+def test_without_our_kernel_int4_weights_use_torchs(monkeypatch, tmp_path, caplog):
+    """TUNELOOP_INT4_KERNEL=torch, or a compile that fails: one log line, torch's kernel, same answers."""
+    import logging
+
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=gen) * 0.1, torch.randn(3, 64, generator=gen)
+    try:
+        for setting in ("env", "compiler"):
+            _int4._load.cache_clear()
+            _int4.library.cache_clear()
+            if setting == "env":
+                monkeypatch.setenv("TUNELOOP_INT4_KERNEL", "torch")
+            else:
+                monkeypatch.delenv("TUNELOOP_INT4_KERNEL", raising=False)
+                monkeypatch.setenv("TUNELOOP_CACHE", str(tmp_path))  # nothing compiled there yet
+                monkeypatch.setattr(_int4, "_compiler", lambda: "/bin/false")
+            with caplog.at_level(logging.INFO, logger="tuneloop.engine._int4"):
+                q = QuantizedWeight(w, "int4", rows=4)
+            assert q.backend == "torch bfloat16 kernel"
+            assert "torch's bfloat16 kernel" in caplog.text
+            if setting == "env":
+                assert "TUNELOOP_INT4_KERNEL=torch" in caplog.text
+            caplog.clear()
+            want = x.bfloat16().float() @ q.dequantized().t()
+            assert float((q(x) - want).abs().max()) <= 0.01 * float(want.abs().max())
+            assert q.raw(x).dtype == torch.bfloat16
+    finally:
+        monkeypatch.undo()
+        _int4._load.cache_clear()
+        _int4.library.cache_clear()
 
 
 def test_unsupported_shapes_and_devices_are_one_line_errors():
@@ -92,7 +172,11 @@ def test_a_wrong_scale_is_caught_at_load(tiny):
     decoder, _ = Decoder.for_model(copy.deepcopy(tiny))
     decoder.quantize_weights("int4", 16)
     for layer in decoder.layers:
-        layer.gate_up.quant._sz[..., 0] *= 4  # every scale four times too large
+        quant = layer.gate_up.quant  # every scale four times too large
+        if quant.backend == "float32 kernel":
+            quant._sm[:, :, 0] *= 4
+        else:
+            quant._sz[..., 0] *= 4
     assert "int4 weights" in decoder.verify()
     decoder, why = Decoder.for_model(copy.deepcopy(tiny), quantize="int4", quant_rows=16)
     assert decoder.quantize == "int4" and "int4 weights for steps" in why
@@ -104,8 +188,9 @@ def _exact_in_int4(model) -> None:
     Each group of 32 inputs gets a power-of-two scale, codes 0 and 15 on its
     first two weights and its zero point at 0, all exact in bfloat16:
     quantizing then changes nothing, and the quantized and float32 models
-    differ only by the activations' rounding to bfloat16 in the kernel (the
-    output projection's int8 only picks candidates that float32 rescores).
+    differ only by the kernel's arithmetic: the order of float32 sums in
+    ours, the activations' rounding to bfloat16 in torch's (the output
+    projection's int4 only picks candidates that float32 rescores).
     """
     with torch.no_grad():
         for name, mod in model.named_modules():

@@ -664,7 +664,8 @@ class _Fused:
 
     def _copy(self, x: torch.Tensor) -> torch.Tensor | None:
         """``x`` through the copy that serves its row count (quantized or bfloat16), bias aside, in
-        bfloat16; None where the dense weight does."""
+        the copy's own dtype (float32 from our int4 kernel for a float32 ``x``, else bfloat16); None
+        where the dense weight does."""
         q = self.quant
         if q is not None and x.shape[0] <= q.rows:
             return q.raw(x)
@@ -684,7 +685,7 @@ class _Fused:
         return torch.addmm(self.bias, x, self.weight)
 
     def narrow(self, x: torch.Tensor) -> torch.Tensor:
-        """``self(x)`` in the dtype the weights read for ``x`` multiply in (bfloat16 for the copies)."""
+        """``self(x)`` in the dtype the weights read for ``x`` multiply in (``_copy``'s for the copies)."""
         y = self._copy(x)
         if y is None:
             return self(x)

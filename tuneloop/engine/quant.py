@@ -5,8 +5,18 @@ its speed is memory traffic: SmolLM2-135M reads 540 MB a token in float32,
 270 in bfloat16, 68 in int4. torch ships CPU kernels that multiply by
 quantized weights without widening them in memory
 (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``; gpt-fast and
-torchao build their weight-only inference on the same ones), so nothing
-here is a kernel of ours: this module only lays weights out for them.
+torchao build their weight-only inference on the same ones), but they take
+bfloat16 activations, scales and zero points only (float32 activations
+measured 10-30x slower, docs/benchmarks.md), and those roundings alone made
+the quantized engine's greedy replies differ from float32's on 4-5 of 16
+prompts. So int4 has a kernel of our own (``int4_kernel.c``, built and
+loaded by ``_int4``): float32 activations times the exact weights, float32
+sums, and faster than torch's besides: SmolLM2's 121 projections at one row,
+weights from memory, 4.7 against 5.9 ms on two threads (8.4 against 10.3 on
+one), 1.3-1.4x at 2-16 rows (alternating in one process, a 2-core Xeon
+with AVX-512, 2026-12-02). Where it cannot be built (no C compiler, no
+AVX-512) or ``TUNELOOP_INT4_KERNEL=torch`` asks so, torch's serves
+(``QuantizedWeight.backend`` says which, and one log line).
 
 Formats (``[model] quantize``):
 
@@ -16,17 +26,18 @@ Formats (``[model] quantize``):
   by the conversion) is requantized to the very codes of the file: each
   block's minimum and maximum are codes 0 and 15, so they give back its
   scale and minimum (``tests/test_quant.py`` checks it against the file's
-  blocks). The kernels take the scale and zero point in bfloat16, which
-  rounds them (a relative 2^-9).
-- ``int8``: one scale per output row, symmetric.
+  blocks). Our kernel keeps scales and minimums in float16 where that holds
+  them (a GGUF's are float16: its weights are then the file's exactly),
+  else in float32; torch's takes them in bfloat16, which rounds them (a
+  relative 2^-9).
+- ``int8``: one scale per output row, symmetric (torch's kernel).
 
-The kernels take bfloat16 activations (float32 ones measured 10-30x slower,
-docs/benchmarks.md); a float32 model's activations are rounded to bfloat16
-for the multiply and the result widened back, its residual stream stays in
-float32. At more rows than ``QuantizedWeight.rows`` the dense weights are
-faster (the kernels are written for a few rows: at 16 rows int4 took twice
-bfloat16's time), so the fused step keeps both and picks per call;
-``crossover`` measures where.
+With torch's kernels a float32 model's activations are rounded to bfloat16
+for the multiply and the result widened back; ours multiplies them as they
+are and returns float32. Either way the residual stream stays in float32.
+At more rows than ``QuantizedWeight.rows`` the dense weights are faster
+(the kernels are written for a few rows), so the fused step keeps both and
+picks per call; ``crossover`` measures where, with the kernel in use.
 
 Public surface: ``FORMATS``, ``quantize``, ``QuantizedWeight``, ``pick_format``, ``crossover``.
 """
@@ -39,6 +50,7 @@ import time
 
 import torch
 
+from tuneloop.engine import _int4
 from tuneloop.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -58,13 +70,27 @@ class QuantizedWeight:
             raise ModelError(f"model.quantize: {kind} weights run on a CPU only, not {weight.device.type}")
         w = weight.detach().float().contiguous()
         self.kind, self.rows = kind, rows
+        #: Which kernel multiplies: ``float32 kernel`` (ours, ``_int4``), ``torch bfloat16 kernel`` or
+        #: ``torch int8 kernel``.
+        self.backend = "torch int8 kernel"
+        self._lib = None
         self.out_features, self.in_features = w.shape
         if kind == "int4":
-            self.codes, self.scale, self.minimum = int4_codes(w)
-            # torch's layout: w = (code - 8) * scale + zero, scale and zero [in / 32, out, 2].
-            zero = self.minimum + 8 * self.scale
-            self._sz = torch.stack([self.scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes, 1)
+            codes, scale, minimum = int4_codes(w)
+            self._lib = _int4.library()
+            if self._lib is not None:
+                # Scales and minimums that float16 holds (a GGUF's, whose blocks store them so) are kept
+                # in it: exact, and a quarter less to read per weight than float32's.
+                half = _holds(scale) and _holds(minimum)
+                self._codes, self._sm = _int4.pack(codes, scale, minimum, half)
+                self.backend = "float32 kernel"
+            else:
+                # torch's layout: w = (code - 8) * scale + zero, scale and zero [in / 32, out, 2].
+                zero = minimum + 8 * scale
+                self._sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+                self._codes = codes.to(torch.uint8)  # for ``codes`` only: a byte a weight, not int32's four
+                self.backend = "torch bfloat16 kernel"
         elif kind == "int8":
             scale = (w.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             self._q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -75,29 +101,67 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         if self.kind == "int4":
+            if self._lib is not None:
+                return self._codes.numel() + self._sm.numel() * self._sm.element_size()
             return self._packed.numel() * self._packed.element_size() + self._sz.numel() * 2
         return self._q.numel() + self._scale.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W^T`` in ``x``'s dtype (computed from bfloat16 activations)."""
+        """``x @ W^T`` in ``x``'s dtype."""
         y = self.raw(x)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W^T`` in bfloat16, the kernels' own output (a residual add widens it for free)."""
+        """``x @ W^T`` in the kernel's own output dtype (a residual add widens it for free).
+
+        Our int4 kernel: float32 from float32 activations (a bfloat16 ``x``
+        is widened, exactly, and the result narrowed back). torch's kernels:
+        bfloat16, from activations rounded to it.
+        """
+        if self.kind == "int4" and self._lib is not None:
+            y = _int4.matmul(self._lib, x if x.dtype == torch.float32 else x.float(), self._codes, self._sm,
+                             self.out_features)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.kind == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self._packed, GROUP, self._sz)
         return torch.ops.aten._weight_int8pack_mm(xb, self._q, self._scale)
 
+    @property
+    def codes(self) -> torch.Tensor:
+        """int4 codes ``[out, in]`` (int32, 0-15)."""
+        if self._lib is None:
+            return self._codes.to(torch.int32)
+        pairs = self._codes.transpose(1, 2).reshape(-1, self.in_features // 2)[: self.out_features]
+        return torch.stack([pairs & 0x0F, pairs >> 4], -1).view(self.out_features, self.in_features).to(torch.int32)
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4 scales and minimums ``[out, in / 32]`` in float32, as the kernel holds them."""
+        if self._lib is None:
+            scale, zero = self._sz.float().transpose(0, 1).unbind(-1)
+            return scale, zero - 8 * scale
+        groups = self.in_features // GROUP
+        sm = self._sm.float().permute(0, 3, 1, 2).reshape(-1, groups, 2)[: self.out_features]
+        return sm[..., 0], sm[..., 1]
+
     def dequantized(self) -> torch.Tensor:
         """The weight as the kernel sees it, float32 ``[out, in]`` (for tests and checks)."""
         if self.kind == "int4":
-            sz = self._sz.float().transpose(0, 1)  # [out, in / 32, 2]
             codes = self.codes.view(self.out_features, -1, GROUP).float()
-            w = (codes - 8) * sz[..., :1] + sz[..., 1:]
+            if self._lib is None:  # torch's own arithmetic: (code - 8) * scale + zero
+                sz = self._sz.float().transpose(0, 1)  # [out, in / 32, 2]
+                w = (codes - 8) * sz[..., :1] + sz[..., 1:]
+            else:
+                scale, minimum = self.scales()
+                w = codes * scale[..., None] + minimum[..., None]
             return w.view(self.out_features, self.in_features)
         return self._q.float() * self._scale.float()[:, None]
+
+
+def _holds(t: torch.Tensor) -> bool:
+    """Whether float16 holds ``t``'s values, up to float32 rounding (2^-18 relative)."""
+    back = t.to(torch.float16).float()
+    return bool(torch.isfinite(back).all() and ((back - t).abs() <= t.abs() * 2**-18).all())
 
 
 def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,159 @@
+"""Our float32-activation int4 kernel (``int4_kernel.c``): compiled on first use, loaded with ctypes.
+
+Compiled with the system's C compiler (no torch headers: building against
+them takes minutes) into ``$TUNELOOP_CACHE/kernels/`` (else
+``~/.cache/tuneloop/kernels/``) under a name hashed from the source and the
+flags, written under a temporary name and renamed, so processes that compile
+at once never load half a file. ctypes releases the GIL during the call.
+
+``TUNELOOP_INT4_KERNEL=torch`` keeps torch's bfloat16 kernel (for comparing
+the two); without a compiler, AVX-512 or a successful compile the same
+happens, with one log line saying why (``unavailable``).
+
+Public surface: ``library``, ``unavailable``, ``matmul``, ``pack``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_kernel.c")
+#: Explicit instruction sets rather than -march=native, so a cached build does not depend on the machine
+#: that compiled it beyond these (checked against /proc/cpuinfo before loading).
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-fopenmp",
+         "-shared", "-fPIC")
+NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")
+LANES = 16
+GROUP = 32
+
+
+def cache_dir() -> Path:
+    """``$TUNELOOP_CACHE/kernels``, else ``~/.cache/tuneloop/kernels``."""
+    env = os.environ.get("TUNELOOP_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "tuneloop") / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    cc = (sysconfig.get_config_var("CC") or "").split()
+    for name in ([cc[0]] if cc else []) + ["cc", "gcc"]:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library, or None and why not."""
+    if os.environ.get("TUNELOOP_INT4_KERNEL", "").lower() == "torch":
+        return None, "TUNELOOP_INT4_KERNEL=torch"
+    missing = [f for f in NEEDS if f not in _cpu_flags()]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (cc, gcc) found"
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as exc:  # an installed package without its package data
+        return None, f"no kernel source: {exc}"
+    key = hashlib.sha256(source + "\0".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    target = folder / f"int4_kernel-{key}.so"
+    if not target.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            try:
+                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                      timeout=120)
+                if done.returncode:
+                    lines = (done.stderr or done.stdout).strip().splitlines()
+                    return None, f"{Path(cc).name} failed: {lines[0] if lines else done.returncode}"
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"compiling {SOURCE.name}: {exc}"
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return None, f"loading {target.name}: {exc}"
+    fn = lib.int4_mm
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    return lib, ""
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (logged once, with the reason) where torch's serves instead."""
+    lib, why = _load()
+    if lib is None:
+        log.info("int4 weights: torch's bfloat16 kernel (%s)", why)
+    else:
+        log.info("int4 weights: our float32 kernel (%s)", SOURCE.name)
+    return lib
+
+
+def unavailable() -> str:
+    """Why our kernel is not used; '' when it is."""
+    return _load()[1]
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, half: bool
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout of codes ``[out, in]`` (0-15) and scales/minimums ``[out, in / 32]``.
+
+    Codes: ``[blocks][in / 2][16]`` bytes, output rows padded with zeros to a
+    multiple of 16; scales and minimums ``[blocks][in / 32][2][16]`` in
+    float16 when ``half`` (exact there) else float32.
+    """
+    out, width = codes.shape
+    blocks = -(-out // LANES)
+    pad = blocks * LANES - out
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad))  # [blocks * 16, in]
+    pairs = c[:, 0::2] | (c[:, 1::2] << 4)  # [rows, in / 2]
+    packed = pairs.view(blocks, LANES, width // 2).transpose(1, 2).contiguous()
+    sm = torch.stack([scale, minimum], -1)  # [out, groups, 2]
+    sm = torch.nn.functional.pad(sm, (0, 0, 0, 0, 0, pad))
+    sm = sm.view(blocks, LANES, width // GROUP, 2).permute(0, 2, 3, 1).contiguous()
+    return packed, sm.to(torch.float16 if half else torch.float32)
+
+
+def matmul(lib: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, sm: torch.Tensor, out: int,
+           threads: int | None = None) -> torch.Tensor:
+    """``x @ W^T`` in float32 for float32 ``x`` ``[M, in]`` and ``pack``'s ``codes``, ``sm``."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    lib.int4_mm(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), sm.data_ptr(),
+                int(sm.dtype == torch.float16), out, y.data_ptr(),
+                torch.get_num_threads() if threads is None else threads)
+    return y

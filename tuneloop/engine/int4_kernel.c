@@ -1,0 +1,189 @@
+/* y = x @ W^T for float32 activations x [M, in] and int4 weights W [out, in]
+ * in GGUF Q4_1's form: groups of 32 inputs per output row, each with a scale
+ * and a minimum, w = code * scale + minimum, all in float32 arithmetic.
+ *
+ * Why our own: torch's int4 CPU kernel takes bfloat16 activations, scales and
+ * zero points only (float32 activations ran 10-30x slower), and those
+ * roundings changed the quantized engine's greedy replies against float32's;
+ * here nothing is rounded but the float32 sums (tuneloop/engine/quant.py).
+ *
+ *   y[m, o] = sum_g scale[o, g] * sum_{i in g} code[o, i] * x[m, i]
+ *           + minimum[o, g] * sum_{i in g} x[m, i]
+ *
+ * Layout (written by quant.py): outputs in blocks of 16, one per vector lane,
+ * so no horizontal sums are needed and x is read as broadcast scalars.
+ *   codes:  [blocks][in / 2][16] bytes, byte k of pair p holds
+ *           code[16 b + k][2 p] in its low and code[16 b + k][2 p + 1] in its
+ *           high nibble (rows past ``out`` are zero);
+ *   sm:     [blocks][in / 32][2][16] scale then minimum, float32 or, when
+ *           ``half`` (weights from a GGUF, whose scales are float16 and so
+ *           exact in it), float16: a quarter less memory traffic at one row.
+ * Threads: an OpenMP team takes chunks of output blocks in turn; linked
+ * against the libgomp.so.1 that torch has already loaded (the same soname:
+ * /proc/self/maps shows torch's copy only), so torch's threads run it and no
+ * second team competes for the cores.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define GROUP 32
+#define LANES 16
+/* rows multiplied per pass over a block; more rows pass again over the block,
+   which is then in L1 (16 outputs x 1536 inputs = 12 KB of codes) */
+#define MAXROWS 8
+/* Software prefetch distance in bytes of codes (8 groups), scales and minimums
+   as many groups ahead: with the weights coming from memory, prefetching made
+   the whole SmolLM2 layer mix at one row 1.3x faster (11.8 -> 9.0 ms a token,
+   one thread; 1024 bytes ahead gained less, 3072-4096 no more) */
+#ifndef PF
+#define PF 2048
+#endif
+#ifndef PFSM
+#define PFSM 1
+#endif
+/* Chunks per thread handed out in turn (0: an even split, one part a thread). */
+#ifndef DYN
+#define DYN 4
+#endif
+
+static inline __attribute__((always_inline)) void load_sm(const void *sm, int half, long at, __m512 *s, __m512 *mn) {
+    if (half) {
+        const uint16_t *p = (const uint16_t *)sm + at;
+        *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        *mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + LANES)));
+    } else {
+        const float *p = (const float *)sm + at;
+        *s = _mm512_loadu_ps(p);
+        *mn = _mm512_loadu_ps(p + LANES);
+    }
+}
+
+/* One block of 16 outputs for MC rows. NC independent partial sums per row
+ * and group: one row's single chain of FMAs would wait on their latency
+ * (4 cycles, 2 ports: 8 in flight keep them busy). */
+static inline __attribute__((always_inline)) void block(const int MC, const int NC, const uint8_t *codes,
+                                                        const void *sm, int half, int ng, const float *x,
+                                                        long ldx, const float *xs, float *y, long ldy,
+                                                        __mmask16 mask) {
+    /* code -> float by table lookup: vpermps reads the low 4 bits of each
+       index, so the low nibble needs no mask */
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc[MAXROWS];
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; m++) acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512 part[MAXROWS][8];
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; m++)
+#pragma GCC unroll 8
+            for (int c = 0; c < NC; c++) part[m][c] = _mm512_setzero_ps();
+        const uint8_t *cg = codes + (long)g * (GROUP / 2) * LANES;
+        const float *xg = x + (long)g * GROUP;
+#if PF
+        /* the codes a few groups ahead (the next block's, near a block's end: the blocks a thread
+           walks are contiguous) */
+        for (int l = 0; l < GROUP / 2 * LANES; l += 64) _mm_prefetch((const char *)cg + PF + l, _MM_HINT_T0);
+#if PFSM
+        /* and their scales and minimums, as many groups ahead */
+        {
+            const char *ps = (const char *)sm + ((long)g + PF / (GROUP / 2 * LANES)) * 2 * LANES * (half ? 2 : 4);
+            _mm_prefetch(ps, _MM_HINT_T0);
+            if (!half) _mm_prefetch(ps + 64, _MM_HINT_T0);
+        }
+#endif
+#endif
+#pragma GCC unroll 16
+        for (int k = 0; k < GROUP / 2; k++) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cg + k * LANES)));
+            __m512 lo = _mm512_permutexvar_ps(v, table);
+            __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++) {
+                const int a = (2 * k) % NC, b = (2 * k + 1) % NC;
+                part[m][a] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xg[m * ldx + 2 * k]), part[m][a]);
+                part[m][b] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xg[m * ldx + 2 * k + 1]), part[m][b]);
+            }
+        }
+        __m512 s, mn;
+        load_sm(sm, half, (long)g * 2 * LANES, &s, &mn);
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; m++) {
+#pragma GCC unroll 8
+            for (int w = NC / 2; w >= 1; w /= 2)
+#pragma GCC unroll 8
+                for (int c = 0; c < w; c++) part[m][c] = _mm512_add_ps(part[m][c], part[m][c + w]);
+            acc[m] = _mm512_fmadd_ps(part[m][0], s, acc[m]);
+            acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; m++) _mm512_mask_storeu_ps(y + m * ldy, mask, acc[m]);
+}
+
+#define CASE(MC, NC) \
+    case MC: block(MC, NC, codes, sm, half, ng, x, ldx, xs, y, ldy, mask); break;
+
+static void rows_block(int mc, const uint8_t *codes, const void *sm, int half, int ng, const float *x, long ldx,
+                       const float *xs, float *y, long ldy, __mmask16 mask) {
+    switch (mc) {
+        CASE(1, 8) CASE(2, 4) CASE(3, 2) CASE(4, 2) CASE(5, 1) CASE(6, 1) CASE(7, 1) CASE(8, 1)
+    }
+}
+
+/* y [M, out] = x [M, in] @ W^T; threads: the OpenMP team size (torch's count). */
+void int4_mm(const float *x, long M, long in, const uint8_t *codes, const void *sm, int half, long out, float *y,
+             int threads) {
+    const int ng = (int)(in / GROUP);
+    const long blocks = (out + LANES - 1) / LANES;
+    const long code_stride = in / 2 * LANES, sm_stride = (long)ng * 2 * LANES;
+    /* each row's group sums, for the minimums */
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * ng));
+    for (long m = 0; m < M; m++)
+        for (int g = 0; g < ng; g++) {
+            const __m512 a = _mm512_loadu_ps(x + m * in + g * GROUP);
+            const __m512 b = _mm512_loadu_ps(x + m * in + g * GROUP + LANES);
+            xs[m * ng + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+        }
+    const size_t sm_size = half ? 2 : 4;
+    if (threads < 1) threads = 1;
+    if (threads > blocks) threads = (int)blocks;
+#if DYN
+    /* chunks of blocks handed out in turn: on a shared machine a thread the
+       scheduler set aside would otherwise hold up the whole multiply */
+    const long chunk = blocks / ((long)threads * DYN) > 0 ? blocks / ((long)threads * DYN) : 1;
+    long next = 0;
+#endif
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#if DYN
+        for (;;) {
+            const long b0 = __atomic_fetch_add(&next, chunk, __ATOMIC_RELAXED);
+            if (b0 >= blocks) break;
+            const long b1 = b0 + chunk < blocks ? b0 + chunk : blocks;
+#else
+        {
+#ifdef _OPENMP
+            extern int omp_get_thread_num(void);
+            extern int omp_get_num_threads(void);
+            const long t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+            const long t = 0, nt = 1;
+#endif
+            const long b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+#endif
+            for (long b = b0; b < b1; b++) {
+                const long left = out - b * LANES;
+                const __mmask16 mask = left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const uint8_t *cb = codes + b * code_stride;
+                const void *sb = (const char *)sm + b * sm_stride * sm_size;
+                for (long m0 = 0; m0 < M; m0 += MAXROWS) {
+                    const int mc = (int)(M - m0 < MAXROWS ? M - m0 : MAXROWS);
+                    rows_block(mc, cb, sb, half, ng, x + m0 * in, in, xs + m0 * ng, y + m0 * out + b * LANES,
+                               out, mask);
+                }
+            }
+        }
+    }
+    free(xs);
+}
