@@ -135,11 +135,12 @@ class ModelRunner:
         activations, attention and residual stream then stay in float32,
         which measured faster than bfloat16 at one row (bfloat16's small
         attention products are slow) and as fast at 16, and closer to
-        float32's replies; prefills and steps above the crossover read a
-        bfloat16 copy where bfloat16 multiplies faster (``Decoder.quantize_weights``;
-        docs/benchmarks.md, "Weight formats").
+        float32's replies; prefills and steps above the crossover read the
+        float32 weights beside our float32 int4 kernel (replies equal to
+        float32's), else a bfloat16 copy where bfloat16 multiplies faster
+        (``Decoder.quantize_weights``; docs/benchmarks.md, "Weight formats").
         """
-        from tuneloop.engine import quant
+        from tuneloop.engine import _int4, quant
         from tuneloop.engine._decode import SUPPORTED
         from tuneloop.engine.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup, pick_dtype
 
@@ -157,7 +158,12 @@ class ModelRunner:
             return pick_dtype(self.dtype_name, self.device)
         # A float32 model's large steps read a bfloat16 copy where bfloat16 is the faster
         # (``Decoder.quantize_weights``); the crossover is against what they would read.
-        self._half = (self.dtype_name == "auto" and dense == torch.float32
+        # Not beside our float32 int4 kernel (``_int4``): its steps give float32's replies
+        # (16/16 greedy replies equal on the bench's prompts), and a bfloat16 copy for the
+        # larger steps and prefills would be the one source of differences left (10-13/16
+        # with it); against float32 weights the kernel stays the faster up to 32-64 rows.
+        exact = self.quantize == "int4" and _int4.library() is not None
+        self._half = (not exact and self.dtype_name == "auto" and dense == torch.float32
                       and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
         self.quant_rows = quant.crossover(self.quantize, torch.bfloat16 if self._half else dense)
         return dense
