@@ -68,10 +68,6 @@ def base_languages(base_path: str) -> tuple[str, ...]:
         return ("english",)
 
 
-def _encoder(config: Config):
-    return _load_encoder(config.memory.encoder, config.memory.encoder_int8)
-
-
 @functools.lru_cache(maxsize=2)
 def _load_encoder(name: str, int8: bool):
     from tuneloop.memory.encoder import Encoder
@@ -79,7 +75,7 @@ def _load_encoder(name: str, int8: bool):
     return Encoder(name, int8=int8)
 
 
-def routed(config: Config, adapter: str | Path | None, prompts: list, encoder=None) -> list[bool] | None:
+def routed(config: Config, adapter: str | Path | None, prompts: list) -> list[bool] | None:
     """Which of ``prompts`` the version at ``adapter`` answers as the bot serves it; None: every one.
 
     With ``[trainer] reach = "taught"`` (scope community, a LoRA-kind adapter
@@ -98,7 +94,8 @@ def routed(config: Config, adapter: str | Path | None, prompts: list, encoder=No
     if taught is None:
         return None
     try:
-        reach = Reach(taught, encoder or _encoder(config), t.reach_cosine, t.reach_lexical)
+        encoder = _load_encoder(config.memory.encoder, config.memory.encoder_int8)
+        reach = Reach(taught, encoder, t.reach_cosine, t.reach_lexical)
     except TuneloopError as e:
         # The bot without an encoder serves the version to every message (``Chat.reach``): so here.
         log.warning("reach unavailable: %s; the version answers every message", e)
@@ -312,15 +309,17 @@ def gate(config: Config, base_path: str, ds: dict[str, Any], candidate: Path,
     groups = {"controls": [c[0] for c in data_.controls], "corrected": [c[0] for c in data_.corrected],
               "paraphrases": [p[0] for p in data_.paraphrases], "knowledge": [k[0] for k in data_.knowledge]}
     probes = [p for g in groups.values() for p in g]
+    new_route = routed(config, candidate, probes)
     new_replies = _split(asyncio.run(greedy(config, base_path, candidate, probes, version="candidate",
-                                            route=routed(config, candidate, probes))), groups)
+                                            route=new_route)), groups)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     registry = registry or Registry(config.trainer.registry)
     live_adapter = registry.adapter(ds["live"])
     # The controls' perplexity is the served model's: where a version does not
     # reach a control, the base weights answer it.
-    controls = groups["controls"]
-    live_route, new_route = routed(config, live_adapter, controls), routed(config, candidate, controls)
+    controls = groups["controls"]  # the first group of ``probes``
+    live_route = routed(config, live_adapter, controls)
+    new_route = None if new_route is None else new_route[:len(controls)]
     plain = (ev.load_model(base_path, None)
              if any(r is not None and not all(r) for r in (live_route, new_route)) else None)
     live_model = ev.load_model(base_path, live_adapter)
