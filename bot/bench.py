@@ -674,14 +674,11 @@ def gguf_file(base: str):
 def _peer_main(config, peer: str, json_out: bool, ways: list[tuple[str, str]], write: str | None,
                command: str) -> int:
     """``tuneloop bench --peer llamacpp``: the engine against llama.cpp on the base's GGUF file (bot/bench_peer.py)."""
-    from bot.bench_peer import format_peer_table, load_llamacpp, run_peer_bench
+    from bot.bench_peer import check_installed, format_peer_table, run_peer_bench
     from trainer.models import resolve_base
 
     gguf = gguf_file(config.model.base)
-    try:  # a missing package says so before minutes of loading
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        load_llamacpp(gguf, 1, 1)  # raises the one-line error naming the extra
+    check_installed()  # a missing package says so before minutes of loading
     path = resolve_base(config.model.base, progress=not json_out)
     sized = plan(model_parameters(path))
     results = []

@@ -11,6 +11,15 @@ on one thread when the engine uses more, because its threads wait for each
 other by spinning and a busy machine can make two threads far slower than
 one: the engine is compared with llama.cpp's faster thread count.
 
+llama.cpp runs in a process of its own (``LlamaCpp``), as a user would run
+it: in the engine's process it shares torch's OpenMP runtime (both load
+``libgomp.so.1``, torch's copy first), which, counting the engine's idle
+team beside llama.cpp's, sees more threads than cores and all but stops
+spin-waiting; ggml meets at an OpenMP barrier after every op, and on 2
+threads ran 29 tok/s there against 86 in a process of its own (this
+machine, 2026-12-02). Its timings are taken inside that process, pipes
+excluded.
+
 Round after round: the engine with one request, llama.cpp with one request,
 the engine with 16 requests at once (A B C A B C), so a neighbour's load
 falls on all three alike and the ratios hold on a noisy machine. Then each
@@ -26,6 +35,11 @@ a time, so llama.cpp is measured one request at a time only.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -77,18 +91,66 @@ def weights_label(result: dict[str, Any]) -> str:
     return label
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Linux ``/proc/cpuinfo``): where ggml picks its AMX buffer type."""
+    try:
+        return " amx_tile" in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+
+
+def peer_buffers() -> str:
+    """How ``load_llamacpp`` lays llama.cpp's weights out on this machine, for the report."""
+    if cpu_has_amx():
+        return ("no extra buffer types: ggml's AMX path segfaults on prompts of more than one token "
+                "(ggml-org/llama.cpp#20824)")
+    return "ggml's defaults"
+
+
+def _not_installed() -> ModelError:
+    return ModelError(f"bench --peer llamacpp: llama-cpp-python is not installed; {EXTRA} "
+                      "(it compiles llama.cpp: about 10 minutes on 2 cores)")
+
+
+def check_installed() -> None:
+    """A one-line ``ModelError`` naming the extra when llama-cpp-python is absent; it is not imported here."""
+    try:
+        found = importlib.util.find_spec("llama_cpp") is not None
+    except (ImportError, ValueError):  # ValueError: hidden by a None in sys.modules
+        found = False
+    if not found:
+        raise _not_installed()
+
+
 def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int):
-    """``llama_cpp.Llama`` on ``gguf_path``; a one-line ``ModelError`` when the package or the file fails."""
+    """``llama_cpp.Llama`` on ``gguf_path``, in this process; a one-line ``ModelError`` when the package or the file fails."""
     try:
         import llama_cpp
+        import llama_cpp.llama as llama_module
     except ImportError:
-        raise ModelError(f"bench --peer llamacpp: llama-cpp-python is not installed; {EXTRA} "
-                         "(it compiles llama.cpp: about 10 minutes on 2 cores)") from None
+        raise _not_installed() from None
+    defaults = llama_module.llama_cpp.llama_model_default_params
+    if cpu_has_amx():
+        # On a CPU with AMX ggml repacks the weights into its AMX buffer type, whose
+        # matrix multiply segfaults on any prompt longer than one token (reproduced here
+        # with llama-cpp-python 0.3.36; ggml-org/llama.cpp#20824, closed unfixed). Turning
+        # off extra buffer types (llama_model_params.use_extra_bufts) is the runtime way
+        # round it, and Llama() takes no argument for it: wrap the defaults it reads.
+        # It also turns off ggml's CPU repacking, which for this file's Q4_1 blocks
+        # does not exist (its q8_0 embedding loses it).
+        def no_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = no_extra_buffers
     try:
         return llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
                                n_ctx=n_ctx, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise ModelError(f"bench --peer llamacpp: llama.cpp cannot load {gguf_path}: {e}") from None
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def _greedy(llm, prompt: list[int]):
@@ -125,6 +187,96 @@ def peer_reply(llm, prompt: list[int], max_tokens: int, eos: set[int]) -> list[i
     return out
 
 
+class LlamaCpp:
+    """llama.cpp on one GGUF file, in a process of its own (``python -m bot.bench_peer``); see the module doc.
+
+    One JSON line per request and per answer on the child's stdin and stdout.
+    A child that cannot load the file, or that dies (ggml can segfault),
+    becomes a one-line ``ModelError`` here, not the end of the bench.
+    """
+
+    def __init__(self, gguf_path: str | Path, threads: int, n_ctx: int):
+        self.threads = threads
+        self._proc = subprocess.Popen([sys.executable, "-m", "bot.bench_peer", str(gguf_path), str(threads),
+                                       str(n_ctx)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      cwd=str(Path(__file__).resolve().parents[1]))
+        self._ask(None)  # its first line: loaded, or why not
+
+    def _ask(self, request: dict[str, Any] | None) -> dict[str, Any]:
+        proc = self._proc
+        try:
+            if request is not None:
+                proc.stdin.write(json.dumps(request) + "\n")
+                proc.stdin.flush()
+            line = proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            code = proc.wait()
+            raise ModelError(f"bench --peer llamacpp: llama.cpp's process ended (exit status {code})")
+        answer = json.loads(line)
+        if "error" in answer:
+            self.close()
+            raise ModelError(answer["error"])
+        return answer
+
+    def one(self, prompt: list[int], new_tokens: int) -> tuple[int, float, float]:
+        """``peer_one`` in the child: tokens made, time to first token, total seconds."""
+        a = self._ask({"op": "one", "prompt": prompt, "new_tokens": new_tokens})
+        return a["made"], a["first"], a["total"]
+
+    def reply(self, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+        """``peer_reply`` in the child."""
+        return self._ask({"op": "reply", "prompt": prompt, "max_tokens": max_tokens, "eos": sorted(eos)})["tokens"]
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own token ids for ``text`` (special tokens parsed, no BOS added)."""
+        return self._ask({"op": "tokenize", "text": text})["tokens"]
+
+    def close(self) -> None:
+        proc = self._proc
+        if proc.poll() is None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _serve(gguf_path: str, threads: int, n_ctx: int) -> int:
+    """The child of ``LlamaCpp``: load, say so, answer requests until stdin closes."""
+    # Our answers get a private copy of stdout; whatever llama.cpp's C code prints goes to stderr.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+    def say(answer: dict[str, Any]) -> None:
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+    try:
+        llm = load_llamacpp(gguf_path, threads, n_ctx)
+    except ModelError as e:
+        say({"error": str(e)})
+        return 1
+    say({"ready": True})
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "one":
+            made, first, total = peer_one(llm, req["prompt"], req["new_tokens"])
+            say({"made": made, "first": first, "total": total})
+        elif req["op"] == "reply":
+            say({"tokens": peer_reply(llm, req["prompt"], req["max_tokens"], set(req["eos"]))})
+        elif req["op"] == "tokenize":
+            say({"tokens": llm.tokenize(req["text"].encode(), add_bos=False, special=True)})
+        else:
+            say({"error": f"bench --peer llamacpp: unknown request {req['op']!r}"})
+    llm.close()  # before the interpreter's teardown, which frees the model after its library
+    return 0
+
+
 def run_peer_bench(gguf_path: str | Path, model_path: str, *, prompts: list[str] | tuple[str, ...],
                    rounds: int, new_tokens: int, batch: int = 16, device: str = "auto", dtype: str = "auto",
                    fused_decode: bool = True, progress: bool = True, quantize: str = "none") -> dict[str, Any]:
@@ -158,6 +310,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
     engine = LocalEngine(model_path, version="bench", device=device, dtype=dtype, max_batch=batch,
                          max_queue=batch * 4, fused_decode=fused_decode, quantize=quantize)
     await engine.start()
+    llms: dict[int, LlamaCpp] = {}
     try:
         convs = [[{"role": "user", "content": p}] for p in prompts]
         encoded = [engine.encode(c) for c in convs]
@@ -168,18 +321,18 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         n_ctx = max(len(p) for p in encoded) + max(new_tokens, 64) + 16
         counts = sorted({1, threads})
         say(f"llama.cpp: {gguf_path.name}, " + " and ".join(map(str, counts)) + f" threads, n_ctx {n_ctx}")
-        llms = {n: load_llamacpp(gguf_path, n, n_ctx) for n in counts}
+        for n in counts:
+            llms[n] = LlamaCpp(gguf_path, n, n_ctx)
         llm = llms[threads]
         # Both tokenizers come from the file; the bench feeds both the engine's
         # ids, and says whether llama.cpp would have made the same ones.
         text = [engine.tokenizer.decode(p) for p in encoded]
-        same_prompt = sum(llm.tokenize(t.encode(), add_bos=False, special=True) == p
-                          for t, p in zip(text, encoded, strict=True))
+        same_prompt = sum(llm.tokenize(t) == p for t, p in zip(text, encoded, strict=True))
 
         fixed = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         await engine.complete(convs[0], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm both
         for one in llms.values():
-            peer_one(one, encoded[0], 4)
+            one.one(encoded[0], 4)
         say(f"{rounds} rounds of: engine alone, llama.cpp alone on " + " and ".join(map(str, counts))
             + f" threads, engine with {batch} requests; {new_tokens} tokens per request")
         alone, waves = [], []
@@ -187,7 +340,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         for i in range(rounds):
             alone.append(await engine.complete(convs[i % len(convs)], fixed))
             for n, one in llms.items():
-                peers[n].append(peer_one(one, encoded[i % len(encoded)], new_tokens))
+                peers[n].append(one.one(encoded[i % len(encoded)], new_tokens))
             t0 = time.perf_counter()
             done = await asyncio.gather(*(engine.complete(convs[(i * batch + k) % len(convs)], fixed)
                                           for k in range(batch)))
@@ -199,14 +352,15 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         eos = set(engine.runner.eos)
         pairs = []
         for conv, prompt, mine in zip(convs, encoded, replies, strict=True):
-            theirs = engine.tokenizer.decode(peer_reply(llm, prompt, new_tokens, eos), skip_special_tokens=True)
+            theirs = engine.tokenizer.decode(llm.reply(prompt, new_tokens, eos), skip_special_tokens=True)
             pairs.append({"prompt": conv[0]["content"], "engine": mine.text, "llamacpp": theirs})
         n_params = sum(p.numel() for p in engine.model.parameters())
         model_dtype = str(engine.model.dtype).removeprefix("torch.")
         chosen, rows = engine.runner.weights_format, engine.runner.quant_rows
         half = engine._decoder is not None and engine._decoder.half
-        del llm, llms
     finally:
+        for one in llms.values():
+            one.close()
         await engine.stop(grace=0)
     same32 = None
     if model_dtype != "float32" or chosen != "none":
@@ -236,7 +390,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         "engine_c1": e1, "llamacpp_c1": p1, "llamacpp_threads": best, "engine_batch": eb,
         "llamacpp_by_threads": {str(k): v for k, v in by_threads.items()},
         "c1_vs_peer": round(c1_ratio, 3), "batch_vs_peer": round(batch_ratio, 3),
-        "same_prompt_tokens": same_prompt, "prompts": len(pairs), "identical_replies": agree,
+        "llamacpp_buffers": peer_buffers(), "same_prompt_tokens": same_prompt, "prompts": len(pairs), "identical_replies": agree,
         "agreement": round(agree / len(pairs), 3), "replies": pairs,
         "targets": {
             f"engine c=1 >= {PEER_TARGETS['c1_vs_peer']:.1f}x llama.cpp c=1": c1_ratio >= PEER_TARGETS["c1_vs_peer"],
@@ -259,7 +413,8 @@ def format_peer_table(result: dict[str, Any]) -> str:
     peer = result["llamacpp_c1"]["tokens_per_s"]
     lines = [
         f"engine: {result['model']} ({result['parameters'] / 1e6:.1f}M params) on {result['device']}, "
-        f"{weights_label(result)}, {result['decode_step']} decode step; llama.cpp: {result['gguf']} as it is; "
+        f"{weights_label(result)}, {result['decode_step']} decode step; llama.cpp: {result['gguf']} as it is "
+        f"({result.get('llamacpp_buffers', 'ggml defaults')}); "
         f"engine on {result['threads']} threads, {result['new_tokens']} new tokens per request, greedy, "
         f"{result['rounds']} rounds; ratios against llama.cpp on {result['llamacpp_threads']} "
         f"thread{'s' if result['llamacpp_threads'] != 1 else ''}, its faster",
@@ -279,3 +434,7 @@ def format_peer_table(result: dict[str, Any]) -> str:
     for name, ok in result.get("targets", {}).items():
         lines.append(f"  [{'ok' if ok else 'MISSED'}] {name}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # LlamaCpp's child: python -m bot.bench_peer GGUF THREADS N_CTX
+    sys.exit(_serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

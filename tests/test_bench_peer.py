@@ -63,7 +63,7 @@ def test_unknown_peer_is_refused(tiny_gguf, tmp_path, capsys):
 
 @needs_llama_cpp
 def test_a_file_llama_cpp_cannot_read_is_one_line_error(tmp_path):
-    from bot.bench_peer import load_llamacpp
+    from bot.bench_peer import LlamaCpp, load_llamacpp
     from tuneloop.errors import ModelError
 
     bad = tmp_path / "bad.gguf"
@@ -71,6 +71,25 @@ def test_a_file_llama_cpp_cannot_read_is_one_line_error(tmp_path):
     with pytest.raises(ModelError, match="llama.cpp cannot load .*bad.gguf") as info:
         load_llamacpp(bad, 1, 64)
     assert "\n" not in str(info.value)
+    # The bench runs llama.cpp in a process of its own: the same one line comes back from there.
+    with pytest.raises(ModelError, match="llama.cpp cannot load .*bad.gguf") as info:
+        LlamaCpp(bad, 1, 64)
+    assert "\n" not in str(info.value)
+
+
+@needs_llama_cpp
+def test_a_dead_peer_process_is_one_line_error(tiny_gguf):
+    from bot.bench_peer import LlamaCpp
+    from tuneloop.errors import ModelError
+
+    path, _ = tiny_gguf
+    peer = LlamaCpp(path, 1, 64)
+    made, first, total = peer.one(peer.tokenize("hello"), 3)
+    assert made == 3 and 0 < first <= total
+    peer._proc.kill()  # as a segfault in ggml would end it
+    with pytest.raises(ModelError, match=r"llama.cpp's process ended \(exit status -9\)"):
+        peer.one([1, 2], 3)
+    peer.close()
 
 
 @needs_llama_cpp

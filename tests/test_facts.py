@@ -21,7 +21,8 @@ def test_config_moves_store_and_registry_into_the_work_folder(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\nbase = "starter"\n[storage]\npath = "real.db"\n[trainer]\nregistry = "real"\n')
     config = facts.facts_config(str(cfg), tmp_path / "w", base="/models/x",
-                                overrides=["learning_rate=0.002", "peft=dora", "lora_targets=q_proj,v_proj"])
+                                overrides=["learning_rate=0.002", "peft=dora", "scope=global",
+                                           "lora_targets=q_proj,v_proj"])
     assert config.storage.path == tmp_path / "w" / "facts.db"
     assert config.trainer.registry == tmp_path / "w" / "models"
     assert (config.model.base, config.trainer.learning_rate, config.trainer.peft) == ("/models/x", 0.002, "dora")

@@ -86,7 +86,14 @@ def test_peft_kind_is_validated_at_load(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse({"trainer": {"peft": "prefix"}}, tmp_path)
     assert str(e.value) == "trainer.peft: must be one of lora, dora, adalora, ia3, got 'prefix'"
-    assert parse({"trainer": {"peft": "dora"}}, tmp_path).trainer.peft == "dora"
+    assert parse({"trainer": {"peft": "dora", "scope": "global"}}, tmp_path).trainer.peft == "dora"
+    # A kind that can only be merged, under the scope that serves each community's version
+    # beside the shared base: refused at load, not after a run trained a version nobody can be served.
+    for trainer, key in (({"peft": "ia3"}, "peft"), ({"lora": False}, "lora")):
+        with pytest.raises(ConfigError) as e:
+            parse({"trainer": trainer}, tmp_path)
+        assert str(e.value).startswith(f"trainer.{key}: ") and 'scope = "global"' in str(e.value)
+        assert "\n" not in str(e.value)
 
 
 ROWS = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": a}]}

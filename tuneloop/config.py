@@ -209,7 +209,8 @@ class TrainerConfig:
     lora: bool = field(default=True, metadata=_meta(
         "train an adapter of kind `peft` (false: full fine-tuning)"))
     peft: str = field(default="lora", metadata=_meta(
-        "adapter kind, peft's own config; each merges into the weights (prefix tuning cannot, so is not offered)",
+        "adapter kind, peft's own config; dora, adalora and ia3 change the base weights, so are served merged "
+        "and need scope global (prefix tuning cannot merge, so is not offered)",
         choices=("lora", "dora", "adalora", "ia3")))
     lora_r: int = field(default=16, metadata=_meta("adapter rank (lora, dora, adalora)", min=1))
     lora_alpha: int = field(default=32, metadata=_meta("adapter scale alpha (lora, dora, adalora)", min=1))
@@ -275,6 +276,13 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         parse_schedule(self.schedule)  # raises ConfigError naming trainer.schedule
+        if self.scope == "community" and not (self.lora and self.peft == "lora"):
+            # Caught here, not after a run trained a version no community can be served.
+            what = f'peft = "{self.peft}"' if self.lora else "lora = false (full fine-tuning)"
+            raise ConfigError(f"trainer.{'peft' if self.lora else 'lora'}: {what} versions change the base "
+                              'weights and are served merged, which only scope = "global" does; scope = '
+                              '"community" serves each community\'s plain LoRA beside the shared base '
+                              '(set peft = "lora", or scope = "global")')
 
 
 def _check_community(key: str, value: str) -> None:
