@@ -58,12 +58,16 @@ def test_kernels_multiply_by_the_weights_they_hold(kind):
 needs_kernel = pytest.mark.skipif(_int4.library() is None, reason=f"our int4 kernel: {_int4.unavailable()}")
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", list(_int4.BUILDS))
 @pytest.mark.parametrize("half", [False, True])
-def test_our_int4_kernel_is_the_float32_product_with_the_dequantized_weights(half):
-    """Random shapes (odd output counts, widths in multiples of 32), 1-16 rows, 1 and 2 threads."""
+def test_our_int4_kernel_is_the_float32_product_with_the_dequantized_weights(half, isa):
+    """Each instruction set's build: random shapes (odd output counts, widths in multiples of 32), 1-16 rows,
+    1 and 2 threads."""
     from tuneloop.engine.quant import int4_codes
 
+    lib, why = _int4.build(isa)
+    if lib is None:
+        pytest.skip(f"our int4 kernel for {isa}: {why}")
     gen = torch.Generator().manual_seed(1)
     for out, width in [(1, 32), (17, 64), (96, 128), (333, 576), (48, 1536)]:
         codes, scale, minimum = int4_codes(torch.randn(out, width, generator=gen) * 0.05)
@@ -76,7 +80,7 @@ def test_our_int4_kernel_is_the_float32_product_with_the_dequantized_weights(hal
             x = torch.randn(rows, width, generator=gen)
             want = x.double() @ w.t()
             for threads in (1, 2):
-                got = _int4.matmul(_int4.library(), x, packed, sm, out, threads)
+                got = _int4.matmul(lib, x, packed, sm, out, threads)
                 assert got.dtype == torch.float32 and got.shape == (rows, out)
                 err = float((got.double() - want).abs().max()) / float(want.abs().max())
                 assert err <= 1e-5, (out, width, rows, threads, err)
@@ -105,6 +109,7 @@ def test_without_our_kernel_int4_weights_use_torchs(monkeypatch, tmp_path, caplo
     try:
         for setting in ("env", "compiler"):
             _int4._load.cache_clear()
+            _int4.build.cache_clear()
             _int4.library.cache_clear()
             if setting == "env":
                 monkeypatch.setenv("TUNELOOP_INT4_KERNEL", "torch")
@@ -125,6 +130,7 @@ def test_without_our_kernel_int4_weights_use_torchs(monkeypatch, tmp_path, caplo
     finally:
         monkeypatch.undo()
         _int4._load.cache_clear()
+        _int4.build.cache_clear()
         _int4.library.cache_clear()
 
 
@@ -320,3 +326,27 @@ def test_large_steps_of_a_float32_model_read_a_bfloat16_copy(tiny):
     assert f.half is not None and f.quant.rows == 2  # restored
     err, flips = decoder._quantized_distance(tiny)
     assert err < 0.1 and flips == 0
+
+
+def test_the_kernel_builds_for_avx2_where_the_cpu_lacks_avx512(monkeypatch, tmp_path, caplog):
+    """A CPU with AVX2 but no AVX-512 gets our kernel's AVX2 build (not torch's), and the log line says so."""
+    import logging
+
+    if not _int4.build("avx2")[0]:
+        pytest.skip(f"our int4 kernel for avx2: {_int4.build('avx2')[1]}")
+    try:
+        _int4._load.cache_clear()
+        _int4.build.cache_clear()
+        _int4.library.cache_clear()
+        monkeypatch.delenv("TUNELOOP_INT4_KERNEL", raising=False)
+        monkeypatch.setenv("TUNELOOP_CACHE", str(tmp_path))
+        monkeypatch.setattr(_int4, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "sse3"})
+        with caplog.at_level(logging.INFO, logger="tuneloop.engine._int4"):
+            q = QuantizedWeight(torch.randn(40, 64), "int4", rows=4)
+        assert q.backend == "float32 kernel" and "avx2" in caplog.text
+        assert list((tmp_path / "kernels").glob("int4_kernel-avx2-*.so"))
+    finally:
+        monkeypatch.undo()
+        _int4._load.cache_clear()
+        _int4.build.cache_clear()
+        _int4.library.cache_clear()

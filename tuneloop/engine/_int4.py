@@ -7,10 +7,11 @@ flags, written under a temporary name and renamed, so processes that compile
 at once never load half a file. ctypes releases the GIL during the call.
 
 ``TUNELOOP_INT4_KERNEL=torch`` keeps torch's bfloat16 kernel (for comparing
-the two); without a compiler, AVX-512 or a successful compile the same
-happens, with one log line saying why (``unavailable``).
+the two), ``=avx2`` builds the AVX2 form on a CPU with AVX-512 (for testing
+and comparing it); without a compiler, AVX2 or a successful compile torch's
+serves, with one log line saying why (``unavailable``).
 
-Public surface: ``library``, ``unavailable``, ``matmul``, ``pack``.
+Public surface: ``library``, ``unavailable``, ``build``, ``matmul``, ``pack``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
 #: Explicit instruction sets rather than -march=native, so a cached build does not depend on the machine
-#: that compiled it beyond these (checked against /proc/cpuinfo before loading).
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-fopenmp",
-         "-shared", "-fPIC")
-NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")
+#: that compiled it beyond these (checked against /proc/cpuinfo before loading): AVX-512 where the CPU
+#: has it, else AVX2 (most CPUs since 2013, AMD's before Zen 4 among them), the same source either way.
+COMMON = ("-O3", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+BUILDS = {
+    "avx512": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", *COMMON),
+               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")),
+    "avx2": (("-mavx2", *COMMON), ("avx2", "fma", "f16c")),
+}
 LANES = 16
 GROUP = 32
 
@@ -68,10 +73,21 @@ def _compiler() -> str | None:
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The library, or None and why not."""
-    if os.environ.get("TUNELOOP_INT4_KERNEL", "").lower() == "torch":
+    """The library for this CPU (or the one ``TUNELOOP_INT4_KERNEL`` names), or None and why not."""
+    asked = os.environ.get("TUNELOOP_INT4_KERNEL", "").lower()
+    if asked == "torch":
         return None, "TUNELOOP_INT4_KERNEL=torch"
-    missing = [f for f in NEEDS if f not in _cpu_flags()]
+    flags = _cpu_flags()
+    isa = asked if asked in BUILDS else next(
+        (name for name, (_, needs) in BUILDS.items() if all(f in flags for f in needs)), "avx2")
+    return build(isa)
+
+
+@functools.cache
+def build(isa: str) -> tuple[ctypes.CDLL | None, str]:
+    """The kernel compiled for ``isa`` (a key of ``BUILDS``) and loaded, or None and why not."""
+    options, needs = BUILDS[isa]
+    missing = [f for f in needs if f not in _cpu_flags()]
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
     cc = _compiler()
@@ -81,16 +97,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         source = SOURCE.read_bytes()
     except OSError as exc:  # an installed package without its package data
         return None, f"no kernel source: {exc}"
-    key = hashlib.sha256(source + "\0".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + "\0".join((cc, *options)).encode()).hexdigest()[:16]
     folder = cache_dir()
-    target = folder / f"int4_kernel-{key}.so"
+    target = folder / f"int4_kernel-{isa}-{key}.so"
     if not target.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
             try:
-                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                done = subprocess.run([cc, *options, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                       timeout=120)
                 if done.returncode:
                     lines = (done.stderr or done.stdout).strip().splitlines()
@@ -109,6 +125,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    lib.isa = isa
     return lib, ""
 
 
@@ -119,7 +136,7 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         log.info("int4 weights: torch's bfloat16 kernel (%s)", why)
     else:
-        log.info("int4 weights: our float32 kernel (%s)", SOURCE.name)
+        log.info("int4 weights: our float32 kernel (%s, %s)", SOURCE.name, lib.isa)
     return lib
 
 

@@ -18,6 +18,10 @@
  *   sm:     [blocks][in / 32][2][16] scale then minimum, float32 or, when
  *           ``half`` (weights from a GGUF, whose scales are float16 and so
  *           exact in it), float16: a quarter less memory traffic at one row.
+ * Instruction sets: AVX-512 (one 16-lane vector a block) or, compiled with
+ * -mavx2 where the CPU lacks AVX-512, AVX2 + FMA + F16C: the same layout, each
+ * block of 16 outputs taken as two halves of 8 lanes (16 ymm registers hold
+ * half of AVX-512's accumulators, hence fewer rows a pass).
  * Threads: an OpenMP team takes chunks of output blocks in turn; linked
  * against the libgomp.so.1 that torch has already loaded (the same soname:
  * /proc/self/maps shows torch's copy only), so torch's threads run it and no
@@ -47,6 +51,9 @@
 #define DYN 4
 #endif
 
+#if defined(__AVX512F__)
+#define ROWS MAXROWS
+
 static inline __attribute__((always_inline)) void load_sm(const void *sm, int half, long at, __m512 *s, __m512 *mn) {
     if (half) {
         const uint16_t *p = (const uint16_t *)sm + at;
@@ -65,7 +72,8 @@ static inline __attribute__((always_inline)) void load_sm(const void *sm, int ha
 static inline __attribute__((always_inline)) void block(const int MC, const int NC, const uint8_t *codes,
                                                         const void *sm, int half, int ng, const float *x,
                                                         long ldx, const float *xs, float *y, long ldy,
-                                                        __mmask16 mask) {
+                                                        int valid) {
+    const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
     /* code -> float by table lookup: vpermps reads the low 4 bits of each
        index, so the low nibble needs no mask */
     const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -122,14 +130,123 @@ static inline __attribute__((always_inline)) void block(const int MC, const int 
 }
 
 #define CASE(MC, NC) \
-    case MC: block(MC, NC, codes, sm, half, ng, x, ldx, xs, y, ldy, mask); break;
+    case MC: block(MC, NC, codes, sm, half, ng, x, ldx, xs, y, ldy, valid); break;
 
 static void rows_block(int mc, const uint8_t *codes, const void *sm, int half, int ng, const float *x, long ldx,
-                       const float *xs, float *y, long ldy, __mmask16 mask) {
+                       const float *xs, float *y, long ldy, int valid) {
     switch (mc) {
         CASE(1, 8) CASE(2, 4) CASE(3, 2) CASE(4, 2) CASE(5, 1) CASE(6, 1) CASE(7, 1) CASE(8, 1)
     }
 }
+
+/* the sum of 32 floats: a row's group sum, for the minimums */
+static inline float group_sum(const float *p) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(p + LANES)));
+}
+
+#else /* AVX2 + FMA + F16C */
+/* rows a pass: 8 partial sums, 4 accumulators and 3 temporaries fill the 16 ymm registers */
+#define MAXROWS2 4
+#define ROWS MAXROWS2
+
+#define HL 8 /* lanes of a ymm register: half a block */
+
+static inline __attribute__((always_inline)) void load_sm(const void *sm, int half, long at, __m256 *s, __m256 *mn) {
+    if (half) {
+        const uint16_t *p = (const uint16_t *)sm + at;
+        *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        *mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + LANES)));
+    } else {
+        const float *p = (const float *)sm + at;
+        *s = _mm256_loadu_ps(p);
+        *mn = _mm256_loadu_ps(p + LANES);
+    }
+}
+
+/* Outputs h*8 .. h*8+7 of one block for MC rows, each half in turn; as the
+ * AVX-512 block, NC partial sums per row and group. A code becomes a float by
+ * a mask or shift and a conversion (AVX2 has no 16-entry permute of floats). */
+static inline __attribute__((always_inline)) void block(const int MC, const int NC, const uint8_t *codes,
+                                                        const void *sm, int half, int ng, const float *x,
+                                                        long ldx, const float *xs, float *y, long ldy,
+                                                        int valid) {
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    for (int h = 0; h < LANES / HL; h++) {
+        const int n = valid - h * HL;
+        if (n <= 0) break;
+        __m256 acc[MAXROWS2];
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; m++) acc[m] = _mm256_setzero_ps();
+        for (int g = 0; g < ng; g++) {
+            __m256 part[MAXROWS2][8];
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++)
+#pragma GCC unroll 8
+                for (int c = 0; c < NC; c++) part[m][c] = _mm256_setzero_ps();
+            const uint8_t *cg = codes + (long)g * (GROUP / 2) * LANES;
+            const float *xg = x + (long)g * GROUP;
+#if PF
+            if (h == 0) /* the second half reads what the first brought in */
+                for (int l = 0; l < GROUP / 2 * LANES; l += 64) _mm_prefetch((const char *)cg + PF + l, _MM_HINT_T0);
+#endif
+#pragma GCC unroll 16
+            for (int k = 0; k < GROUP / 2; k++) {
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cg + k * LANES + h * HL)));
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+#pragma GCC unroll 8
+                for (int m = 0; m < MC; m++) {
+                    const int a = (2 * k) % NC, b = (2 * k + 1) % NC;
+                    part[m][a] = _mm256_fmadd_ps(lo, _mm256_set1_ps(xg[m * ldx + 2 * k]), part[m][a]);
+                    part[m][b] = _mm256_fmadd_ps(hi, _mm256_set1_ps(xg[m * ldx + 2 * k + 1]), part[m][b]);
+                }
+            }
+            __m256 s, mn;
+            load_sm(sm, half, (long)g * 2 * LANES + h * HL, &s, &mn);
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++) {
+#pragma GCC unroll 8
+                for (int w = NC / 2; w >= 1; w /= 2)
+#pragma GCC unroll 8
+                    for (int c = 0; c < w; c++) part[m][c] = _mm256_add_ps(part[m][c], part[m][c + w]);
+                acc[m] = _mm256_fmadd_ps(part[m][0], s, acc[m]);
+                acc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[m * ng + g]), acc[m]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; m++) {
+            if (n >= HL) {
+                _mm256_storeu_ps(y + m * ldy + h * HL, acc[m]);
+            } else {
+                float tmp[HL];
+                _mm256_storeu_ps(tmp, acc[m]);
+                for (int i = 0; i < n; i++) y[m * ldy + h * HL + i] = tmp[i];
+            }
+        }
+    }
+}
+
+#define CASE(MC, NC) \
+    case MC: block(MC, NC, codes, sm, half, ng, x, ldx, xs, y, ldy, valid); break;
+
+static void rows_block(int mc, const uint8_t *codes, const void *sm, int half, int ng, const float *x, long ldx,
+                       const float *xs, float *y, long ldy, int valid) {
+    switch (mc) {
+        CASE(1, 8) CASE(2, 4) CASE(3, 2) CASE(4, 2)
+    }
+}
+
+/* the sum of 32 floats: a row's group sum, for the minimums */
+static inline float group_sum(const float *p) {
+    __m256 a = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                             _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    b = _mm_add_ss(b, _mm_movehdup_ps(b));
+    return _mm_cvtss_f32(b);
+}
+
+#endif
 
 /* y [M, out] = x [M, in] @ W^T; threads: the OpenMP team size (torch's count). */
 void int4_mm(const float *x, long M, long in, const uint8_t *codes, const void *sm, int half, long out, float *y,
@@ -140,11 +257,7 @@ void int4_mm(const float *x, long M, long in, const uint8_t *codes, const void *
     /* each row's group sums, for the minimums */
     float *xs = (float *)malloc(sizeof(float) * (size_t)(M * ng));
     for (long m = 0; m < M; m++)
-        for (int g = 0; g < ng; g++) {
-            const __m512 a = _mm512_loadu_ps(x + m * in + g * GROUP);
-            const __m512 b = _mm512_loadu_ps(x + m * in + g * GROUP + LANES);
-            xs[m * ng + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-        }
+        for (int g = 0; g < ng; g++) xs[m * ng + g] = group_sum(x + m * in + g * GROUP);
     const size_t sm_size = half ? 2 : 4;
     if (threads < 1) threads = 1;
     if (threads > blocks) threads = (int)blocks;
@@ -174,13 +287,13 @@ void int4_mm(const float *x, long M, long in, const uint8_t *codes, const void *
 #endif
             for (long b = b0; b < b1; b++) {
                 const long left = out - b * LANES;
-                const __mmask16 mask = left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const int valid = left >= LANES ? LANES : (int)left;
                 const uint8_t *cb = codes + b * code_stride;
                 const void *sb = (const char *)sm + b * sm_stride * sm_size;
-                for (long m0 = 0; m0 < M; m0 += MAXROWS) {
-                    const int mc = (int)(M - m0 < MAXROWS ? M - m0 : MAXROWS);
+                for (long m0 = 0; m0 < M; m0 += ROWS) {
+                    const int mc = (int)(M - m0 < ROWS ? M - m0 : ROWS);
                     rows_block(mc, cb, sb, half, ng, x + m0 * in, in, xs + m0 * ng, y + m0 * out + b * LANES,
-                               out, mask);
+                               out, valid);
                 }
             }
         }
