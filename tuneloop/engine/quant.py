@@ -14,8 +14,10 @@ loaded by ``_int4``): float32 activations times the exact weights, float32
 sums, and faster than torch's besides: SmolLM2's 121 projections at one row,
 weights from memory, 4.7 against 5.9 ms on two threads (8.4 against 10.3 on
 one), 1.3-1.4x at 2-16 rows (alternating in one process, a 2-core Xeon
-with AVX-512, 2026-12-02). Where it cannot be built (no C compiler, no
-AVX-512) or ``TUNELOOP_INT4_KERNEL=torch`` asks so, torch's serves
+with AVX-512, 2026-12-02); its AVX2 build, on CPUs without AVX-512, 2.2x
+torch's at 1 and at 16 rows (a 2-core AMD EPYC with AVX2, 2026-12-06;
+docs/benchmarks.md). Where it cannot be built (no C compiler, no AVX2) or
+``TUNELOOP_INT4_KERNEL=torch`` asks so, torch's serves
 (``QuantizedWeight.backend`` says which, and one log line).
 
 Formats (``[model] quantize``):
