@@ -33,9 +33,6 @@
 
 #define GROUP 32
 #define LANES 16
-/* rows multiplied per pass over a block; more rows pass again over the block,
-   which is then in L1 (16 outputs x 1536 inputs = 12 KB of codes) */
-#define MAXROWS 8
 /* Software prefetch distance in bytes of codes (8 groups), scales and minimums
    as many groups ahead: with the weights coming from memory, prefetching made
    the whole SmolLM2 layer mix at one row 1.3x faster (11.8 -> 9.0 ms a token,
@@ -51,8 +48,10 @@
 #define DYN 4
 #endif
 
+/* ROWS: rows multiplied per pass over a block; more rows pass again over the
+   block, which is then in L1 (16 outputs x 1536 inputs = 12 KB of codes) */
 #if defined(__AVX512F__)
-#define ROWS MAXROWS
+#define ROWS 8
 
 static inline __attribute__((always_inline)) void load_sm(const void *sm, int half, long at, __m512 *s, __m512 *mn) {
     if (half) {
@@ -77,11 +76,11 @@ static inline __attribute__((always_inline)) void block(const int MC, const int 
     /* code -> float by table lookup: vpermps reads the low 4 bits of each
        index, so the low nibble needs no mask */
     const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 acc[MAXROWS];
+    __m512 acc[ROWS];
 #pragma GCC unroll 8
     for (int m = 0; m < MC; m++) acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
-        __m512 part[MAXROWS][8];
+        __m512 part[ROWS][8];
 #pragma GCC unroll 8
         for (int m = 0; m < MC; m++)
 #pragma GCC unroll 8
@@ -145,9 +144,8 @@ static inline float group_sum(const float *p) {
 }
 
 #else /* AVX2 + FMA + F16C */
-/* rows a pass: 8 partial sums, 4 accumulators and 3 temporaries fill the 16 ymm registers */
-#define MAXROWS2 4
-#define ROWS MAXROWS2
+/* 8 partial sums, 4 accumulators and 3 temporaries fill the 16 ymm registers */
+#define ROWS 4
 
 #define HL 8 /* lanes of a ymm register: half a block */
 
@@ -174,11 +172,11 @@ static inline __attribute__((always_inline)) void block(const int MC, const int 
     for (int h = 0; h < LANES / HL; h++) {
         const int n = valid - h * HL;
         if (n <= 0) break;
-        __m256 acc[MAXROWS2];
+        __m256 acc[ROWS];
 #pragma GCC unroll 8
         for (int m = 0; m < MC; m++) acc[m] = _mm256_setzero_ps();
         for (int g = 0; g < ng; g++) {
-            __m256 part[MAXROWS2][8];
+            __m256 part[ROWS][8];
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++)
 #pragma GCC unroll 8
