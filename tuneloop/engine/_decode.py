@@ -41,6 +41,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from tuneloop.engine._batch import Batch, SlabLayer, last_logits, prefill
+from tuneloop.engine._native import Native
 from tuneloop.engine.lora import Plan
 from tuneloop.engine.quant import QuantizedWeight
 from tuneloop.engine.quant import quantize as quantized
@@ -88,6 +89,9 @@ class Decoder:
         self.layers = [_Layer(layer, transposed, i) for i, layer in enumerate(inner.layers)]
         self.quantize = "none"
         self.head_q: QuantizedWeight | None = None
+        #: Steps without adapters on quantized weights run every layer in C (``_native``); None: not here.
+        self.native: Native | None = None
+        self.native_why = "dense weights"
         first = self.layers[0]
         self.kv_heads, self.group = first.kv_heads, first.heads // first.kv_heads
         self._steps = self._packed = _direct
@@ -151,6 +155,7 @@ class Decoder:
             f.quant = quantized(f.out_in, kind, rows)
             f.half = f.out_in.to(torch.bfloat16).contiguous() if half else None
         self.head_q = quantized(self.lm_head.weight.detach(), "none" if kind == "none" else "int4", rows)
+        self.native, self.native_why = (None, "dense weights") if kind == "none" else Native.build(self)
 
     def _fused(self) -> list[_Fused]:
         return [f for layer in self.layers for f in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)]
@@ -198,7 +203,8 @@ class Decoder:
             decoder.quantize_weights("none", 0)
             return decoder, f"{why}; dense weights, {problem}"
         above = "a bfloat16 copy" if decoder.half else "dense weights"
-        return decoder, f"{why}; {quantize} weights for steps of up to {quant_rows} rows, {above} above"
+        native = "in C" if decoder.native is not None else f"in torch ({decoder.native_why})"
+        return decoder, f"{why}; {quantize} weights for steps of up to {quant_rows} rows ({native}), {above} above"
 
     def step(self, ids: torch.Tensor, batch: Batch, lora: Plan | None = None) -> torch.Tensor:
         """Logits ``[B, vocab]`` for the next token after ``ids`` ``[B, 1]``; writes one cache column.
@@ -214,6 +220,9 @@ class Decoder:
         n, length = mask.shape
         h = self.embed(ids.view(n))  # [B, C]
         cos, sin = self._rope(h, pos)  # [B, 1, D] each
+        native = self.native
+        if native is not None and lora is None and n <= native.rows and native.step(h, cos, sin, batch):
+            return self._logits(h)
         # Additive attention bias, 0 where a row has a token and -inf in its
         # padding, one row per query group: [B * Hk, G, L] as baddbmm takes it.
         bias = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(mask == 0, float("-inf"))
@@ -727,4 +736,5 @@ def _rms_norm(module: nn.Module, dtype: torch.dtype | None = None):
     def norm(x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, eps)
 
+    norm.weight, norm.eps = weight, eps  # for the C step (``_native``)
     return norm

@@ -11,7 +11,8 @@ the two), ``=avx2`` builds the AVX2 form on a CPU with AVX-512 (for testing
 and comparing it); without a compiler, AVX2 or a successful compile torch's
 serves, with one log line saying why (``unavailable``).
 
-Public surface: ``library``, ``unavailable``, ``build``, ``matmul``, ``pack``.
+Public surface: ``library``, ``unavailable``, ``build``, ``activations``, ``matmul``, ``pack``, ``pack_q``,
+``unpack``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
+#: Compiled into the same library: a whole decoding step on these weights (``_native``).
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.c"))
 #: Explicit instruction sets rather than -march=native, so a cached build does not depend on the machine
 #: that compiled it beyond these (checked against /proc/cpuinfo before loading): AVX-512 where the CPU
 #: has it, else AVX2 (most CPUs since 2013, AMD's before Zen 4 among them), the same source either way.
@@ -43,6 +46,10 @@ BUILDS = {
 }
 LANES = 16
 GROUP = 32
+#: Outputs a block and inputs a chunk of the integer kernel's layout (``pack_q``).
+QB = 8
+#: The activations each build multiplies by by default (``activations``).
+ACTIVATIONS = {"avx512": "float", "avx2": "float"}
 
 
 def cache_dir() -> Path:
@@ -94,7 +101,7 @@ def build(isa: str) -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler (cc, gcc) found"
     try:
-        source = SOURCE.read_bytes()
+        source = b"\0".join(path.read_bytes() for path in SOURCES)
     except OSError as exc:  # an installed package without its package data
         return None, f"no kernel source: {exc}"
     key = hashlib.sha256(source + "\0".join((cc, *options)).encode()).hexdigest()[:16]
@@ -106,7 +113,7 @@ def build(isa: str) -> tuple[ctypes.CDLL | None, str]:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
             try:
-                done = subprocess.run([cc, *options, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                done = subprocess.run([cc, *options, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                                       timeout=120)
                 if done.returncode:
                     lines = (done.stderr or done.stdout).strip().splitlines()
@@ -121,12 +128,32 @@ def build(isa: str) -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:
         return None, f"loading {target.name}: {exc}"
-    fn = lib.int4_mm
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                   ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    args = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    lib.int4_mm.restype = None
+    lib.int4_mm.argtypes = args
+    if hasattr(lib, "int4_mm_q"):  # the AVX2 build's integer-activation kernel
+        lib.int4_mm_q.restype = None
+        lib.int4_mm_q.argtypes = [*args, ctypes.c_int]
+    if hasattr(lib, "decode_step"):
+        lib.decode_step.restype = ctypes.c_int
+        lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                    ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.isa = isa
     return lib, ""
+
+
+def activations(lib: ctypes.CDLL) -> str:
+    """How ``lib`` multiplies by activations: ``float`` (exact float32) or rounded to ``int16`` / ``int8``.
+
+    ``TUNELOOP_INT4_ACTIVATIONS`` chooses where the build has the integer
+    kernel (AVX2); the default is ``ACTIVATIONS[lib.isa]``.
+    """
+    if not hasattr(lib, "int4_mm_q"):
+        return "float"
+    asked = os.environ.get("TUNELOOP_INT4_ACTIVATIONS", "").lower()
+    return asked if asked in ("float", "int16", "int8") else ACTIVATIONS.get(lib.isa, "float")
 
 
 @functools.cache
@@ -165,12 +192,50 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, half: 
     return packed, sm.to(torch.float16 if half else torch.float32)
 
 
+def pack_q(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, half: bool
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer kernel's layout (``int4_mm_q`` in ``int4_kernel.c``) of what ``pack`` takes.
+
+    Codes: ``[blocks][in / 8][8][4]`` bytes, blocks of 8 outputs (padded with
+    zeros), byte ``[b][c][j][t]`` holding code ``[8b+j][8c+t]`` in its low and
+    ``[8b+j][8c+4+t]`` in its high nibble; scales and minimums
+    ``[blocks][in / 32][2][8]``.
+    """
+    out, width = codes.shape
+    blocks = -(-out // QB)
+    pad = blocks * QB - out
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad)).view(blocks, QB, width // 8, 2, 4)
+    packed = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).transpose(1, 2).contiguous()  # [blocks, in / 8, 8, 4]
+    sm = torch.nn.functional.pad(torch.stack([scale, minimum], -1), (0, 0, 0, 0, 0, pad))
+    sm = sm.view(blocks, QB, width // GROUP, 2).permute(0, 2, 3, 1).contiguous()
+    return packed, sm.to(torch.float16 if half else torch.float32)
+
+
+def unpack(codes: torch.Tensor, sm: torch.Tensor, out: int, width: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes ``[out, in]`` (int32), scales and minimums ``[out, in / 32]`` (float32) of ``pack`` or ``pack_q``."""
+    groups = width // GROUP
+    if codes.dim() == 4:  # pack_q's
+        nib = torch.stack([codes & 0x0F, codes >> 4], 3)  # [blocks, in / 8, 8, 2, 4]
+        c = nib.permute(0, 2, 1, 3, 4).reshape(-1, width)[:out]
+        s = sm.float().permute(0, 3, 1, 2).reshape(-1, groups, 2)[:out]
+    else:
+        pairs = codes.transpose(1, 2).reshape(-1, width // 2)[:out]
+        c = torch.stack([pairs & 0x0F, pairs >> 4], -1).view(out, width)
+        s = sm.float().permute(0, 3, 1, 2).reshape(-1, groups, 2)[:out]
+    return c.to(torch.int32), s[..., 0], s[..., 1]
+
+
 def matmul(lib: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, sm: torch.Tensor, out: int,
-           threads: int | None = None) -> torch.Tensor:
-    """``x @ W^T`` in float32 for float32 ``x`` ``[M, in]`` and ``pack``'s ``codes``, ``sm``."""
+           threads: int | None = None, activations: str = "float") -> torch.Tensor:
+    """``x @ W^T`` in float32 for float32 ``x`` ``[M, in]`` and ``pack``'s ``codes``, ``sm`` (``pack_q``'s
+    with ``activations`` ``int16`` or ``int8``, the inputs rounded so)."""
     x = x.contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
-    lib.int4_mm(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), sm.data_ptr(),
-                int(sm.dtype == torch.float16), out, y.data_ptr(),
-                torch.get_num_threads() if threads is None else threads)
+    args = (x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), sm.data_ptr(), int(sm.dtype == torch.float16),
+            out, y.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    if activations == "float":
+        lib.int4_mm(*args)
+    else:
+        lib.int4_mm_q(*args, int(activations == "int16"))
     return y

@@ -76,6 +76,9 @@ class QuantizedWeight:
         #: ``torch int8 kernel``.
         self.backend = "torch int8 kernel"
         self._lib = None
+        #: What our int4 kernel multiplies the weights by: ``float`` (float32 activations as they are),
+        #: ``int16`` or ``int8`` (rounded per group of 32, ``_int4.activations``).
+        self.activations = "float"
         self.out_features, self.in_features = w.shape
         if kind == "int4":
             codes, scale, minimum = int4_codes(w)
@@ -84,8 +87,10 @@ class QuantizedWeight:
                 # Scales and minimums that float16 holds (a GGUF's, whose blocks store them so) are kept
                 # in it: exact, and a quarter less to read per weight than float32's.
                 half = _holds(scale) and _holds(minimum)
-                self._codes, self._sm = _int4.pack(codes, scale, minimum, half)
-                self.backend = "float32 kernel"
+                self.activations = _int4.activations(self._lib)
+                pack = _int4.pack if self.activations == "float" else _int4.pack_q
+                self._codes, self._sm = pack(codes, scale, minimum, half)
+                self.backend = "float32 kernel" if self.activations == "float" else f"{self.activations} kernel"
             else:
                 # torch's layout: w = (code - 8) * scale + zero, scale and zero [in / 32, out, 2].
                 zero = minimum + 8 * scale
@@ -122,7 +127,7 @@ class QuantizedWeight:
         """
         if self.kind == "int4" and self._lib is not None:
             y = _int4.matmul(self._lib, x if x.dtype == torch.float32 else x.float(), self._codes, self._sm,
-                             self.out_features)
+                             self.out_features, activations=self.activations)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.kind == "int4":
@@ -134,17 +139,14 @@ class QuantizedWeight:
         """int4 codes ``[out, in]`` (int32, 0-15)."""
         if self._lib is None:
             return self._codes.to(torch.int32)
-        pairs = self._codes.transpose(1, 2).reshape(-1, self.in_features // 2)[: self.out_features]
-        return torch.stack([pairs & 0x0F, pairs >> 4], -1).view(self.out_features, self.in_features).to(torch.int32)
+        return _int4.unpack(self._codes, self._sm, self.out_features, self.in_features)[0]
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int4 scales and minimums ``[out, in / 32]`` in float32, as the kernel holds them."""
         if self._lib is None:
             scale, zero = self._sz.float().transpose(0, 1).unbind(-1)
             return scale, zero - 8 * scale
-        groups = self.in_features // GROUP
-        sm = self._sm.float().permute(0, 3, 1, 2).reshape(-1, groups, 2)[: self.out_features]
-        return sm[..., 0], sm[..., 1]
+        return _int4.unpack(self._codes, self._sm, self.out_features, self.in_features)[1:]
 
     def dequantized(self) -> torch.Tensor:
         """The weight as the kernel sees it, float32 ``[out, in]`` (for tests and checks)."""

@@ -1,0 +1,174 @@
+/* One decoding step of a Llama-family model on int4 weights, every layer in
+ * one call: the same arithmetic as ``_decode._Layer.__call__`` (float32
+ * throughout, the weights' products through int4_kernel.c).
+ *
+ * Why our own: at one row a step of SmolLM2 is ~750 small torch operations
+ * beside its 121 matrix multiplies, each a few microseconds of dispatch for
+ * a few hundred floats of work; on a 2-core CPU those took a third of a
+ * token's time (docs/benchmarks.md, "Weight formats"). Here a layer's norms,
+ * rotation, cache write, attention, activation and residuals are plain loops
+ * between the multiplies. Python keeps everything else: the embedding, the
+ * output projection, adapters (a step with LoRA rows takes the torch path),
+ * prefill, and every model or cache this does not describe
+ * (``tuneloop/engine/_native.py`` decides).
+ *
+ * Layout: h [M, hidden] updated in place; cos and signed sin [M, head_dim];
+ * per layer a key and a value buffer [B, kv_heads, cap, head_dim] whose
+ * column ``col`` is written and columns 0..col attended where
+ * mask[m * mask_stride + j] is non-zero.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void int4_mm(const float *x, long M, long in, const uint8_t *codes, const void *sm, int half, long out, float *y,
+             int threads);
+void int4_mm_q(const float *x, long M, long in, const uint8_t *codes, const void *sm, int half, long out, float *y,
+               int threads, int fine);
+
+/* One quantized weight as ``_int4`` packed it; ``act``: 0 float32 activations, 1 int16, 2 int8. */
+typedef struct {
+    const uint8_t *codes;
+    const void *sm;
+    const float *bias; /* or NULL */
+    long in, out;
+    int half, act;
+} qweight;
+
+typedef struct {
+    qweight qkv, o, gate_up, down;
+    const float *in_norm, *post_norm;
+} qlayer;
+
+typedef struct {
+    const qlayer *layer;
+    int layers, heads, kv_heads, head_dim, hidden, inter;
+    float eps, scaling;
+} qmodel;
+
+static void mm(const qweight *w, const float *x, long M, float *y, int threads) {
+    if (w->act == 0) {
+        int4_mm(x, M, w->in, w->codes, w->sm, w->half, w->out, y, threads);
+    } else {
+#if defined(__AVX512F__)
+        abort(); /* no integer kernel in this build: _native.py never asks for one */
+#else
+        int4_mm_q(x, M, w->in, w->codes, w->sm, w->half, w->out, y, threads, w->act == 1);
+#endif
+    }
+    if (w->bias)
+        for (long m = 0; m < M; m++)
+            for (long o = 0; o < w->out; o++) y[m * w->out + o] += w->bias[o];
+}
+
+/* torch's F.rms_norm in float32: x / sqrt(mean(x^2) + eps) * weight */
+static void rms_norm(const float *h, long M, int n, const float *weight, float eps, float *x) {
+    for (long m = 0; m < M; m++) {
+        const float *r = h + m * n;
+        float ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int i = 0; i < n; i++) ss += r[i] * r[i];
+        const float k = 1.0f / sqrtf(ss / n + eps);
+#pragma omp simd
+        for (int i = 0; i < n; i++) x[m * n + i] = r[i] * k * weight[i];
+    }
+}
+
+/* x * cos + rotate_half(x) * sin, with sin's first half negated (``_decode._rotate``) */
+static void rotate(float *x, const float *cos, const float *ssin, int d) {
+    const int half = d / 2;
+    float t[512];
+    memcpy(t, x, sizeof(float) * d);
+    for (int i = 0; i < d; i++) x[i] = t[i] * cos[i] + t[(i + half) % d] * ssin[i];
+}
+
+/* One query head of one row against its cache columns 0..L-1 (masked where mask[j] == 0). */
+static void attend(const float *q, const float *keys, const float *values, const int64_t *mask, long L, int d,
+                   float scaling, float *scores, float *out) {
+    float top = -INFINITY;
+    for (long j = 0; j < L; j++) {
+        if (!mask[j]) {
+            scores[j] = -INFINITY;
+            continue;
+        }
+        const float *k = keys + j * d;
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < d; i++) s += q[i] * k[i];
+        scores[j] = s * scaling;
+        if (scores[j] > top) top = scores[j];
+    }
+    float sum = 0;
+    for (long j = 0; j < L; j++) {
+        scores[j] = mask[j] ? expf(scores[j] - top) : 0.0f;
+        sum += scores[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < d; i++) out[i] = 0;
+    for (long j = 0; j < L; j++) {
+        if (!mask[j]) continue;
+        const float p = scores[j] * inv;
+        const float *v = values + j * d;
+#pragma omp simd
+        for (int i = 0; i < d; i++) out[i] += p * v[i];
+    }
+}
+
+/* Returns 0, or -1 where a size is outside what this step handles (nothing written then). */
+int decode_step(const qmodel *md, float *h, long M, const float *cos, const float *ssin, float *const *kbuf,
+                float *const *vbuf, long batch_rows, long cap, long col, const int64_t *mask, long mask_stride,
+                int threads) {
+    const int hq = md->heads, hk = md->kv_heads, d = md->head_dim, n = md->hidden, inter = md->inter;
+    const int group = hq / hk, qkv_w = (hq + 2 * hk) * d;
+    const long L = col + 1;
+    if (d > 512 || col >= cap || M > batch_rows) return -1;
+    float *x = malloc(sizeof(float) * M * n);
+    float *qkv = malloc(sizeof(float) * M * qkv_w);
+    float *att = malloc(sizeof(float) * M * hq * d);
+    float *gu = malloc(sizeof(float) * M * 2 * inter);
+    float *act = malloc(sizeof(float) * M * inter);
+    float *y = malloc(sizeof(float) * M * n);
+    float *scores = malloc(sizeof(float) * (size_t)M * hq * L);
+    for (int l = 0; l < md->layers; l++) {
+        const qlayer *ly = md->layer + l;
+        rms_norm(h, M, n, ly->in_norm, md->eps, x);
+        mm(&ly->qkv, x, M, qkv, threads);
+        for (long m = 0; m < M; m++) {
+            float *r = qkv + m * qkv_w;
+            for (int t = 0; t < hq + hk; t++) rotate(r + t * d, cos + m * d, ssin + m * d, d);
+            for (int g = 0; g < hk; g++) {
+                const long at = ((m * hk + g) * cap + col) * d;
+                memcpy(kbuf[l] + at, r + (hq + g) * d, sizeof(float) * d);
+                memcpy(vbuf[l] + at, r + (hq + hk + g) * d, sizeof(float) * d);
+            }
+        }
+#pragma omp parallel for num_threads(threads) if (threads > 1 && M * hq * L * d >= 65536)
+        for (long mh = 0; mh < M * hq; mh++) {
+            const long m = mh / hq;
+            const int head = (int)(mh % hq), g = head / group;
+            const long base = (m * hk + g) * cap * d;
+            attend(qkv + m * qkv_w + head * d, kbuf[l] + base, vbuf[l] + base, mask + m * mask_stride, L, d,
+                   md->scaling, scores + mh * L, att + mh * d);
+        }
+        mm(&ly->o, att, M, y, threads);
+        for (long i = 0; i < M * n; i++) h[i] += y[i];
+        rms_norm(h, M, n, ly->post_norm, md->eps, x);
+        mm(&ly->gate_up, x, M, gu, threads);
+        for (long m = 0; m < M; m++) {
+            const float *g = gu + m * 2 * inter, *u = g + inter;
+            float *a = act + m * inter;
+            for (int i = 0; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        mm(&ly->down, act, M, y, threads);
+        for (long i = 0; i < M * n; i++) h[i] += y[i];
+    }
+    free(x);
+    free(qkv);
+    free(att);
+    free(gu);
+    free(act);
+    free(y);
+    free(scores);
+    return 0;
+}
