@@ -154,10 +154,13 @@ def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int):
 
 
 def _greedy(llm, prompt: list[int]):
-    """llama.cpp's greedy token stream for ``prompt``, from an empty cache."""
-    # reset(): without it generate() reuses the previous request's cache for a
-    # shared prefix, which the engine does not do; both start cold.
-    llm.reset()
+    """llama.cpp's greedy token stream for ``prompt``.
+
+    As a user runs it: ``generate`` keeps the previous request's cache for the
+    beginning the two prompts share (the chat template and system prompt), as
+    the engine keeps shared beginnings (``tuneloop.engine._prefix``); both
+    compute only the rest of each prompt.
+    """
     return llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True)
 
 

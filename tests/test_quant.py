@@ -31,7 +31,7 @@ def test_int4_codes_are_a_q4_1_files_own_blocks():
     q = QuantizedWeight(torch.from_numpy(deq), "int4")
     assert torch.equal(q.codes, torch.from_numpy(file_codes))
     err = float((q.dequantized() - torch.from_numpy(deq)).abs().max())
-    if q.backend == "float32 kernel":
+    if q._lib is not None:
         # Ours holds the file's float16 scales and minimums themselves: its weights are the file's.
         assert q._sm.dtype == torch.float16 and err <= 1e-6 * float(np.abs(deq).max())
     else:
@@ -45,11 +45,13 @@ def test_kernels_multiply_by_the_weights_they_hold(kind):
     w = torch.randn(96, 64, generator=gen) * 0.1
     x = torch.randn(3, 64, generator=gen)
     q = QuantizedWeight(w, kind, rows=4)
-    exact = q.backend == "float32 kernel"
-    want = (x if exact else x.bfloat16().float()) @ q.dequantized().t()
+    ours = q._lib is not None
+    want = (x if ours else x.bfloat16().float()) @ q.dequantized().t()
     got = q(x)
     assert got.dtype == torch.float32 and got.shape == (3, 96)
-    assert float((got - want).abs().max()) <= (1e-5 if exact else 0.01) * float(want.abs().max())
+    # ours: exact float32 activations, or rounded to 15 bits per group of 32; torch's: to bfloat16
+    tol = {"float": 1e-5, "int16": 2e-4}[q.activations] if ours else 0.01
+    assert float((got - want).abs().max()) <= tol * float(want.abs().max())
     # and the quantized weight is near the original (a wrong layout would not be)
     err = float((q.dequantized() - w).abs().max()) / float(w.abs().max())
     assert err < (0.01 if kind == "int8" else 0.1)
@@ -58,32 +60,65 @@ def test_kernels_multiply_by_the_weights_they_hold(kind):
 needs_kernel = pytest.mark.skipif(_int4.library() is None, reason=f"our int4 kernel: {_int4.unavailable()}")
 
 
+def _rounded_product(x: torch.Tensor, codes, scale, minimum, qmax: int) -> torch.Tensor:
+    """What the integer kernel computes, in float64: each row's groups of 32 rounded to integers of at most
+    ``qmax`` (float32 arithmetic, half to even, as the kernel rounds), times the codes, scaled; the minimums
+    times the exact group sums."""
+    out, width = codes.shape
+    xg = x.view(x.shape[0], width // GROUP, GROUP)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(float(qmax)) / amax, torch.zeros_like(amax))
+    q = torch.round(xg * inv).double()  # [M, groups, 32]
+    d = (amax / qmax).double()
+    c = codes.view(out, width // GROUP, GROUP).double()
+    dots = torch.einsum("mgi,ogi->mog", q, c)  # [M, out, groups]
+    sums = xg.double().sum(-1)  # [M, groups]
+    return (dots * scale.double()[None] * d.squeeze(-1)[:, None] + minimum.double()[None] * sums[:, None]).sum(-1)
+
+
 @pytest.mark.parametrize("isa", list(_int4.BUILDS))
 @pytest.mark.parametrize("half", [False, True])
-def test_our_int4_kernel_is_the_float32_product_with_the_dequantized_weights(half, isa):
-    """Each instruction set's build: random shapes (odd output counts, widths in multiples of 32), 1-16 rows,
-    1 and 2 threads."""
+@pytest.mark.parametrize("activations", ["float", "int16", "int8"])
+def test_our_int4_kernel_is_the_product_with_the_dequantized_weights(activations, half, isa):
+    """Each instruction set's build and each form of activations it has: random shapes (odd output counts,
+    widths in multiples of 32), 1-16 rows and a row of zeros, 1 and 2 threads; float32 activations against
+    the float64 product, rounded ones against the float64 product of the same rounding."""
     from tuneloop.engine.quant import int4_codes
 
     lib, why = _int4.build(isa)
     if lib is None:
         pytest.skip(f"our int4 kernel for {isa}: {why}")
+    if activations != "float" and not hasattr(lib, "int4_mm_q"):
+        pytest.skip(f"no integer-activation kernel in the {isa} build")
+    pack = _int4.pack if activations == "float" else _int4.pack_q
     gen = torch.Generator().manual_seed(1)
     for out, width in [(1, 32), (17, 64), (96, 128), (333, 576), (48, 1536)]:
         codes, scale, minimum = int4_codes(torch.randn(out, width, generator=gen) * 0.05)
         if half:
             scale, minimum = scale.half().float(), minimum.half().float()
-        packed, sm = _int4.pack(codes, scale, minimum, half)
+        packed, sm = pack(codes, scale, minimum, half)
+        got_codes, got_scale, got_min = _int4.unpack(packed, sm, out, width)  # the layout, read back
+        assert torch.equal(got_codes, codes) and torch.equal(got_scale, scale) and torch.equal(got_min, minimum)
         w = (codes.view(out, -1, GROUP).double() * scale.double()[..., None] + minimum.double()[..., None])
         w = w.view(out, width)
         for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16):
-            x = torch.randn(rows, width, generator=gen)
-            want = x.double() @ w.t()
+            x = torch.randn(rows, width, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+            zero = rows // 2 if rows > 1 else None
+            if zero is not None:
+                x[zero] = 0  # a row of zeros: nothing to scale by
+            if activations == "float":
+                want = x.double() @ w.t()
+            else:
+                want = _rounded_product(x, codes, scale, minimum, 16383 if activations == "int16" else 127)
             for threads in (1, 2):
-                got = _int4.matmul(lib, x, packed, sm, out, threads)
+                got = _int4.matmul(lib, x, packed, sm, out, threads, activations)
                 assert got.dtype == torch.float32 and got.shape == (rows, out)
                 err = float((got.double() - want).abs().max()) / float(want.abs().max())
-                assert err <= 1e-5, (out, width, rows, threads, err)
+                # float32 sums either way; rounded inputs add float32 products of scales (a layout or
+                # rounding mistake is off by the whole size)
+                assert err <= (1e-5 if activations == "float" else 1e-4), (out, width, rows, threads, err)
+                if zero is not None:
+                    assert float(got[zero].abs().max()) <= 1e-6
 
 
 @needs_kernel
@@ -93,11 +128,14 @@ def test_int4_weights_use_our_kernel_and_say_so(caplog):
     _int4.library.cache_clear()  # logs again on its next call
     with caplog.at_level(logging.INFO, logger="tuneloop.engine._int4"):
         q = QuantizedWeight(torch.randn(40, 64), "int4", rows=4)
-    assert "our float32 kernel" in caplog.text
-    assert q.backend == "float32 kernel" and q._sm.dtype == torch.float32  # random scales: not float16's
+    lib = _int4.library()
+    assert f"our kernel (int4_kernel.c, {lib.isa}, {_int4.activations(lib)} activations)" in caplog.text
+    assert q.backend == {"float": "float32 kernel", "int16": "int16 kernel", "int8": "int8 kernel"}[q.activations]
+    assert q._sm.dtype == torch.float32  # random scales: not float16's
     assert q.raw(torch.randn(2, 64)).dtype == torch.float32
     assert q(torch.randn(2, 64).bfloat16()).dtype == torch.bfloat16
-    assert q.nbytes == 48 * 64 // 2 + 48 * 2 * 2 * 4  # padded to 48 rows; scales and minimums in float32
+    padded = 48 if q.activations == "float" else 40  # outputs in blocks of 16 (float) or 8 (integer kernel)
+    assert q.nbytes == padded * 64 // 2 + padded * 2 * 2 * 4  # scales and minimums in float32
 
 
 def test_without_our_kernel_int4_weights_use_torchs(monkeypatch, tmp_path, caplog):
@@ -179,7 +217,7 @@ def test_a_wrong_scale_is_caught_at_load(tiny):
     decoder.quantize_weights("int4", 16)
     for layer in decoder.layers:
         quant = layer.gate_up.quant  # every scale four times too large
-        if quant.backend == "float32 kernel":
+        if quant._lib is not None:
             quant._sm[:, :, 0] *= 4
         else:
             quant._sz[..., 0] *= 4
@@ -339,14 +377,33 @@ def test_the_kernel_builds_for_avx2_where_the_cpu_lacks_avx512(monkeypatch, tmp_
         _int4.build.cache_clear()
         _int4.library.cache_clear()
         monkeypatch.delenv("TUNELOOP_INT4_KERNEL", raising=False)
+        monkeypatch.delenv("TUNELOOP_INT4_ACTIVATIONS", raising=False)
         monkeypatch.setenv("TUNELOOP_CACHE", str(tmp_path))
         monkeypatch.setattr(_int4, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "sse3"})
         with caplog.at_level(logging.INFO, logger="tuneloop.engine._int4"):
             q = QuantizedWeight(torch.randn(40, 64), "int4", rows=4)
-        assert q.backend == "float32 kernel" and "avx2" in caplog.text
+        # AVX2's default: the integer-activation kernel, inputs rounded to 15 bits (docs/benchmarks.md)
+        assert q.backend == "int16 kernel" and "avx2, int16 activations" in caplog.text
         assert list((tmp_path / "kernels").glob("int4_kernel-avx2-*.so"))
     finally:
         monkeypatch.undo()
         _int4._load.cache_clear()
         _int4.build.cache_clear()
         _int4.library.cache_clear()
+
+
+@needs_kernel
+def test_activations_follow_the_build_and_the_environment(monkeypatch):
+    lib = _int4.library()
+    w = torch.randn(40, 64)
+    monkeypatch.delenv("TUNELOOP_INT4_ACTIVATIONS", raising=False)
+    assert QuantizedWeight(w, "int4").activations == _int4.ACTIVATIONS[lib.isa]
+    integer = hasattr(lib, "int4_mm_q")
+    for asked in ("float", "int16", "int8", "bogus"):
+        monkeypatch.setenv("TUNELOOP_INT4_ACTIVATIONS", asked)
+        want = _int4.ACTIVATIONS[lib.isa] if asked == "bogus" else asked
+        q = QuantizedWeight(w, "int4")
+        assert q.activations == (want if integer else "float")
+        # a caller's choice (the output projection's 8 bits) holds where the build rounds at all
+        assert QuantizedWeight(w, "int4", activations="int8").activations == (
+            "int8" if integer and q.activations != "float" else q.activations)

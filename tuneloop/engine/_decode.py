@@ -34,6 +34,7 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from transformers.cache_utils import Cache
 
 from tuneloop.engine._batch import Batch, SlabLayer, last_logits, prefill
 from tuneloop.engine._native import Native
+from tuneloop.engine._prefix import PrefixCache
 from tuneloop.engine.lora import Plan
 from tuneloop.engine.quant import QuantizedWeight
 from tuneloop.engine.quant import quantize as quantized
@@ -92,6 +94,8 @@ class Decoder:
         #: Steps without adapters on quantized weights run every layer in C (``_native``); None: not here.
         self.native: Native | None = None
         self.native_why = "dense weights"
+        #: Keys and values of prompt beginnings shared across requests (``_prefix``).
+        self.prefixes = PrefixCache()
         first = self.layers[0]
         self.kv_heads, self.group = first.kv_heads, first.heads // first.kv_heads
         self._steps = self._packed = _direct
@@ -154,7 +158,9 @@ class Decoder:
         for f in self._fused():
             f.quant = quantized(f.out_in, kind, rows)
             f.half = f.out_in.to(torch.bfloat16).contiguous() if half else None
-        self.head_q = quantized(self.lm_head.weight.detach(), "none" if kind == "none" else "int4", rows)
+        # Its product only ranks candidates for float32 to score again (``_logits``), so where the kernel
+        # rounds activations at all it rounds them to 8 bits: half the work of 15 (docs/benchmarks.md).
+        self.head_q = quantized(self.lm_head.weight.detach(), "none" if kind == "none" else "int4", rows, "int8")
         self.native, self.native_why = (None, "dense weights") if kind == "none" else Native.build(self)
 
     def _fused(self) -> list[_Fused]:
@@ -267,40 +273,83 @@ class Decoder:
             exact += self.lm_head.bias[top].float()
         return logits.scatter_(-1, top, exact)
 
-    def prefill(self, prompts: list[list[int]], lora: Plan | None = None) -> tuple[Batch, torch.Tensor]:
-        """``_batch.prefill`` without padding (see ``_prefill``); ``lora`` by token, prompt after prompt."""
-        return self._packed(sum(len(p) for p in prompts), self._prefill, prompts, lora)
+    def prefill(self, prompts: list[list[int]], lora: Plan | Callable[[list[int]], Plan | None] | None = None,
+                owners: list[object] | None = None) -> tuple[Batch, torch.Tensor]:
+        """``_batch.prefill`` without padding (see ``_prefill``); ``lora`` by token, prompt after prompt.
 
-    def _prefill(self, prompts: list[list[int]], lora: Plan | None) -> tuple[Batch, torch.Tensor]:
-        """``_batch.prefill`` without padding: every prompt's tokens in one matrix.
+        With ``owners`` (each prompt's adapter, None for the base) a prompt
+        starts from the keys and values of a beginning kept in ``prefixes``
+        and computes only the rest; ``lora`` is then a function of the
+        computed tokens' count per prompt giving their plan (a ``Plan``
+        itself turns the reuse off, its rows being every token).
+        """
+        return self._packed(sum(len(p) for p in prompts), self._prefill, prompts, lora, owners)
+
+    def _prefill(self, prompts: list[list[int]], lora, owners: list[object] | None) -> tuple[Batch, torch.Tensor]:
+        """``_batch.prefill`` without padding: every prompt's computed tokens in one matrix.
 
         The linear layers see only real tokens (the bench's 32 prompts of 12-26
-        tokens are a quarter padding when left-padded); attention runs once per
-        layer on the left-padded layout the cache keeps anyway, with a causal
-        mask that also hides each row's padding.
+        tokens are a quarter padding when left-padded) and none of a reused
+        beginning; attention runs once per layer on the left-padded layout
+        the cache keeps anyway, with a causal mask that also hides each row's
+        padding.
         """
         dev = self.embed.weight.device
         n = len(prompts)
+        reuse = owners is not None and (lora is None or callable(lora))
+        found = [self.prefixes.lookup(p, o) if reuse else (0, None) for p, o in zip(prompts, owners or [None] * n,
+                                                                                     strict=True)]
+        used = [u for u, _ in found]
+        if callable(lora):
+            lora = lora([len(p) - u for p, u in zip(prompts, used, strict=True)])
         lens = torch.tensor([len(p) for p in prompts], device=dev)
+        skip = torch.tensor(used, device=dev)
+        counts = lens - skip
         width = int(lens.max())
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
-        rows = torch.repeat_interleave(torch.arange(n, device=dev), lens)  # [N] row of each token
-        starts = torch.cumsum(lens, 0) - lens
-        pos = torch.arange(ids.shape[0], device=dev) - starts[rows]  # [N] position within its prompt
+        ids = torch.tensor([t for p, u in zip(prompts, used, strict=True) for t in p[u:]], dtype=torch.long,
+                           device=dev)
+        rows = torch.repeat_interleave(torch.arange(n, device=dev), counts)  # [N] row of each computed token
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(ids.shape[0], device=dev) - starts[rows] + skip[rows]  # [N] position in its prompt
         cols = pos + (width - lens)[rows]  # [N] column in the right-aligned cache
-        mask = torch.zeros(n, width, dtype=torch.long, device=dev)
-        mask[rows, cols] = 1
+        mask = (torch.arange(width, device=dev)[None] >= (width - lens)[:, None]).long()  # [B, width]
+        prefix = None
+        if any(used):
+            prows = torch.repeat_interleave(torch.arange(n, device=dev), skip)
+            pstarts = torch.cumsum(skip, 0) - skip
+            pcols = torch.arange(int(skip.sum()), device=dev) - pstarts[prows] + (width - lens)[prows]
+            prefix = (prows, pcols, [kv for u, kv in found if u], [u for u in used if u])
         h = self.embed(ids)  # [N, C]
         cos, sin = self._rope(h, pos[:, None])  # [N, 1, D] each
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()
         allowed = causal[None, None] & mask.bool()[:, None, None, :]  # [B, 1, T, T]
         layers = []
-        for layer in self.layers:
-            h, cache = layer.prefill(h, cos, sin, allowed, rows, cols, n, width, lora)
+        for i, layer in enumerate(self.layers):
+            kept = None
+            if prefix is not None:
+                prows, pcols, kvs, us = prefix
+                kept = (prows, pcols, torch.cat([kv[i][0][:u] for kv, u in zip(kvs, us, strict=True)]),
+                        torch.cat([kv[i][1][:u] for kv, u in zip(kvs, us, strict=True)]))
+            h, cache = layer.prefill(h, cos, sin, allowed, rows, cols, n, width, lora, kept)
             layers.append(cache)
-        last = starts + lens - 1
+        last = starts + counts - 1
         logits = self._logits(h[last])
+        if reuse:
+            self._keep_prefixes(prompts, owners, used, layers, width)
         return Batch(Cache(layers=layers), mask, lens.clone(), width), logits
+
+    def _keep_prefixes(self, prompts, owners, used, layers: list[SlabLayer], width: int) -> None:
+        """Keep the beginnings ``PrefixCache.learn`` picks, from the cache just written."""
+        cache = self.prefixes
+        cache.hits += sum(1 for u in used if u)
+        cache.reused += sum(used)
+        for i, keep in enumerate(cache.learn(prompts, owners, used)):
+            if keep:
+                c0 = width - len(prompts[i])
+                kv = [(c.kbuf[i, :, c0 : c0 + keep].transpose(0, 1).clone(),
+                       c.vbuf[i, :, c0 : c0 + keep].transpose(0, 1).clone()) for c in layers]
+                cache.store(prompts[i][:keep], owners[i], kv)
+                log.debug("prefix of %d tokens kept (%d kept in all)", keep, len(cache))
 
     @torch.inference_mode()
     def verify(self) -> str:
@@ -600,9 +649,12 @@ class _Layer:
         return lora.add(down, act, self.down_proj.add_to(h, act))
 
     def prefill(
-        self, h, cos, sin, allowed, rows, cols, n: int, width: int, lora: Plan | None = None
+        self, h, cos, sin, allowed, rows, cols, n: int, width: int, lora: Plan | None = None, kept=None
     ) -> tuple[torch.Tensor, SlabLayer]:
-        """Packed tokens ``h`` [N, C] through the layer; their keys and values as a cache layer."""
+        """Packed tokens ``h`` [N, C] through the layer; their keys and values as a cache layer.
+
+        ``kept``: rows, columns, keys and values ``[P, Hk, D]`` of reused beginnings, written beside them.
+        """
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         x = self.in_norm(h)
         qkv = self.qkv(x)
@@ -613,6 +665,10 @@ class _Layer:
         values = h.new_zeros(n, hk, width, d)
         keys[rows, :, cols] = qk[:, hq:]
         values[rows, :, cols] = qkv[:, (hq + hk) * d :].view(-1, hk, d)
+        if kept is not None:
+            prows, pcols, pk, pv = kept
+            keys[prows, :, pcols] = pk
+            values[prows, :, pcols] = pv
         queries = h.new_zeros(n, width, hq, d)
         queries[rows, cols] = qk[:, :hq]
         # Padding queries see no key (NaN rows); only real tokens are read back.

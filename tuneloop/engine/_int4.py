@@ -49,7 +49,7 @@ GROUP = 32
 #: Outputs a block and inputs a chunk of the integer kernel's layout (``pack_q``).
 QB = 8
 #: The activations each build multiplies by by default (``activations``).
-ACTIVATIONS = {"avx512": "float", "avx2": "float"}
+ACTIVATIONS = {"avx512": "float", "avx2": "int16"}
 
 
 def cache_dir() -> Path:
@@ -163,7 +163,7 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         log.info("int4 weights: torch's bfloat16 kernel (%s)", why)
     else:
-        log.info("int4 weights: our float32 kernel (%s, %s)", SOURCE.name, lib.isa)
+        log.info("int4 weights: our kernel (%s, %s, %s activations)", SOURCE.name, lib.isa, activations(lib))
     return lib
 
 

@@ -22,6 +22,7 @@ import ctypes
 import os
 
 import torch
+
 from tuneloop.engine import _int4
 
 _ACT = {"float": 0, "int16": 1, "int8": 2}

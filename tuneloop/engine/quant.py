@@ -67,7 +67,7 @@ MIN_SPEEDUP = 1.3
 class QuantizedWeight:
     """A ``[out, in]`` weight in ``kind`` (int8/int4) for ``x @ W^T`` on up to ``rows`` rows."""
 
-    def __init__(self, weight: torch.Tensor, kind: str, rows: int = 1) -> None:
+    def __init__(self, weight: torch.Tensor, kind: str, rows: int = 1, activations: str | None = None) -> None:
         if weight.device.type != "cpu":
             raise ModelError(f"model.quantize: {kind} weights run on a CPU only, not {weight.device.type}")
         w = weight.detach().float().contiguous()
@@ -88,6 +88,8 @@ class QuantizedWeight:
                 # in it: exact, and a quarter less to read per weight than float32's.
                 half = _holds(scale) and _holds(minimum)
                 self.activations = _int4.activations(self._lib)
+                if activations is not None and self.activations != "float":
+                    self.activations = activations  # a build with the integer kernel: as the caller asks
                 pack = _int4.pack if self.activations == "float" else _int4.pack_q
                 self._codes, self._sm = pack(codes, scale, minimum, half)
                 self.backend = "float32 kernel" if self.activations == "float" else f"{self.activations} kernel"
@@ -186,9 +188,9 @@ def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return codes.to(torch.int32).view(out, width), scale, lo
 
 
-def quantize(weight: torch.Tensor, kind: str, rows: int) -> QuantizedWeight | None:
-    """``weight`` in ``kind``, or None for ``none``."""
-    return None if kind == "none" else QuantizedWeight(weight, kind, rows)
+def quantize(weight: torch.Tensor, kind: str, rows: int, activations: str | None = None) -> QuantizedWeight | None:
+    """``weight`` in ``kind``, or None for ``none``; ``activations``: see ``QuantizedWeight``."""
+    return None if kind == "none" else QuantizedWeight(weight, kind, rows, activations)
 
 
 def pick_format(setting: str, device: str, width: int, dtype: torch.dtype) -> tuple[str, str]:

@@ -342,8 +342,8 @@ class ModelRunner:
         bank.sync(self._loras(kept + newcomers))
         adapters = self._loras(newcomers)
         if self.decoder is not None:
-            # A packed prefill: the plan's rows are the prompts' tokens.
-            fresh, logits = self.decoder.prefill(prompts, bank.plan(adapters, [len(p) for p in prompts]))
+            # A packed prefill: the plan's rows are the tokens it computes, those after a kept beginning.
+            fresh, logits = self.decoder.prefill(prompts, lambda lens: bank.plan(adapters, lens), owners=adapters)
         else:
             with self._hooked(bank.plan(adapters)):
                 fresh, logits = prefill(self.model, prompts, self.pad, self.device)
