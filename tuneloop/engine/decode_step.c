@@ -17,6 +17,7 @@
  * column ``col`` is written and columns 0..col attended where
  * mask[m * mask_stride + j] is non-zero.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -83,6 +84,37 @@ static void rotate(float *x, const float *cos, const float *ssin, int d) {
     for (int i = 0; i < d; i++) x[i] = t[i] * cos[i] + t[(i + half) % d] * ssin[i];
 }
 
+/* e^x for 8 floats (Cephes' expf: a degree-5 polynomial on the reduced argument, 1-2 ulp; torch's
+ * silu uses SLEEF's, as close). libm's scalar expf took 7 ms of a 16-row step of SmolLM2 in the
+ * activation alone (46,080 calls a row), a sixth of the step. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+/* a = silu(g) * u = g / (1 + e^-g) * u */
+static void silu_mul(const float *g, const float *u, float *a, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                              _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 /* One query head of one row against its cache columns 0..L-1 (masked where mask[j] == 0). */
 static void attend(const float *q, const float *keys, const float *values, const int64_t *mask, long L, int d,
                    float scaling, float *scores, float *out) {
@@ -99,14 +131,15 @@ static void attend(const float *q, const float *keys, const float *values, const
         scores[j] = s * scaling;
         if (scores[j] > top) top = scores[j];
     }
+    long j = 0;
+    for (; j + 8 <= L; j += 8) /* exp8 clamps -inf to e^-88, not 0: masked columns are skipped below */
+        _mm256_storeu_ps(scores + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top))));
+    for (; j < L; j++) scores[j] = expf(scores[j] - top);
     float sum = 0;
-    for (long j = 0; j < L; j++) {
-        scores[j] = mask[j] ? expf(scores[j] - top) : 0.0f;
-        sum += scores[j];
-    }
+    for (j = 0; j < L; j++) sum += mask[j] ? scores[j] : 0.0f;
     const float inv = 1.0f / sum;
     for (int i = 0; i < d; i++) out[i] = 0;
-    for (long j = 0; j < L; j++) {
+    for (j = 0; j < L; j++) {
         if (!mask[j]) continue;
         const float p = scores[j] * inv;
         const float *v = values + j * d;
@@ -155,11 +188,7 @@ int decode_step(const qmodel *md, float *h, long M, const float *cos, const floa
         for (long i = 0; i < M * n; i++) h[i] += y[i];
         rms_norm(h, M, n, ly->post_norm, md->eps, x);
         mm(&ly->gate_up, x, M, gu, threads);
-        for (long m = 0; m < M; m++) {
-            const float *g = gu + m * 2 * inter, *u = g + inter;
-            float *a = act + m * inter;
-            for (int i = 0; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        }
+        for (long m = 0; m < M; m++) silu_mul(gu + m * 2 * inter, gu + m * 2 * inter + inter, act + m * inter, inter);
         mm(&ly->down, act, M, y, threads);
         for (long i = 0; i < M * n; i++) h[i] += y[i];
     }
