@@ -38,7 +38,7 @@ import logging
 import time
 from typing import Any
 
-from bot.bench_peer import weights_label
+from bot.bench_peer import kernel_label, weights_label
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +429,7 @@ async def _bench(
         model_dtype = str(model.dtype).removeprefix("torch.")
         chosen, rows = engine.runner.weights_format, engine.runner.quant_rows
         half = engine._decoder is not None and engine._decoder.half
+        kernel = kernel_label(engine)
         greedy = None
         if model_dtype != "float32" or chosen != "none":
             say(f"greedy replies to {len(convs)} prompts, here and through a float32 engine on dense weights")
@@ -451,6 +452,7 @@ async def _bench(
         "quantize": chosen,
         "quant_rows": rows,
         "half": half,
+        "kernel": kernel,
         "same_as_float32": greedy,
         "torch_threads": torch.get_num_threads(),
         "decode_step": engine.decode_step,
@@ -814,7 +816,7 @@ async def _adapters_bench(model_path, counts, *, rank, alpha, targets, batch, de
     result: dict[str, Any] = {
         "model": str(model_path), "parameters": n_params, "device": str(engine.device), "dtype": model_dtype,
         "quantize": engine.runner.weights_format, "quant_rows": engine.runner.quant_rows,
-        "half": engine._decoder is not None and engine._decoder.half,
+        "half": engine._decoder is not None and engine._decoder.half, "kernel": kernel_label(engine),
         "torch_threads": torch.get_num_threads(), "decode_step": engine.decode_step, "batch": batch,
         "new_tokens": new_tokens, "rounds": rounds, "rank": rank, "alpha": alpha, "lora_targets": targets,
         "load_s": round(load_s, 3), "adapters": runs, "targets": {},

@@ -82,13 +82,26 @@ async def float32_agreement(model_path: str, device: str, convs: list, new_token
 
 
 def weights_label(result: dict[str, Any]) -> str:
-    """``bfloat16 weights`` or ``bfloat16 weights, int4 for steps of up to 16 rows``."""
+    """``bfloat16 weights`` or ``float32 weights, int4 (int16 activations, steps in C) for steps of up to 64 rows``."""
     label = f"{result['dtype']} weights"
     if result.get("quantize", "none") != "none":
-        label += f", {result['quantize']} for steps of up to {result['quant_rows']} rows"
+        kernel = f" ({result['kernel']})" if result.get("kernel") else ""
+        label += f", {result['quantize']}{kernel} for steps of up to {result['quant_rows']} rows"
         if result.get("half"):
             label += " (a bfloat16 copy above)"
     return label
+
+
+def kernel_label(engine) -> str:
+    """How the engine's quantized steps run: ``int16 activations, steps in C``; '' on dense weights."""
+    decoder = engine._decoder
+    if decoder is None or decoder.quantize == "none":
+        return ""
+    q = decoder.layers[0].qkv.quant
+    parts = [f"{q.activations} activations" if q.backend.endswith(" kernel") and q._lib is not None else q.backend]
+    if decoder.native is not None:
+        parts.append("steps in C")
+    return ", ".join(parts)
 
 
 def cpu_has_amx() -> bool:
@@ -361,6 +374,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
         model_dtype = str(engine.model.dtype).removeprefix("torch.")
         chosen, rows = engine.runner.weights_format, engine.runner.quant_rows
         half = engine._decoder is not None and engine._decoder.half
+        kernel = kernel_label(engine)
     finally:
         for one in llms.values():
             one.close()
@@ -388,7 +402,7 @@ async def _peer_bench(gguf_path: Path, model_path: str, prompts: list[str], *, r
     return {
         "peer": "llamacpp", "gguf": str(gguf_path), "model": model_path, "parameters": n_params,
         "device": str(engine.device), "dtype": model_dtype, "quantize": chosen, "quant_rows": rows, "half": half,
-        "decode_step": engine.decode_step, "same_as_float32": same32,
+        "kernel": kernel, "decode_step": engine.decode_step, "same_as_float32": same32,
         "threads": threads, "new_tokens": new_tokens, "rounds": rounds, "batch": batch,
         "engine_c1": e1, "llamacpp_c1": p1, "llamacpp_threads": best, "engine_batch": eb,
         "llamacpp_by_threads": {str(k): v for k, v in by_threads.items()},

@@ -93,7 +93,9 @@ async def test_the_engine_reuses_a_system_prompt_and_answers_the_same(tiny_model
             await eng.start()
             try:
                 out += [(await eng.complete(c, params)).text for c in convs_of_one]
-                hits = eng.runner.decoder.prefixes.hits
+                kept = eng.stats()["prefix_cache"]  # what /dashboard and the engine's stats show
+                hits = kept["hits"]
+                assert kept["tokens_reused"] >= hits * _prefix.MIN_TOKENS
             finally:
                 await eng.stop(grace=0)
         return out, hits

@@ -318,7 +318,17 @@ class LocalEngine(Engine):
             "total_tokens": output.total_tokens if output else 0,
             "context_window": self.context_window,
             "decode_step": self.decode_step,
+            **self._step_stats(),
         }
+
+    def _step_stats(self) -> dict[str, Any]:
+        """Whether steps run in C (``_native``) and what shared prompt beginnings saved (``_prefix``)."""
+        decoder = self.runner.decoder if self.runner is not None else None
+        if decoder is None:
+            return {}
+        kept = decoder.prefixes
+        return {"c_step": decoder.native is not None,
+                "prefix_cache": {"entries": len(kept), "hits": kept.hits, "tokens_reused": kept.reused}}
 
     # ------------------------------------------------------------- engine thread
 
