@@ -77,6 +77,18 @@ def test_the_cache_keeps_the_most_recently_used_beginnings(decoder):
     assert decoder.prefixes.lookup(_prompts(18, (3,), seed=_prefix.ENTRIES + 1)[0], None)[0] == 18
 
 
+def test_the_cache_holds_at_most_its_byte_budget(decoder, monkeypatch):
+    _prefill(decoder, _prompts(18, (1, 2), seed=0), [None, None])
+    one = decoder.prefixes.nbytes  # 2 layers x 2 kv heads x 16 wide x 18 tokens x keys and values x 4 bytes
+    assert one == 2 * 2 * 16 * 18 * 2 * 4
+    monkeypatch.setattr(_prefix, "MAX_BYTES", 2 * one)
+    for seed in (1, 2, 3):
+        _prefill(decoder, _prompts(18, (1, 2), seed=seed), [None, None])
+    assert len(decoder.prefixes) == 2 and decoder.prefixes.nbytes == 2 * one
+    _prefill(decoder, _prompts(60, (1, 2), seed=4), [None, None])  # more than the budget alone: not kept
+    assert decoder.prefixes.lookup(_prompts(60, (3,), seed=4)[0], None)[0] == 0 and len(decoder.prefixes) == 2
+
+
 @pytest.mark.asyncio
 async def test_the_engine_reuses_a_system_prompt_and_answers_the_same(tiny_model):
     from tuneloop.engine.base import SamplingParams

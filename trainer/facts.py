@@ -147,15 +147,27 @@ def _messages(config: Config, prompts: list[str]) -> list[list[dict[str, str]]]:
 
 
 def _base_replies(config: Config, base_path: str, probes: list[str]) -> list[str]:
-    """The base model's greedy replies to ``probes``, cached: they are the same for every experiment."""
-    import hashlib
+    """The base model's greedy replies to ``probes``, cached: they are the same for every experiment.
 
+    The key holds what decides the serving arithmetic: the model, the
+    settings, and the engine's own code and kernel switches (base replies
+    computed by the float32-activation kernel, then compared with a version
+    served through the integer one, made 5 of 16 controls look changed).
+    """
+    import hashlib
+    import os
+
+    import tuneloop.engine
     from trainer.starter import default_cache_dir
 
     weights = sorted(Path(base_path).glob("*.safetensors"))
+    engine = Path(tuneloop.engine.__file__).parent
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(engine.glob("*.py")) + sorted(engine.glob("*.c"))))
+    switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("TUNELOOP_INT4", "TUNELOOP_NATIVE",
+                                                                               "TUNELOOP_CPU"))}
     key = hashlib.sha256(json.dumps([str(Path(base_path).resolve()), [w.stat().st_mtime for w in weights],
                                      config.model.system_prompt, config.model.dtype, config.model.quantize,
-                                     config.model.fused_decode,
+                                     config.model.fused_decode, code.hexdigest(), switches,
                                      config.trainer.eval_max_new_tokens, probes, "one at a time"]
                                     ).encode()).hexdigest()[:16]
     cache = default_cache_dir() / "facts" / f"base-{key}.json"

@@ -1,4 +1,10 @@
-"""Our float32-activation int4 kernel (``int4_kernel.c``): compiled on first use, loaded with ctypes.
+"""Our int4 kernels (``int4_kernel.c``) and C decoding step (``decode_step.c``): compiled on first use,
+loaded with ctypes.
+
+Two kernels: float32 activations as they are (``int4_mm``, every build), and,
+in the AVX2 build, activations rounded per group of 32 to 15- or 8-bit
+integers (``int4_mm_q``, integer dot products; ``activations`` says which a
+build uses, ``pack`` and ``pack_q`` lay the weights out for each).
 
 Compiled with the system's C compiler (no torch headers: building against
 them takes minutes) into ``$TUNELOOP_CACHE/kernels/`` (else

@@ -11,8 +11,8 @@ the base) and dropped with the ``Decoder`` (rebuilt after every weight swap).
 
 What is kept: after a prefill, each prompt's longest beginning shared with a
 recent prompt (``REMEMBERED`` of them, or another in the same batch), when at
-least ``MIN_TOKENS`` long; at most ``ENTRIES``, least recently used dropped
-first. A prompt then takes the longest kept beginning it starts with, always
+least ``MIN_TOKENS`` long; at most ``ENTRIES`` and ``MAX_BYTES``, least
+recently used dropped first. A prompt then takes the longest kept beginning it starts with, always
 leaving its last token to compute (its logits are the reply's first).
 
 The reused keys and values were computed in whichever precision that
@@ -35,6 +35,9 @@ MIN_TOKENS = 16
 ENTRIES = 8
 #: Recent prompts (tokens only) a new prompt is compared with.
 REMEMBERED = 32
+#: Most bytes of keys and values kept in all (a conversation's earlier turns are a beginning its next
+#: prompt shares: SmolLM2 keeps 46 KB a token, a 1.7B model 390 KB).
+MAX_BYTES = 256 << 20
 
 
 def _common(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int], cap: int) -> int:
@@ -94,9 +97,19 @@ class PrefixCache:
             self._seen.append((owner, tuple(p)))
         return keep
 
+    @property
+    def nbytes(self) -> int:
+        return sum(_size(layers) for layers in self._kv.values())
+
     def store(self, tokens: list[int], owner: object, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if _size(layers) > MAX_BYTES:
+            return
         key = (owner, tuple(tokens))
         self._kv[key] = layers
         self._kv.move_to_end(key)
-        while len(self._kv) > ENTRIES:
+        while len(self._kv) > ENTRIES or self.nbytes > MAX_BYTES:
             self._kv.popitem(last=False)
+
+
+def _size(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)

@@ -148,7 +148,8 @@ static void attend(const float *q, const float *keys, const float *values, const
     }
 }
 
-/* Returns 0, or -1 where a size is outside what this step handles (nothing written then). */
+/* Returns 0, or -1 where a size is outside what this step handles or memory runs out (nothing written
+   then). */
 int decode_step(const qmodel *md, float *h, long M, const float *cos, const float *ssin, float *const *kbuf,
                 float *const *vbuf, long batch_rows, long cap, long col, const int64_t *mask, long mask_stride,
                 int threads) {
@@ -163,6 +164,10 @@ int decode_step(const qmodel *md, float *h, long M, const float *cos, const floa
     float *act = malloc(sizeof(float) * M * inter);
     float *y = malloc(sizeof(float) * M * n);
     float *scores = malloc(sizeof(float) * (size_t)M * hq * L);
+    if (!x || !qkv || !att || !gu || !act || !y || !scores) {
+        free(x), free(qkv), free(att), free(gu), free(act), free(y), free(scores);
+        return -1; /* the torch step takes it */
+    }
     for (int l = 0; l < md->layers; l++) {
         const qlayer *ly = md->layer + l;
         rms_norm(h, M, n, ly->in_norm, md->eps, x);
