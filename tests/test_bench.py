@@ -51,8 +51,11 @@ def test_a_quantized_bench_says_so_and_compares_with_float32(tiny_model):
     assert same["share"] == pytest.approx(same["same"] / 16, abs=1e-3)
     assert "greedy replies equal to float32's >= 90%" in result["targets"]
     table = format_table(result)
+    from bot.bench_peer import weights_label
+
     kernel = f" ({result['kernel']})" if result["kernel"] else ""  # e.g. "int16 activations, steps in C"
-    assert f"float32 weights, int4{kernel} for steps of up to {result['quant_rows']} rows" in table
+    assert weights_label(result).startswith(f"float32 weights, int4{kernel} for ")
+    assert weights_label(result) in table
     assert f"identical to a float32 engine's greedy replies: {same['same']}/16" in table
 
 

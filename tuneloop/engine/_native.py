@@ -75,6 +75,8 @@ class Native:
                 return None, f"activation {type(layer.act).__name__} (the C step has SiLU)"
             if layer.head_dim > 512:
                 return None, f"head width {layer.head_dim} (the C step takes up to 512)"
+            if layer.heads // layer.kv_heads > 16:
+                return None, f"{layer.heads // layer.kv_heads} query heads a key/value head (the C step takes 16)"
         norms = [n for layer in layers for n in (layer.in_norm, layer.post_norm)]
         eps = {n.eps for n in norms}
         if len(eps) != 1:

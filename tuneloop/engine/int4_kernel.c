@@ -456,7 +456,8 @@ void int4_mm_q(const float *x, long M, long in, const uint8_t *codes, const void
     float *xd = (float *)malloc(sizeof(float) * (size_t)(M * ng) * 2);
     float *xs = xd + M * ng;
     if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) if (threads > 1 && M >= 8)
+    /* rounding a row is ~1 us: a team's start and join cost more below a few dozen rows */
+#pragma omp parallel for num_threads(threads) if (threads > 1 && M >= 64)
     for (long m = 0; m < M; m++) round_row(x + m * in, in, fine, xh + m * in, xl + m * in, xd + m * ng, xs + m * ng);
     const size_t sm_size = half ? 2 : 4;
     if (threads > blocks) threads = (int)blocks;
