@@ -202,8 +202,8 @@ def test_ctrl_c_while_waiting_for_a_run_says_it_goes_on(cfg, tmp_path):
         started = proc.stderr.readline()  # blocks until the run has started and the wait begins
         assert started.startswith("run-1 started; waiting (log: "), started
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (out, err)
         match = re.search(r"tuneloop: interrupted; run-1 goes on in the background \(pid (\d+), log (\S+)\); "
                           r"`tuneloop status` follows it", err)
         assert match, err
