@@ -195,6 +195,9 @@ def test_ctrl_c_while_waiting_for_a_run_says_it_goes_on(cfg, tmp_path):
         ex = store.add_exchange(platform="cli", user="ann", conversation_id="c1", prompt="hi", reply="yo",
                                 messages=[{"role": "user", "content": "hi"}], model_version="base")
         store.rate(ex.id, "bob", "down")
+        # Something to train on: a run with nothing fails within a second of starting, sometimes before
+        # the Ctrl-C arrives (the wait then ends with that failure, not with the interruption).
+        store.add_correction(ex.id, "bob", "Hello there!")
     proc = subprocess.Popen([sys.executable, "-m", "bot", "--config", str(cfg), "retrain", "--wait"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
     pid = None
