@@ -144,6 +144,7 @@ async def test_dashboard_draws(server, page):
     assert await page.locator("#chart-versions rect").count() >= 1
     await page.locator("#corrections tr td", has_text="Hello! How can I help?").wait_for()
     await page.locator("#engine .figure", has_text="decode step").wait_for()
+    await page.locator("#engine .figure", has_text="shared beginnings reused").wait_for()  # the prefix cache
     # The live load chart fills in after a few polls.
     await page.locator("#chart-load path").first.wait_for(timeout=10_000)
     assert page.errors == []

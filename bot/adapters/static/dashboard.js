@@ -128,7 +128,9 @@ function render(data) {
   figures(document.getElementById("engine"), [
     ["queued", e.queued ?? 0], ["active", e.active ?? 0], ["tokens/s", e.tokens_per_s ?? 0],
     ["requests", e.total_requests ?? "–"], ["backend", e.backend || "?"],
-    ...(e.decode_step ? [["decode step", e.decode_step]] : []),
+    ...(e.decode_step ? [["decode step", e.decode_step + (e.c_step ? " (in C)" : "")]] : []),
+    ...(e.prefix_cache ? [["shared beginnings reused", e.prefix_cache.hits],
+                          ["prompt tokens not recomputed", e.prefix_cache.tokens_reused]] : []),
   ]);
 
   const bucket = data.bucket_s;
