@@ -98,7 +98,7 @@ def kernel_label(engine) -> str:
     if decoder is None or decoder.quantize == "none":
         return ""
     q = decoder.layers[0].qkv.quant
-    parts = [f"{q.activations} activations" if q.backend.endswith(" kernel") and q._lib is not None else q.backend]
+    parts = [f"{q.activations} activations" if q._lib is not None else q.backend]
     if decoder.native is not None:
         parts.append("steps in C")
     return ", ".join(parts)

@@ -89,6 +89,13 @@ def test_the_c_step_serves_only_what_it_covers(monkeypatch):
     with torch.inference_mode():
         batch, logits = decoder.prefill([torch.randint(0, 320, (k,), generator=gen).tolist() for k in (6, 4)])
         batch = Batch.merge([(batch, None)], 3)
+        # On a cache it reads, the C step serves the step (not the torch step behind it) and writes a column.
+        ids = logits.argmax(-1, keepdim=True)
+        h = decoder.embed(ids.view(2))
+        cos, sin = decoder._rope(h, batch.step_inputs()[1])
+        assert decoder.native.step(h, cos, sin, batch)
+        assert all(c.length == batch.length + 1 for c in batch.cache.layers)
+        batch.advance()
         layer = batch.cache.layers[0]
         layer.kbuf = layer.kbuf.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
         assert not layer.kbuf.is_contiguous()

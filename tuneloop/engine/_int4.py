@@ -220,15 +220,13 @@ def pack_q(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, half
 def unpack(codes: torch.Tensor, sm: torch.Tensor, out: int, width: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes ``[out, in]`` (int32), scales and minimums ``[out, in / 32]`` (float32) of ``pack`` or ``pack_q``."""
-    groups = width // GROUP
     if codes.dim() == 4:  # pack_q's
         nib = torch.stack([codes & 0x0F, codes >> 4], 3)  # [blocks, in / 8, 8, 2, 4]
         c = nib.permute(0, 2, 1, 3, 4).reshape(-1, width)[:out]
-        s = sm.float().permute(0, 3, 1, 2).reshape(-1, groups, 2)[:out]
     else:
         pairs = codes.transpose(1, 2).reshape(-1, width // 2)[:out]
         c = torch.stack([pairs & 0x0F, pairs >> 4], -1).view(out, width)
-        s = sm.float().permute(0, 3, 1, 2).reshape(-1, groups, 2)[:out]
+    s = sm.float().permute(0, 3, 1, 2).reshape(-1, width // GROUP, 2)[:out]  # the same [blocks][groups][2][lanes]
     return c.to(torch.int32), s[..., 0], s[..., 1]
 
 

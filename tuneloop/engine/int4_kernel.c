@@ -149,15 +149,17 @@ static inline float group_sum(const float *p) {
 
 #define HL 8 /* lanes of a ymm register: half a block */
 
-static inline __attribute__((always_inline)) void load_sm(const void *sm, int half, long at, __m256 *s, __m256 *mn) {
+/* 8 scales at ``at`` and their minimums ``gap`` further (a block's width: 16 here, 8 in int4_mm_q's) */
+static inline __attribute__((always_inline)) void load_sm(const void *sm, int half, long at, int gap, __m256 *s,
+                                                          __m256 *mn) {
     if (half) {
         const uint16_t *p = (const uint16_t *)sm + at;
         *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-        *mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + LANES)));
+        *mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + gap)));
     } else {
         const float *p = (const float *)sm + at;
         *s = _mm256_loadu_ps(p);
-        *mn = _mm256_loadu_ps(p + LANES);
+        *mn = _mm256_loadu_ps(p + gap);
     }
 }
 
@@ -200,7 +202,7 @@ static inline __attribute__((always_inline)) void block(const int MC, const int 
                 }
             }
             __m256 s, mn;
-            load_sm(sm, half, (long)g * 2 * LANES + h * HL, &s, &mn);
+            load_sm(sm, half, (long)g * 2 * LANES + h * HL, LANES, &s, &mn);
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++) {
 #pragma GCC unroll 8
@@ -366,15 +368,7 @@ static inline __attribute__((always_inline)) void qblock(const int MC, const int
             }
         }
         __m256 s, mn;
-        if (half) {
-            const uint16_t *p = (const uint16_t *)sm + (long)g * 2 * QB;
-            s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-            mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + QB)));
-        } else {
-            const float *p = (const float *)sm + (long)g * 2 * QB;
-            s = _mm256_loadu_ps(p);
-            mn = _mm256_loadu_ps(p + QB);
-        }
+        load_sm(sm, half, (long)g * 2 * QB, QB, &s, &mn);
 #pragma GCC unroll 4
         for (int m = 0; m < MC; m++) {
             __m256i sum = _mm256_madd_epi16(ah[m], FINE ? hi_w : ones);
