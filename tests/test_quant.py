@@ -101,7 +101,7 @@ def test_our_int4_kernel_is_the_product_with_the_dequantized_weights(activations
         assert torch.equal(got_codes, codes) and torch.equal(got_scale, scale) and torch.equal(got_min, minimum)
         w = (codes.view(out, -1, GROUP).double() * scale.double()[..., None] + minimum.double()[..., None])
         w = w.view(out, width)
-        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16):
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 70):
             x = torch.randn(rows, width, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
             zero = rows // 2 if rows > 1 else None
             if zero is not None:
@@ -119,6 +119,31 @@ def test_our_int4_kernel_is_the_product_with_the_dequantized_weights(activations
                 assert err <= (1e-5 if activations == "float" else 1e-4), (out, width, rows, threads, err)
                 if zero is not None:
                     assert float(got[zero].abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("isa", list(_int4.BUILDS))
+def test_top_rescore_keeps_each_rows_largest_and_scores_them_exactly(isa):
+    """The C pass against torch's topk, gather and product: the same candidates and float32 scores, the rest
+    of each row untouched; rows in increasing order (every logit beats the kept ones) and fewer logits
+    than candidates."""
+    lib, why = _int4.build(isa)
+    if lib is None:
+        pytest.skip(f"our int4 kernel for {isa}: {why}")
+    gen = torch.Generator().manual_seed(2)
+    for rows, vocab, width, k in [(1, 1000, 64, 64), (5, 4099, 96, 64), (16, 20000, 576, 64), (3, 40, 32, 64),
+                                  (2, 300, 32, 7)]:
+        weight = torch.randn(vocab, width, generator=gen) * 0.05
+        x = torch.randn(rows, width, generator=gen)
+        logits = torch.randn(rows, vocab, generator=gen)
+        logits[-1] = torch.arange(vocab, dtype=torch.float32)  # ascending: a new largest at every logit
+        want = logits.clone()
+        top = want.topk(min(k, vocab), dim=-1).indices
+        want.scatter_(-1, top, (weight[top] @ x.unsqueeze(-1)).squeeze(-1))
+        got = logits.clone()
+        picked = _int4.top_rescore(lib, got, k, weight, x)
+        assert picked.shape == top.shape
+        assert torch.equal(picked.sort(-1).values, top.sort(-1).values), (rows, vocab, k)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from tuneloop.engine import _int4
 from tuneloop.engine._batch import Batch, SlabLayer, last_logits, prefill
 from tuneloop.engine._native import Native
 from tuneloop.engine._prefix import PrefixCache
@@ -258,6 +259,13 @@ class Decoder:
             # Quantized, the same: its product picks the candidates.
             x = self.norm_fp32(h.float())
             logits = head_q(x)
+            lib = head_q._lib
+            weight = self.lm_head.weight
+            if (self.lm_head.bias is None and lib is not None and hasattr(lib, "top_rescore")
+                    and weight.dtype == torch.float32 and weight.is_contiguous()):
+                # One C pass a row: topk, index_select, bmm and scatter took 2.7-6 ms of a 16-row step.
+                _int4.top_rescore(lib, logits, RESCORE_QUANTIZED, weight.detach(), x.contiguous())
+                return logits
             if self.lm_head.bias is not None:
                 logits += self.lm_head.bias.float()
         elif h.dtype == torch.float32:

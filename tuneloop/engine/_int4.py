@@ -1,5 +1,5 @@
-"""Our int4 kernels (``int4_kernel.c``) and C decoding step (``decode_step.c``): compiled on first use,
-loaded with ctypes.
+"""Our int4 kernels (``int4_kernel.c``), C decoding step (``decode_step.c``) and the output projection's
+rescoring (``top_rescore.c``): compiled on first use, loaded with ctypes.
 
 Two kernels: float32 activations as they are (``int4_mm``, every build), and,
 in the AVX2 build, activations rounded per group of 32 to 15- or 8-bit
@@ -18,7 +18,7 @@ and comparing it); without a compiler, AVX2 or a successful compile torch's
 serves, with one log line saying why (``unavailable``).
 
 Public surface: ``library``, ``unavailable``, ``build``, ``activations``, ``matmul``, ``pack``, ``pack_q``,
-``unpack``.
+``unpack``, ``top_rescore``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
-#: Compiled into the same library: a whole decoding step on these weights (``_native``).
-SOURCES = (SOURCE, SOURCE.with_name("decode_step.c"))
+#: Compiled into the same library: a whole decoding step on these weights (``_native``) and the rescoring of
+#: the output projection's candidates (``top_rescore``).
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.c"), SOURCE.with_name("top_rescore.c"))
 #: Explicit instruction sets rather than -march=native, so a cached build does not depend on the machine
 #: that compiled it beyond these (checked against /proc/cpuinfo before loading): AVX-512 where the CPU
 #: has it, else AVX2 (most CPUs since 2013, AMD's before Zen 4 among them), the same source either way.
@@ -54,6 +55,8 @@ LANES = 16
 GROUP = 32
 #: Outputs a block and inputs a chunk of the integer kernel's layout (``pack_q``).
 QB = 8
+#: The most candidates ``top_rescore`` keeps a row (``MAXK`` in top_rescore.c).
+MAX_K = 256
 #: The activations each build multiplies by by default (``activations``).
 ACTIVATIONS = {"avx512": "float", "avx2": "int16"}
 
@@ -146,6 +149,10 @@ def build(isa: str) -> tuple[ctypes.CDLL | None, str]:
         lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
                                     ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    if hasattr(lib, "top_rescore"):
+        lib.top_rescore.restype = None
+        lib.top_rescore.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.isa = isa
     return lib, ""
 
@@ -243,3 +250,15 @@ def matmul(lib: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, sm: torch.Ten
     else:
         lib.int4_mm_q(*args, int(activations == "int16"))
     return y
+
+
+def top_rescore(lib: ctypes.CDLL, logits: torch.Tensor, k: int, weight: torch.Tensor, x: torch.Tensor
+                ) -> torch.Tensor:
+    """``logits`` ``[M, V]`` with each row's ``k`` largest replaced, in place, by ``x @ weight[top].T`` in
+    float32 (``weight`` ``[V, C]`` and ``x`` ``[M, C]`` float32, contiguous); returns ``top`` ``[M, k]``."""
+    m, v = logits.shape
+    k = min(k, v, MAX_K)
+    top = torch.empty(m, k, dtype=torch.int64)
+    lib.top_rescore(logits.data_ptr(), m, v, k, weight.data_ptr(), x.data_ptr(), x.shape[1], top.data_ptr(),
+                    torch.get_num_threads())
+    return top

@@ -226,30 +226,32 @@ def _name(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def speedup_at(kind: str, rows: int, dense: str, width: int = 576, out: int = 1536, repeats: int = 5) -> float:
+def speedup_at(kind: str, rows: int, dense: str, width: int = 576, out: int = 1536, repeats: int = 5,
+               count: int = 32) -> float:
     """Dense time (weights in dtype ``dense``) / ``kind``'s, ``rows`` rows through ``[width -> out]``.
 
-    32 distinct weights per timing, so they are read from memory as in a real
-    step rather than from cache; alternating, best of ``repeats``; on one
-    thread, which a busy neighbour slows far less than two (an OpenMP team
-    waits for its slowest thread) and which ranks the kernels the same.
+    ``count`` (at most 32) distinct weights per timing: 32 are more than the
+    caches hold, so they are read from memory as in a real step rather than
+    from cache; alternating, best of ``repeats``; on torch's threads, as
+    steps run: on one thread torch's float32 product at 256 rows kept up with
+    our int4 kernel, on two it ran 1.2-1.4x slower (it gains less from the
+    second core).
     """
+    dense_w, quant_w = _timed_weights(kind, dense, width, out)
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+    dt = getattr(torch, dense)
+    ways = {"dense": (x.to(dt), dense_w[:count]), kind: (x.to(dt), quant_w[:count])}
+    best = dict.fromkeys(ways, float("inf"))
+    _time(ways, kind, repeats, best)
+    return best["dense"] / best[kind]
+
+
+@functools.cache
+def _timed_weights(kind: str, dense: str, width: int, out: int) -> tuple[list, list]:
+    """32 random ``[out, width]`` weights in ``dense`` and in ``kind``, built once for every size timed."""
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(out, width, generator=gen) * 0.02 for _ in range(32)]
-    x = torch.randn(rows, width, generator=gen)
-    dt = getattr(torch, dense)
-    ways = {
-        "dense": (x.to(dt), [w.to(dt) for w in weights]),
-        kind: (x.to(dt), [QuantizedWeight(w, kind, rows) for w in weights]),
-    }
-    best = dict.fromkeys(ways, float("inf"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _time(ways, kind, repeats, best)
-    finally:
-        torch.set_num_threads(threads)
-    return best["dense"] / best[kind]
+    return [w.to(getattr(torch, dense)) for w in weights], [QuantizedWeight(w, kind) for w in weights]
 
 
 def _time(ways: dict, kind: str, repeats: int, best: dict) -> None:
@@ -262,12 +264,20 @@ def _time(ways: dict, kind: str, repeats: int, best: dict) -> None:
                 best[name] = min(best[name], time.perf_counter() - t0)
 
 
+#: The step sizes ``crossover`` tries, each with the number of weights it times: 32 at a few rows, where
+#: reading them from memory is most of the cost, fewer at a prefill's hundreds of rows, where multiplying
+#: is (and 32 would take seconds at start-up). Past 64 rows our AVX2 int4 kernel with 15-bit activations
+#: stayed 1.1-1.5x faster than float32 weights up to 256 (a 2-core AMD EPYC, 2026-12-07): a busy channel's
+#: prefill of 15 prompts (~200 new tokens) 1.4x faster in the median through it.
+SIZES = ((2, 32), (4, 32), (8, 32), (16, 32), (32, 32), (64, 32), (128, 8), (256, 4))
+
+
 @functools.cache
 def crossover(kind: str, dtype: torch.dtype) -> int:
     """The most rows at which ``kind`` still beats dense ``dtype`` weights (1 at least), measured once."""
     rows = 1
-    for n in (2, 4, 8, 16, 32, 64):
-        if speedup_at(kind, n, _name(dtype)) < 1.0:
+    for n, count in SIZES:
+        if speedup_at(kind, n, _name(dtype), count=count) < 1.0:
             break
         rows = n
     log.info("quantized weights: %s up to %d rows a step, %s weights above", kind, rows, _name(dtype))

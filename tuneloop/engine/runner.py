@@ -161,7 +161,7 @@ class ModelRunner:
         # Not beside our float32 int4 kernel (``_int4``): its steps give float32's replies
         # (16/16 greedy replies equal on the bench's prompts), and a bfloat16 copy for the
         # larger steps and prefills would be the one source of differences left (10-13/16
-        # with it); against float32 weights the kernel stays the faster up to 32-64 rows.
+        # with it); against float32 weights the kernel stays the faster up to 32-256 rows (``quant.SIZES``).
         exact = self.quantize == "int4" and _int4.library() is not None
         self._half = (not exact and self.dtype_name == "auto" and dense == torch.float32
                       and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
