@@ -81,7 +81,11 @@ static void rotate(float *x, const float *cos, const float *ssin, int d) {
     const int half = d / 2;
     float t[512];
     memcpy(t, x, sizeof(float) * d);
-    for (int i = 0; i < d; i++) x[i] = t[i] * cos[i] + t[(i + half) % d] * ssin[i];
+    /* two plain loops (an index taken modulo d kept the compiler from vectorising) */
+#pragma omp simd
+    for (int i = 0; i < half; i++) x[i] = t[i] * cos[i] + t[i + half] * ssin[i];
+#pragma omp simd
+    for (int i = half; i < d; i++) x[i] = t[i] * cos[i] + t[i - half] * ssin[i];
 }
 
 /* e^x for 8 floats (Cephes' expf: a degree-5 polynomial on the reduced argument, 1-2 ulp; torch's
@@ -115,56 +119,79 @@ static void silu_mul(const float *g, const float *u, float *a, int n) {
     for (; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* The G query heads of one row that share a key/value head, against its cache columns 0..L-1 (masked
- * where mask[j] == 0): q and out G x d, scores G x L. Each key and value is read once for the G heads
- * (one head at a time read them G times: the attention was a tenth of a 16-row step). */
+/* the sums of four vectors' lanes, as one 4-lane vector */
+static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* The G query heads of one row that share a key/value head, against its cache columns 0..L-1 where
+ * mask[j] != 0 (others are never read: a padding column may hold anything): q and out G x d, scores
+ * G x L, at [L] the kept columns. Keys are taken four at a time and each head's output stays in
+ * registers over the values (summing one key at a time and adding into ``out`` in memory took twice
+ * the instructions). */
 #define MAXG 16
 static void attend(const float *q, int G, const float *keys, const float *values, const int64_t *mask, long L,
-                   int d, float scaling, float *scores, float *out) {
-    float top[MAXG], inv[MAXG];
-    for (int h = 0; h < G; h++) top[h] = -INFINITY;
-    for (long j = 0; j < L; j++) {
-        if (!mask[j]) {
-            for (int h = 0; h < G; h++) scores[h * L + j] = -INFINITY;
-            continue;
-        }
-        const float *k = keys + j * d;
-        for (int h = 0; h < G; h++) {
-            const float *qh = q + h * d;
-            float s = 0;
-            if (d % 8 == 0) {
-                __m256 a = _mm256_setzero_ps();
-                for (int i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(k + i), a);
-                __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-                s = _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-            } else {
-                for (int i = 0; i < d; i++) s += qh[i] * k[i];
-            }
-            s *= scaling;
-            scores[h * L + j] = s;
-            if (s > top[h]) top[h] = s;
-        }
-    }
+                   int d, float scaling, float *scores, int *at, float *out) {
+    long n = 0;
+    for (long j = 0; j < L; j++)
+        if (mask[j]) at[n++] = (int)j;
     for (int h = 0; h < G; h++) {
+        const float *qh = q + h * d;
         float *sc = scores + h * L;
         long j = 0;
-        for (; j + 8 <= L; j += 8) /* exp8 clamps -inf to e^-88, not 0: masked columns are skipped below */
-            _mm256_storeu_ps(sc + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(top[h]))));
-        for (; j < L; j++) sc[j] = expf(sc[j] - top[h]);
+        if (d % 8 == 0) {
+            for (; j + 4 <= n; j += 4) {
+                const float *k0 = keys + (long)at[j] * d, *k1 = keys + (long)at[j + 1] * d,
+                            *k2 = keys + (long)at[j + 2] * d, *k3 = keys + (long)at[j + 3] * d;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int i = 0; i < d; i += 8) {
+                    const __m256 x = _mm256_loadu_ps(qh + i);
+                    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + i), a0);
+                    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + i), a1);
+                    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + i), a2);
+                    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + i), a3);
+                }
+                _mm_storeu_ps(sc + j, _mm_mul_ps(hsum4x8(a0, a1, a2, a3), _mm_set1_ps(scaling)));
+            }
+        }
+        for (; j < n; j++) {
+            const float *k = keys + (long)at[j] * d;
+            float s = 0;
+            for (int i = 0; i < d; i++) s += qh[i] * k[i];
+            sc[j] = s * scaling;
+        }
+        float top = -INFINITY;
+        for (j = 0; j < n; j++)
+            if (sc[j] > top) top = sc[j];
+        for (j = 0; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(sc + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(top))));
+        for (; j < n; j++) sc[j] = expf(sc[j] - top);
         float sum = 0;
-        for (j = 0; j < L; j++) sum += mask[j] ? sc[j] : 0.0f;
-        inv[h] = 1.0f / sum;
-    }
-    for (int i = 0; i < G * d; i++) out[i] = 0;
-    for (long j = 0; j < L; j++) {
-        if (!mask[j]) continue;
-        const float *v = values + j * d;
-        for (int h = 0; h < G; h++) {
-            const float p = scores[h * L + j] * inv[h];
-            float *o = out + h * d;
-#pragma omp simd
-            for (int i = 0; i < d; i++) o[i] += p * v[i];
+        for (j = 0; j < n; j++) sum += sc[j];
+        const float inv = n ? 1.0f / sum : 0.0f; /* no column at all: zeros, not 0 / 0 */
+        float *o = out + h * d;
+        int i = 0;
+        for (; i + 32 <= d; i += 32) {
+            __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+            for (j = 0; j < n; j++) {
+                const __m256 p = _mm256_set1_ps(sc[j]);
+                const float *v = values + (long)at[j] * d + i;
+                o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), o0);
+                o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), o1);
+                o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), o2);
+                o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), o3);
+            }
+            const __m256 w = _mm256_set1_ps(inv);
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(o0, w));
+            _mm256_storeu_ps(o + i + 8, _mm256_mul_ps(o1, w));
+            _mm256_storeu_ps(o + i + 16, _mm256_mul_ps(o2, w));
+            _mm256_storeu_ps(o + i + 24, _mm256_mul_ps(o3, w));
+        }
+        for (; i < d; i++) {
+            float s = 0;
+            for (j = 0; j < n; j++) s += sc[j] * values[(long)at[j] * d + i];
+            o[i] = s * inv;
         }
     }
 }
@@ -185,8 +212,9 @@ int decode_step(const qmodel *md, float *h, long M, const float *cos, const floa
     float *act = malloc(sizeof(float) * M * inter);
     float *y = malloc(sizeof(float) * M * n);
     float *scores = malloc(sizeof(float) * (size_t)M * hq * L);
-    if (!x || !qkv || !att || !gu || !act || !y || !scores) {
-        free(x), free(qkv), free(att), free(gu), free(act), free(y), free(scores);
+    int *at = malloc(sizeof(int) * (size_t)M * hk * L);
+    if (!x || !qkv || !att || !gu || !act || !y || !scores || !at) {
+        free(x), free(qkv), free(att), free(gu), free(act), free(y), free(scores), free(at);
         return -1; /* the torch step takes it */
     }
     for (int l = 0; l < md->layers; l++) {
@@ -208,7 +236,7 @@ int decode_step(const qmodel *md, float *h, long M, const float *cos, const floa
             const int g = (int)(mg % hk), head = g * group;
             const long base = (m * hk + g) * cap * d;
             attend(qkv + m * qkv_w + head * d, group, kbuf[l] + base, vbuf[l] + base, mask + m * mask_stride, L,
-                   d, md->scaling, scores + (m * hq + head) * L, att + (m * hq + head) * d);
+                   d, md->scaling, scores + (m * hq + head) * L, at + mg * L, att + (m * hq + head) * d);
         }
         mm(&ly->o, att, M, y, threads);
         for (long i = 0; i < M * n; i++) h[i] += y[i];
@@ -225,5 +253,6 @@ int decode_step(const qmodel *md, float *h, long M, const float *cos, const floa
     free(act);
     free(y);
     free(scores);
+    free(at);
     return 0;
 }
