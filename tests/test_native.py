@@ -58,7 +58,7 @@ def test_the_c_step_computes_what_the_torch_step_does(case, activations, monkeyp
     theirs, theirs_batch = _run(decoder, native=False)
     scale = float(theirs.abs().max())
     # float32 activations: the same products and sums in another order; int16: each side rounds its own
-    # (slightly different) inputs to 15 bits, which moves a logit by far less than the weights' int4 does
+    # (slightly different) inputs to 16 bits, which moves a logit by far less than the weights' int4 does
     # (and the output projection's 8-bit ranking product, outside the candidates float32 scores again, more).
     tol = 1e-5 if activations == "float" else 2e-3
     lead = theirs.topk(8, dim=-1).indices  # scored again in float32 (``Decoder._logits``)

@@ -49,7 +49,7 @@ def test_kernels_multiply_by_the_weights_they_hold(kind):
     want = (x if ours else x.bfloat16().float()) @ q.dequantized().t()
     got = q(x)
     assert got.dtype == torch.float32 and got.shape == (3, 96)
-    # ours: exact float32 activations, or rounded to 15 bits per group of 32; torch's: to bfloat16
+    # ours: exact float32 activations, or rounded to 16 bits per group of 32; torch's: to bfloat16
     tol = {"float": 1e-5, "int16": 2e-4}[q.activations] if ours else 0.01
     assert float((got - want).abs().max()) <= tol * float(want.abs().max())
     # and the quantized weight is near the original (a wrong layout would not be)
@@ -109,7 +109,7 @@ def test_our_int4_kernel_is_the_product_with_the_dequantized_weights(activations
             if activations == "float":
                 want = x.double() @ w.t()
             else:
-                want = _rounded_product(x, codes, scale, minimum, 16383 if activations == "int16" else 127)
+                want = _rounded_product(x, codes, scale, minimum, 32639 if activations == "int16" else 127)
             for threads in (1, 2):
                 got = _int4.matmul(lib, x, packed, sm, out, threads, activations)
                 assert got.dtype == torch.float32 and got.shape == (rows, out)
@@ -407,7 +407,7 @@ def test_the_kernel_builds_for_avx2_where_the_cpu_lacks_avx512(monkeypatch, tmp_
         monkeypatch.setattr(_int4, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "sse3"})
         with caplog.at_level(logging.INFO, logger="tuneloop.engine._int4"):
             q = QuantizedWeight(torch.randn(40, 64), "int4", rows=4)
-        # AVX2's default: the integer-activation kernel, inputs rounded to 15 bits (docs/benchmarks.md)
+        # AVX2's default: the integer-activation kernel, inputs rounded to 16 bits (docs/benchmarks.md)
         assert q.backend == "int16 kernel" and "avx2, int16 activations" in caplog.text
         assert list((tmp_path / "kernels").glob("int4_kernel-avx2-*.so"))
     finally:

@@ -309,9 +309,11 @@ void int4_mm(const float *x, long M, long in, const uint8_t *codes, const void *
  *
  * Each row's group of 32 inputs is rounded to an integer q = round(x / d),
  * |q| <= QMAX, with its own d = max|x| / QMAX:
- *   fine (QMAX 16383, 15 bits): q = 128 * hi + lo, hi in [-128, 127] and
- *        lo in [0, 127], two byte products per code (relative rounding
- *        2^-15 of the group's largest input: far finer than the weights');
+ *   fine (QMAX 32639, 16 bits): q = 256 * hi + lo, hi = round(q / 256)
+ *        and lo in [-128, 127] (so QMAX 32767 - 128), two byte products per code (relative rounding 2^-16 of
+ *        the group's largest input: far finer than the weights'; 15 bits,
+ *        lo in [0, 127], cost the same and left one more of the bench's 16
+ *        replies off float32's one at a time);
  *   coarse (QMAX 127, as llama.cpp's Q8_1): one byte, one product per code.
  * The minimums' term uses each group's exact float32 sum, so only the
  * code * input products are rounded.
@@ -334,7 +336,7 @@ static inline __attribute__((always_inline)) void qblock(const int MC, const int
                                                          const int8_t *xl, long ldx, const float *xd,
                                                          const float *xs, float *y, long ldy, int valid) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1), hi_w = _mm256_set1_epi16(128);
+    const __m256i ones = _mm256_set1_epi16(1), hi_w = _mm256_set1_epi16(256);
     __m256 acc[QROWS];
 #pragma GCC unroll 4
     for (int m = 0; m < MC; m++) acc[m] = _mm256_setzero_ps();
@@ -411,7 +413,7 @@ static void rows_qblock(int mc, int fine, const uint8_t *codes, const void *sm, 
  * q = round(x / d) split into hi (and, when fine, lo) bytes; the group's
  * exact sum for the minimums. */
 static void round_row(const float *x, long in, int fine, int8_t *xh, int8_t *xl, float *xd, float *xs) {
-    const float qmax = fine ? 16383.0f : 127.0f;
+    const float qmax = fine ? 32639.0f : 127.0f;
     for (long g = 0; g < in / GROUP; g++) {
         const float *p = x + g * GROUP;
         __m256 a = _mm256_setzero_ps();
@@ -432,8 +434,9 @@ static void round_row(const float *x, long in, int fine, int8_t *xh, int8_t *xl,
             _mm256_storeu_si256((__m256i *)t, q);
             for (int k = 0; k < 8; k++) {
                 if (fine) {
-                    xh[g * GROUP + i + k] = (int8_t)(t[k] >> 7);
-                    xl[g * GROUP + i + k] = (int8_t)(t[k] & 127);
+                    const int32_t h = (t[k] + 128) >> 8;
+                    xh[g * GROUP + i + k] = (int8_t)h;
+                    xl[g * GROUP + i + k] = (int8_t)(t[k] - 256 * h);
                 } else {
                     xh[g * GROUP + i + k] = (int8_t)t[k];
                 }
@@ -442,7 +445,7 @@ static void round_row(const float *x, long in, int fine, int8_t *xh, int8_t *xl,
     }
 }
 
-/* y [M, out] = x [M, in] @ W^T with ``fine`` (15-bit) or coarse (8-bit) rounded inputs; codes and sm in
+/* y [M, out] = x [M, in] @ W^T with ``fine`` (16-bit) or coarse (8-bit) rounded inputs; codes and sm in
    the layout above. */
 void int4_mm_q(const float *x, long M, long in, const uint8_t *codes, const void *sm, int half, long out, float *y,
                int threads, int fine) {

@@ -16,7 +16,7 @@ weights from memory, 4.7 against 5.9 ms on two threads (8.4 against 10.3 on
 one), 1.3-1.4x at 2-16 rows (alternating in one process, a 2-core Xeon
 with AVX-512, 2026-12-02); its AVX2 build, on CPUs without AVX-512, 2.2x
 torch's at 1 and at 16 rows (a 2-core AMD EPYC with AVX2, 2026-12-06;
-docs/benchmarks.md). On AVX2 it rounds activations to 15-bit integers per
+docs/benchmarks.md). On AVX2 it rounds activations to 16-bit integers per
 group of 32 (``_int4.activations``): integer dot products, 1.2x the float32
 form at 1 row and 1.3-1.4x at 16-64, replies still float32's on 15-16 of 16
 prompts where 8 bits kept 6. Where it cannot be built (no C compiler, no AVX2) or
@@ -268,7 +268,7 @@ def _time(ways: dict, kind: str, repeats: int, best: dict) -> None:
 
 #: The step sizes ``crossover`` tries, each with the number of weights it times: 32 at a few rows, where
 #: reading them from memory is most of the cost, fewer at a prefill's hundreds of rows, where multiplying
-#: is (and 32 would take seconds at start-up). Past 64 rows our AVX2 int4 kernel with 15-bit activations
+#: is (and 32 would take seconds at start-up). Past 64 rows our AVX2 int4 kernel with 16-bit activations
 #: stayed 1.1-1.5x faster than float32 weights up to 256 (a 2-core AMD EPYC, 2026-12-07): a busy channel's
 #: prefill of 15 prompts (~200 new tokens) 1.4x faster in the median through it.
 SIZES = ((2, 32), (4, 32), (8, 32), (16, 32), (32, 32), (64, 32), (128, 8), (256, 4))
