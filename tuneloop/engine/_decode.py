@@ -330,8 +330,12 @@ class Decoder:
             prefix = (prows, pcols, [kv for u, kv in found if u], [u for u in used if u])
         h = self.embed(ids)  # [N, C]
         cos, sin = self._rope(h, pos[:, None])  # [N, 1, D] each
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()
-        allowed = causal[None, None] & mask.bool()[:, None, None, :]  # [B, 1, T, T]
+        if dev.type == "cpu":
+            # Each prompt's computed tokens over its own columns (``_prompt_attention``).
+            allowed = [(width - ln, width - ln + u, ln - u) for ln, u in zip(lens.tolist(), used, strict=True)]
+        else:
+            causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()
+            allowed = causal[None, None] & mask.bool()[:, None, None, :]  # [B, 1, T, T]
         layers = []
         for i, layer in enumerate(self.layers):
             kept = None
@@ -662,7 +666,10 @@ class _Layer:
     ) -> tuple[torch.Tensor, SlabLayer]:
         """Packed tokens ``h`` [N, C] through the layer; their keys and values as a cache layer.
 
-        ``kept``: rows, columns, keys and values ``[P, Hk, D]`` of reused beginnings, written beside them.
+        ``allowed``: the ``[B, 1, T, T]`` mask of ``_attention``, or on a CPU
+        each prompt's first column, first computed column and computed count
+        (``_prompt_attention``). ``kept``: rows, columns, keys and values
+        ``[P, Hk, D]`` of reused beginnings, written beside them.
         """
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         x = self.in_norm(h)
@@ -678,11 +685,14 @@ class _Layer:
             prows, pcols, pk, pv = kept
             keys[prows, :, pcols] = pk
             values[prows, :, pcols] = pv
-        queries = h.new_zeros(n, hq, width, d)
-        queries[rows, :, cols] = qk[:, :hq]
-        # Padding queries see no key (NaN rows); only real tokens are read back.
-        out = _attention(queries, keys, values, allowed, self.scaling)
-        out = out.transpose(1, 2)[rows, cols].reshape(-1, hq * d)
+        if isinstance(allowed, list):
+            out = _prompt_attention(qk[:, :hq], keys, values, allowed, self.scaling)
+        else:
+            queries = h.new_zeros(n, hq, width, d)
+            queries[rows, :, cols] = qk[:, :hq]
+            # Padding queries see no key (NaN rows); only real tokens are read back.
+            out = _attention(queries, keys, values, allowed, self.scaling)
+            out = out.transpose(1, 2)[rows, cols].reshape(-1, hq * d)
         return self._rest(h, out, lora), SlabLayer(keys, values, width)
 
 
@@ -797,6 +807,39 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
     scores = scores * scale + bias[:, :, None]
     probs = scores.softmax(-1) if q.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs.view(b, hk, hq // hk * t, t), v).view(b, hq, t, d)
+
+
+def _prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spans: list[tuple[int, int, int]],
+                      scale: float) -> torch.Tensor:
+    """A prefill's attention prompt by prompt: packed queries ``q`` ``[N, Hq, D]`` -> ``[N, Hq * D]``.
+
+    ``spans``: per prompt (its row of ``keys``/``values`` ``[B, Hk, T, D]``)
+    its first column, its first computed column and how many tokens it
+    computes (its rows of ``q``, in order). Each prompt's computed tokens
+    attend over its own columns only, causally: no padding column enters a
+    sum, so a prompt's arithmetic is the same whichever prompts share its
+    prefill (padded to the longest, the left padding moved its columns
+    across the vector lanes of softmax's and the products' sums, and greedy
+    replies of a batch drifted from those of the same prompts one at a
+    time); and no query of a reused beginning is computed (three batched
+    products over the padded square computed them all).
+    """
+    hq, d = q.shape[1], q.shape[2]
+    hk = keys.shape[1]
+    group = hq // hk
+    outs, at = [], 0
+    for b, (start, first, count) in enumerate(spans):
+        qb = q[at : at + count].transpose(0, 1).reshape(hk, group * count, d)  # [Hk, G * n, D]
+        at += count
+        k, v = keys[b, :, start:], values[b, :, start:]  # [Hk, L, D]
+        scores = torch.matmul(qb, k.transpose(-1, -2)).mul_(scale).view(hk, group, count, -1)
+        # computed token j sits at column first - start + j of the prompt's own and sees up to it
+        hidden = torch.ones(count, k.shape[1], dtype=torch.bool, device=q.device).triu_(first - start + 1)
+        scores.masked_fill_(hidden, float("-inf"))
+        probs = scores.softmax(-1) if q.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs.view(hk, group * count, -1), v)  # [Hk, G * n, D]
+        outs.append(out.view(hq, count, d).transpose(0, 1).reshape(count, hq * d))
+    return torch.cat(outs)
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:
