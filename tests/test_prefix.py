@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_decode import _model
-from tuneloop.engine import _prefix
+from tuneloop.engine import _int4, _prefix
 from tuneloop.engine._batch import Batch
 from tuneloop.engine._decode import Decoder
 
@@ -117,3 +117,23 @@ async def test_the_engine_reuses_a_system_prompt_and_answers_the_same(tiny_model
     apart, none = await replies([[c] for c in convs])  # each alone in a fresh engine: nothing to reuse
     assert none == 0
     assert together == apart
+
+
+@pytest.mark.skipif(_int4.library() is None, reason=f"our int4 kernel: {_int4.unavailable()}")
+def test_a_prompt_prefills_the_same_alone_and_in_any_batch():
+    """On a CPU each prompt attends over its own columns only (``_decode._prompt_attention``) and our int4
+    kernel multiplies each row alike at any row count: a prompt's logits, keys and values are bit for bit
+    the same whichever prompts, of whichever lengths, share its prefill (padded to the longest, the left
+    padding moved its columns across the lanes of the sums; torch's dense product is not row-invariant)."""
+    decoder, why = Decoder.for_model(_model("llama", num_key_value_heads=2), quantize="int4", quant_rows=256)
+    assert decoder is not None, why
+    prompts = _prompts(0, (5, 17, 9, 30), seed=3)
+    _, together = _prefill(decoder, prompts)
+    batch, _ = _prefill(decoder, prompts)
+    for i, prompt in enumerate(prompts):
+        alone, logits = _prefill(decoder, [prompt])
+        assert torch.equal(logits[0], together[i]), i
+        width = batch.cache.layers[0].keys.shape[2]
+        for a, b in zip(alone.cache.layers, batch.cache.layers, strict=True):
+            assert torch.equal(a.keys[0], b.keys[i, :, width - len(prompt):]), i
+            assert torch.equal(a.values[0], b.values[i, :, width - len(prompt):]), i
