@@ -261,8 +261,8 @@ class Decoder:
             logits = head_q(x)
             lib = head_q._lib
             weight = self.lm_head.weight
-            if (self.lm_head.bias is None and lib is not None and hasattr(lib, "top_rescore")
-                    and weight.dtype == torch.float32 and weight.is_contiguous()):
+            if (self.lm_head.bias is None and lib is not None and weight.dtype == torch.float32
+                    and weight.is_contiguous()):
                 # One C pass a row: topk, index_select, bmm and scatter took 2.7-6 ms of a 16-row step.
                 _int4.top_rescore(lib, logits, RESCORE_QUANTIZED, weight.detach(), x.contiguous())
                 return logits
@@ -299,9 +299,10 @@ class Decoder:
 
         The linear layers see only real tokens (the bench's 32 prompts of 12-26
         tokens are a quarter padding when left-padded) and none of a reused
-        beginning; attention runs once per layer on the left-padded layout
-        the cache keeps anyway, with a causal mask that also hides each row's
-        padding.
+        beginning. On a CPU each prompt's tokens attend over its own columns
+        of the left-padded layout the cache keeps (``_prompt_attention``);
+        elsewhere attention runs once per layer over that layout, with a
+        causal mask that also hides each row's padding.
         """
         dev = self.embed.weight.device
         n = len(prompts)
@@ -666,7 +667,7 @@ class _Layer:
     ) -> tuple[torch.Tensor, SlabLayer]:
         """Packed tokens ``h`` [N, C] through the layer; their keys and values as a cache layer.
 
-        ``allowed``: the ``[B, 1, T, T]`` mask of ``_attention``, or on a CPU
+        ``allowed``: the ``[B, 1, T, T]`` attention mask, or on a CPU
         each prompt's first column, first computed column and computed count
         (``_prompt_attention``). ``kept``: rows, columns, keys and values
         ``[P, Hk, D]`` of reused beginnings, written beside them.
@@ -691,7 +692,8 @@ class _Layer:
             queries = h.new_zeros(n, hq, width, d)
             queries[rows, :, cols] = qk[:, :hq]
             # Padding queries see no key (NaN rows); only real tokens are read back.
-            out = _attention(queries, keys, values, allowed, self.scaling)
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, scale=self.scaling,
+                                                 enable_gqa=hq != hk)
             out = out.transpose(1, 2)[rows, cols].reshape(-1, hq * d)
         return self._rest(h, out, lora), SlabLayer(keys, values, width)
 
@@ -789,26 +791,6 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 _ROPE_TABLE_MAX = 1 << 22
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of ``q`` ``[B, Hq, T, D]`` over ``k``, ``v`` ``[B, Hk, T, D]`` where ``allowed`` ``[B, 1, T, T]``.
-
-    On a CPU as three batched products, the query heads that share a
-    key/value head stacked under it: torch's CPU kernel for
-    ``scaled_dot_product_attention`` took twice as long on a prefill's short
-    rows (15 prompts of 44 columns: 3.2 against 1.5 ms a layer, SmolLM2's
-    heads); elsewhere that kernel.
-    """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    b, hq, t, d = q.shape
-    hk = k.shape[1]
-    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-    scores = torch.matmul(q.view(b, hk, hq // hk * t, d), k.transpose(-1, -2)).view(b, hk, hq // hk, t, t)
-    scores = scores * scale + bias[:, :, None]
-    probs = scores.softmax(-1) if q.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs.view(b, hk, hq // hk * t, t), v).view(b, hq, t, d)
-
-
 def _prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spans: list[tuple[int, int, int]],
                       scale: float) -> torch.Tensor:
     """A prefill's attention prompt by prompt: packed queries ``q`` ``[N, Hq, D]`` -> ``[N, Hq * D]``.
@@ -821,8 +803,10 @@ def _prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     prefill (padded to the longest, the left padding moved its columns
     across the vector lanes of softmax's and the products' sums, and greedy
     replies of a batch drifted from those of the same prompts one at a
-    time); and no query of a reused beginning is computed (three batched
-    products over the padded square computed them all).
+    time); and no query of a reused beginning is computed (attention over
+    the padded square computed them all). Torch's CPU kernel for
+    ``scaled_dot_product_attention`` took twice as long as three batched
+    products on a prefill's short rows (docs/benchmarks.md).
     """
     hq, d = q.shape[1], q.shape[2]
     hk = keys.shape[1]

@@ -149,10 +149,9 @@ def build(isa: str) -> tuple[ctypes.CDLL | None, str]:
         lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
                                     ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
-    if hasattr(lib, "top_rescore"):
-        lib.top_rescore.restype = None
-        lib.top_rescore.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    lib.top_rescore.restype = None
+    lib.top_rescore.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.isa = isa
     return lib, ""
 

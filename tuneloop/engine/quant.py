@@ -228,32 +228,35 @@ def _name(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def speedup_at(kind: str, rows: int, dense: str, width: int = 576, out: int = 1536, repeats: int = 5,
-               count: int = 32) -> float:
+def speedup_at(kind: str, rows: int, dense: str, width: int = 576, out: int = 1536, repeats: int = 5) -> float:
     """Dense time (weights in dtype ``dense``) / ``kind``'s, ``rows`` rows through ``[width -> out]``.
 
-    ``count`` (at most 32) distinct weights per timing: 32 are more than the
-    caches hold, so they are read from memory as in a real step rather than
-    from cache; alternating, best of ``repeats``; on torch's threads, as
-    steps run: on one thread torch's float32 product at 256 rows kept up with
-    our int4 kernel, on two it ran 1.2-1.4x slower (it gains less from the
-    second core).
+    32 distinct weights per timing, more than the caches hold, so they are
+    read from memory as in a real step rather than from cache; alternating,
+    best of ``repeats``; on torch's threads, as steps run: on one thread
+    torch's float32 product at 256 rows kept up with our int4 kernel, on two
+    it ran 1.1-1.2x slower (it gains less from the second core).
     """
-    dense_w, quant_w = _timed_weights(kind, dense, width, out)
-    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+    return _speedup(_timed_weights(kind, dense, width, out), kind, rows, dense, repeats)
+
+
+def _timed_weights(kind: str, dense: str, width: int = 576, out: int = 1536) -> tuple[list, list]:
+    """32 random ``[out, width]`` weights in ``dense`` and in ``kind``."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out, width, generator=gen) * 0.02 for _ in range(32)]
+    return [w.to(getattr(torch, dense)) for w in weights], [QuantizedWeight(w, kind) for w in weights]
+
+
+def _speedup(weights: tuple[list, list], kind: str, rows: int, dense: str, repeats: int = 5, count: int = 32
+             ) -> float:
+    """``speedup_at`` on ``_timed_weights``' weights, the first ``count`` of them."""
+    dense_w, quant_w = weights
+    x = torch.randn(rows, dense_w[0].shape[1], generator=torch.Generator().manual_seed(rows))
     dt = getattr(torch, dense)
     ways = {"dense": (x.to(dt), dense_w[:count]), kind: (x.to(dt), quant_w[:count])}
     best = dict.fromkeys(ways, float("inf"))
     _time(ways, kind, repeats, best)
     return best["dense"] / best[kind]
-
-
-@functools.cache
-def _timed_weights(kind: str, dense: str, width: int, out: int) -> tuple[list, list]:
-    """32 random ``[out, width]`` weights in ``dense`` and in ``kind``, built once for every size timed."""
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(out, width, generator=gen) * 0.02 for _ in range(32)]
-    return [w.to(getattr(torch, dense)) for w in weights], [QuantizedWeight(w, kind) for w in weights]
 
 
 def _time(ways: dict, kind: str, repeats: int, best: dict) -> None:
@@ -277,9 +280,10 @@ SIZES = ((2, 32), (4, 32), (8, 32), (16, 32), (32, 32), (64, 32), (128, 8), (256
 @functools.cache
 def crossover(kind: str, dtype: torch.dtype) -> int:
     """The most rows at which ``kind`` still beats dense ``dtype`` weights (1 at least), measured once."""
+    weights = _timed_weights(kind, _name(dtype))  # built once for every size, and not kept
     rows = 1
     for n, count in SIZES:
-        if speedup_at(kind, n, _name(dtype), count=count) < 1.0:
+        if _speedup(weights, kind, n, _name(dtype), count=count) < 1.0:
             break
         rows = n
     log.info("quantized weights: %s up to %d rows a step, %s weights above", kind, rows, _name(dtype))
